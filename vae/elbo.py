@@ -1,0 +1,53 @@
+"""The evidence lower bound (Kingma & Welling 2014) and its pieces, per row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vae.model import VAE, Posterior
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    recon: torch.Tensor  # (B,) (1/M) sum_m log p(y|z_m), nats in original units
+    kl: torch.Tensor  # (B,) KL(q(z|y) || N(0, I)), analytic
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        return self.recon - self.kl
+
+
+def kl_per_dim(post: Posterior) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) per latent dimension, (B, K)."""
+    return 0.5 * (post.mu.pow(2) + post.logvar.exp() - post.logvar - 1.0)
+
+
+def reparameterize(post: Posterior, n_samples: int, generator: torch.Generator | None) -> torch.Tensor:
+    """z = mu + sigma * eps with eps ~ N(0, I); (M, B, K)."""
+    eps = torch.randn(
+        (n_samples, *post.mu.shape), generator=generator, device=post.mu.device, dtype=post.mu.dtype
+    )
+    return post.mu + (0.5 * post.logvar).exp() * eps
+
+
+def loss_terms(
+    model: VAE,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    n_samples: int,
+    generator: torch.Generator | None,
+) -> LossTerms:
+    """Reconstruction and KL terms of the ELBO for standardized rows x (B, D)."""
+    post = model.encode(x, mask)
+    z = reparameterize(post, n_samples, generator)  # (M, B, K)
+    log_px_z = model.log_px_z(x, model.decode(z), mask).sum(-1)  # (M, B)
+    return LossTerms(recon=log_px_z.mean(0), kl=kl_per_dim(post).sum(-1))
+
+
+def kl_weight(step: int, beta: float, warmup_steps: int) -> float:
+    """beta_t: a linear ramp from 0 to beta over warmup_steps optimizer steps, then beta."""
+    if warmup_steps <= 0:
+        return beta
+    return beta * min(1.0, step / warmup_steps)
