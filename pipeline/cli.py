@@ -1,0 +1,216 @@
+"""`vaepipe`: the command line of DESIGN.md. Exit 0 ok, 1 data invalid or gate refused, 2 usage/input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params, load_params
+from pipeline.errors import PipelineError
+from vae import EpochStats, VAEError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"vaepipe: error: {message} (see vaepipe {self.prog.split()[-1]} --help)\n")
+
+
+def _progress(total_epochs: int) -> Callable[[EpochStats], None]:
+    """Epochs with ELBO: one rewritten line on a terminal, plain log lines otherwise."""
+    from pipeline.steps import epoch_line
+
+    tty, every = sys.stderr.isatty(), max(1, total_epochs // 20)
+
+    def show(s: EpochStats) -> None:
+        if tty:
+            print(f"\r{epoch_line(s, total_epochs)}\033[K", end="", file=sys.stderr, flush=True)
+        elif s.epoch % every == 0 or s.epoch == total_epochs:
+            print(epoch_line(s, total_epochs), file=sys.stderr, flush=True)
+
+    return show
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def cmd_prepare(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.steps import prepare_data
+
+    for name, path in prepare_data(p).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.steps import validate_data
+
+    report = validate_data(Path(a.data), p, against=a.against, report_path=a.report, raise_on_failure=False)
+    for line in report.summary_lines():
+        print(line)
+    print(f"{a.data}: {'valid' if report.success else 'INVALID'} ({report.n_rows} rows)")
+    return 0 if report.success else 1
+
+
+def cmd_train(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.steps import train
+
+    s = train(Path(a.data), Path(a.out), p, resume=a.resume, val_path=a.val, on_epoch=_progress(p.train.epochs))
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    best = "" if s.best_val_elbo is None else f", best val ELBO {s.best_val_elbo:.3f} at epoch {s.best_epoch}"
+    print(f"trained {s.directory}: {s.epochs} epochs{' (stopped early)' if s.stopped_early else ''}{best}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.steps import evaluate
+
+    _print_json(evaluate(a.model, Path(a.data), p, json_path=a.json))
+    return 0
+
+
+def cmd_embed(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.steps import embed
+
+    if a.with_variance:
+        p = Params(**{**p.__dict__, "embed": type(p.embed)(**{**p.embed.__dict__, "with_variance": True})})
+    tty = sys.stderr.isatty()
+    rows = embed(a.model, Path(a.input), Path(a.output), p,
+                 on_batch=lambda n: print(f"\rembedded {n} rows\033[K" if tty else f"embedded {n} rows",
+                                          end="" if tty else "\n", file=sys.stderr, flush=True))
+    if tty:
+        print(file=sys.stderr)
+    print(f"wrote {rows} rows to {a.output}")
+    return 0
+
+
+def cmd_sample(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.steps import sample
+
+    print(f"wrote {sample(a.model, a.n, Path(a.output), p)} rows to {a.output}")
+    return 0
+
+
+def cmd_register(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.steps import promote, register
+
+    metrics = json.loads(Path(a.metrics).read_text()) if a.metrics else None
+    v = register(Path(a.model), p, alias=a.alias, metrics=metrics, table=a.table)
+    print(f"registered {v.name} version {v.version} as @{v.alias} ({v.model_uri})")
+    if a.promote:
+        result = promote(p, version=v.version, data=a.data, refuse_raises=False)
+        print(result["message"])
+    if a.output:
+        from vae.store import write_atomic
+
+        write_atomic(Path(a.output), json.dumps({"name": v.name, "version": v.version, "run_id": v.run_id}).encode())
+    return 0
+
+
+def cmd_promote(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.steps import promote
+
+    print(promote(p, version=a.version, data=a.data)["message"])
+    return 0
+
+
+def cmd_run(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.flows import training_flow
+
+    result = training_flow(params_path=a.params, overrides=a.set, out=a.out)
+    _print_json({k: result[k] for k in ("model_dir", "version", "promotion", "metrics")})
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace, p: Params) -> int:
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise PipelineError("serve needs a Prefect server: run `prefect server start` and set PREFECT_API_URL")
+    from pipeline.flows import training_flow
+
+    training_flow.serve(name="retrain", cron=a.cron, parameters={"params_path": a.params, "overrides": a.set})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", help="params file (default ./params.yaml, else built-in defaults)")
+    common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one parameter (value parsed as YAML); repeatable")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = _Parser(prog="vaepipe", description="Gaussian VAEs for tables of i.i.d. measurements.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name: str, fn: Callable[..., int], help_: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        cmd.set_defaults(fn=fn)
+        return cmd
+
+    add("prepare", cmd_prepare, "load data.source and write the train/val/test splits")
+    c = add("validate", cmd_validate, "check a table (exit 0 valid, 1 invalid)")
+    c.add_argument("data")
+    c.add_argument("--against", metavar="MODEL", help="check columns and ranges against a model's schema")
+    c.add_argument("--report", type=Path, help="write the full result as JSON")
+    c = add("train", cmd_train, "train a model into a self-contained directory")
+    c.add_argument("data")
+    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    c.add_argument("--val", type=Path, help="a validation table for early stopping (else train.val_fraction)")
+    c = add("evaluate", cmd_evaluate, "print the metrics JSON of MODEL on DATA")
+    c.add_argument("model")
+    c.add_argument("data")
+    c.add_argument("--json", type=Path, help="also write the metrics JSON here")
+    c = add("embed", cmd_embed, "stream INPUT and write its embedding to OUTPUT (Parquet)")
+    c.add_argument("model")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--with-variance", action="store_true")
+    c = add("sample", cmd_sample, "draw N synthetic rows from p(y)")
+    c.add_argument("model")
+    c.add_argument("n", type=int)
+    c.add_argument("output")
+    c = add("register", cmd_register, "log MODEL to MLflow and register it under an alias")
+    c.add_argument("model")
+    c.add_argument("--alias", default="challenger")
+    c.add_argument("--metrics", type=Path, help="metrics JSON to log with the run")
+    c.add_argument("--table", type=Path, help="a table for the latent plots (e.g. the test split)")
+    c.add_argument("--promote", action="store_true", help="then run the promotion gate; a refusal is reported")
+    c.add_argument("--data", type=Path, help="with --promote: the evaluation table")
+    c.add_argument("--output", type=Path, help="write name and version as JSON")
+    c = add("promote", cmd_promote, "move @champion to the challenger if it passes the gate")
+    c.add_argument("--version")
+    c.add_argument("--data", type=Path, help="evaluation table (default: the prepared test split)")
+    c = add("run", cmd_run, "the whole training flow as one Prefect flow")
+    c.add_argument("--out", help="model directory (default models/runs/<time>)")
+    c = add("serve", cmd_serve, "scheduled retraining (needs a Prefect server)")
+    c.add_argument("--cron", default="0 3 * * *")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(Path(args.params) if args.params else None, args.set)
+        return int(args.fn(args, params))
+    except (PipelineError, VAEError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"vaepipe: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("\nvaepipe: interrupted" + ("; continue with --resume" if args.command == "train" else ""), file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user mistake: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"vaepipe: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        return 3

@@ -1,0 +1,39 @@
+"""The evaluate step: the metrics JSON of DESIGN.md for a model on a table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import EvaluateParams
+from pipeline.model import LoadedModel
+from pipeline.tables import read_table, to_tensor
+from vae import evaluate
+from vae.store import write_atomic
+
+
+def metrics_dict(model: LoadedModel, data_path: Path, params: EvaluateParams) -> dict[str, Any]:
+    """ELBO, its terms and IWAE log-likelihood in nats per row, original units."""
+    df = read_table(Path(data_path))
+    model.schema.check(df, str(data_path))
+    y = to_tensor(model.schema.features_in_order(df))
+    ev = evaluate(model.vae, y, params.iw_samples, params.seed, params.batch_rows)
+    stderr = ev.log_likelihood_stderr
+    return {
+        "n_rows": ev.n_rows,
+        "elbo": ev.elbo,
+        "reconstruction": ev.reconstruction,
+        "kl": ev.kl,
+        "log_likelihood": ev.log_likelihood,
+        "log_likelihood_stderr": None if math.isnan(stderr) else stderr,
+        "iw_samples": ev.iw_samples,
+        "kl_per_dim": list(ev.kl_per_dim),
+        "active_units": ev.active_units,
+        "per_feature_reconstruction": dict(zip(model.schema.features, ev.per_feature_reconstruction, strict=True)),
+    }
+
+
+def write_metrics(metrics: dict[str, Any], path: Path) -> None:
+    write_atomic(Path(path), (json.dumps(metrics, indent=2) + "\n").encode())

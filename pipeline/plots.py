@@ -1,0 +1,118 @@
+"""Figures of a trained model as PNG files: loss curves, latent means, reconstruction, traversals.
+
+Each function takes data (frames, arrays, dicts), writes into a folder and returns the paths
+written. Figures are drawn on matplotlib's object API (Figure renders with Agg), so no global
+backend or pyplot state is touched and it is safe off the main thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+MAX_LINE_FEATURES = 10  # traversals: beyond this many features a heatmap reads better than lines
+MAX_BARS = 60  # per-feature reconstruction: the worst features when there are more
+LOSS_TERMS = (("elbo", "ELBO"), ("recon", "reconstruction"), ("kl", "KL"))
+
+
+def _save(fig: Figure, out_dir: Path, name: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def loss_curves(history: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """history.csv as a frame: train_/val_ elbo, recon, kl (nats/row) per epoch."""
+    fig = Figure(figsize=(12, 3.5))
+    for ax, (term, title) in zip(fig.subplots(1, 3), LOSS_TERMS, strict=True):
+        for split in ("train", "val"):
+            col = f"{split}_{term}"
+            if col in history and history[col].notna().any():
+                ax.plot(history["epoch"], history[col], label=split, marker="." if len(history) < 30 else None)
+        ax.set(title=title, xlabel="epoch", ylabel="nats / row")
+        ax.legend()
+    return [_save(fig, Path(out_dir), "loss_curves.png")]
+
+
+def _two_dims(z: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
+    """The first two latent means, or the first two principal components of all of them."""
+    if z.shape[1] <= 2:
+        return z, ("z_0", "z_1")
+    centred = z - z.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    share = s**2 / max(float((s**2).sum()), 1e-300)
+    return centred @ vt[:2].T, (f"PC 1 of z ({share[0]:.0%})", f"PC 2 of z ({share[1]:.0%})")
+
+
+def latent_view(z: np.ndarray, out_dir: Path, color: np.ndarray | None = None, title: str = "latent means") -> list[Path]:
+    """Scatter of posterior means (N, K); a histogram when K = 1. color: optional (N,) values."""
+    z = np.asarray(z, dtype=float)
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    if z.shape[1] == 1:
+        ax.hist(z[:, 0], bins=min(50, max(5, len(z) // 10)))
+        ax.set(xlabel="z_0", ylabel="rows")
+    else:
+        xy, (xlabel, ylabel) = _two_dims(z)
+        points = ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.6, c=color, cmap="viridis" if color is not None else None)
+        if color is not None:
+            fig.colorbar(points, ax=ax)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(f"{title} ({len(z)} rows)")
+    return [_save(fig, Path(out_dir), "latent.png")]
+
+
+def per_feature_reconstruction(per_feature: Mapping[str, float], out_dir: Path) -> list[Path]:
+    """Bars of E_q[log p(y_i|z)] per feature (the metrics JSON's per_feature_reconstruction)."""
+    items = sorted(per_feature.items(), key=lambda kv: kv[1])[:MAX_BARS]  # worst first
+    fig = Figure(figsize=(7, 1.5 + 0.25 * len(items)))
+    ax = fig.subplots()
+    ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1])
+    shown = "" if len(items) == len(per_feature) else f", worst {len(items)} of {len(per_feature)}"
+    ax.set(xlabel="reconstruction log-likelihood (nats / row)", title=f"per-feature reconstruction{shown}")
+    return [_save(fig, Path(out_dir), "per_feature_reconstruction.png")]
+
+
+def traversals(
+    values: np.ndarray,
+    features: Sequence[str],
+    out_dir: Path,
+    radius: float = 2.5,
+    scale: Sequence[float] | None = None,
+) -> list[Path]:
+    """Decoded means along each latent axis, values (K, steps, D) from vae.traversals.
+
+    Shown as the change from the decoded mean at z = 0, in units of `scale` (e.g. the training
+    standard deviations), so features of different units share an axis. Lines for few features,
+    one heatmap (feature x step) per latent dimension for many.
+    """
+    values = np.asarray(values, dtype=float)
+    k, steps, d = values.shape
+    unit = np.asarray(scale, dtype=float) if scale is not None else np.ones(d)
+    delta = (values - values[:, steps // 2 : steps // 2 + 1, :]) / np.where(unit > 0, unit, 1.0)
+    axis = np.linspace(-radius, radius, steps)
+    fig = Figure(figsize=(4 * min(k, 4), 3.5 * -(-k // 4) + (0.12 * d if d > MAX_LINE_FEATURES else 0)))
+    axes = np.atleast_1d(fig.subplots(-(-k // 4), min(k, 4), squeeze=False)).ravel()
+    ylabel = "change / training std" if scale is not None else "change in E[y|z]"
+    for j, ax in enumerate(axes):
+        if j >= k:
+            ax.set_axis_off()
+        elif d <= MAX_LINE_FEATURES:
+            for i, name in enumerate(features):
+                ax.plot(axis, delta[j, :, i], label=name)
+            ax.set(title=f"z_{j}", xlabel=f"z_{j}", ylabel=ylabel)
+        else:
+            lim = float(np.abs(delta[j]).max()) or 1.0
+            image = ax.imshow(delta[j].T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim,
+                              extent=(-radius, radius, d - 0.5, -0.5))
+            ax.set(title=f"z_{j}", xlabel=f"z_{j}", ylabel="feature")
+            ax.set_yticks(range(d), list(features), fontsize=6 if d > 30 else 8)
+            fig.colorbar(image, ax=ax, label=ylabel)
+    if d <= MAX_LINE_FEATURES:
+        axes[0].legend(fontsize=7)
+    return [_save(fig, Path(out_dir), "traversals.png")]

@@ -1,0 +1,269 @@
+"""Reading and writing tables: Parquet or CSV in, numeric features out, nothing partial on disk."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.errors import PipelineError
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+CSV_SUFFIXES = (".csv",)
+SUFFIXES = PARQUET_SUFFIXES + CSV_SUFFIXES
+SKLEARN_SOURCES = ("breast_cancer", "diabetes", "wine")
+_SYNTHETIC = re.compile(r"synthetic:(\d+)x(\d+)")
+_T = TypeVar("_T")
+
+
+def _kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise PipelineError(
+            f"{path}: unsupported table format {suffix or '(no suffix)'!r}; "
+            f"use one of {', '.join(SUFFIXES)}"
+        )
+    return "Parquet" if suffix in PARQUET_SUFFIXES else "CSV"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else exc.__class__.__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _guarded(path: Path, kind: str, work: Callable[[], _T]) -> _T:
+    """Run a read, turning whatever the reader raises into one line that names the file."""
+    try:
+        return work()
+    except PipelineError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # pyarrow and pandas raise many unrelated types on bad bytes
+        raise PipelineError(f"{path} is not a readable {kind} table: {_reason(exc)}") from None
+
+
+def _check_file(path: Path) -> str:
+    kind = _kind(path)
+    if not path.exists():
+        raise PipelineError(f"{path} does not exist")
+    if not path.is_file():
+        raise PipelineError(f"{path} is not a file; expected a {kind} table")
+    return kind
+
+
+def _check_columns(path: Path, available: Sequence[str], columns: Sequence[str] | None) -> None:
+    missing = [c for c in columns or () if c not in available]
+    if missing:
+        raise PipelineError(f"{path}: missing columns {', '.join(map(repr, missing))}")
+
+
+def _check_not_empty(path: Path, df: pd.DataFrame) -> pd.DataFrame:
+    if df.shape[1] == 0:
+        raise PipelineError(f"{path} has no columns; expected a table with a header row")
+    if df.shape[0] == 0:
+        raise PipelineError(f"{path} has no rows")
+    return df
+
+
+def _read_parquet(path: Path, columns: Sequence[str] | None) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    _check_columns(path, pf.schema_arrow.names, columns)
+    return pf.read(columns=list(columns) if columns else None).to_pandas()
+
+
+def _read_csv(path: Path, columns: Sequence[str] | None) -> pd.DataFrame:
+    _check_csv_size(path)
+    header = pd.read_csv(path, nrows=0)
+    _check_columns(path, list(header.columns), columns)
+    return pd.read_csv(path, usecols=list(columns) if columns else None)
+
+
+def _check_csv_size(path: Path) -> None:
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{path} is empty; expected a CSV table with a header row")
+
+
+def read_table(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """A whole Parquet (.parquet, .pq) or CSV (.csv) table; one-line PipelineError otherwise."""
+    path = Path(path)
+    kind = _check_file(path)
+    reader = _read_parquet if kind == "Parquet" else _read_csv
+    df = _guarded(path, kind, lambda: reader(path, columns))
+    return _check_not_empty(path, df)
+
+
+def iter_table_batches(
+    path: Path, batch_rows: int, columns: Sequence[str] | None = None
+) -> Iterator[pd.DataFrame]:
+    """Stream a table in frames of at most batch_rows rows: memory stays bounded.
+
+    The file is opened and its header checked here, before the first batch is asked for.
+    """
+    path = Path(path)
+    if batch_rows < 1:
+        raise PipelineError(f"batch_rows is {batch_rows}; it must be >= 1")
+    kind = _check_file(path)
+    opener = _parquet_batches if kind == "Parquet" else _csv_batches
+    batches = _guarded(path, kind, lambda: opener(path, batch_rows, columns))
+    return _stream(path, kind, batches)
+
+
+def _stream(path: Path, kind: str, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    seen = 0
+    while (batch := _guarded(path, kind, lambda: next(batches, None))) is not None:
+        seen += len(batch)
+        yield batch
+    if seen == 0:
+        raise PipelineError(f"{path} has no rows")
+
+
+def _parquet_batches(
+    path: Path, batch_rows: int, columns: Sequence[str] | None
+) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    _check_columns(path, pf.schema_arrow.names, columns)
+    cols = list(columns) if columns else None
+    return (b.to_pandas() for b in pf.iter_batches(batch_size=batch_rows, columns=cols))
+
+
+def _csv_batches(
+    path: Path, batch_rows: int, columns: Sequence[str] | None
+) -> Iterator[pd.DataFrame]:
+    _check_csv_size(path)
+    header = pd.read_csv(path, nrows=0)
+    _check_columns(path, list(header.columns), columns)
+    cols = list(columns) if columns else None
+    return iter(pd.read_csv(path, chunksize=batch_rows, usecols=cols))
+
+
+def load_source(source: str, seed: int = 0) -> pd.DataFrame:
+    """data.source: sklearn:NAME, synthetic:ROWSxCOLS or a path to a Parquet/CSV table."""
+    if source.startswith("sklearn:"):
+        return _load_sklearn(source)
+    if source.startswith("synthetic:"):
+        match = _SYNTHETIC.fullmatch(source.strip())
+        if not match or int(match[1]) < 1 or int(match[2]) < 1:
+            raise PipelineError(
+                f"data.source {source!r}: expected synthetic:ROWSxCOLS with positive integers, "
+                "e.g. synthetic:2000x10"
+            )
+        return synthetic_table(int(match[1]), int(match[2]), seed)
+    return read_table(Path(source))
+
+
+def _load_sklearn(source: str) -> pd.DataFrame:
+    name = source.removeprefix("sklearn:")
+    if name not in SKLEARN_SOURCES:
+        raise PipelineError(
+            f"data.source {source!r}: unknown sklearn data set {name!r}; "
+            f"choose one of {', '.join('sklearn:' + n for n in SKLEARN_SOURCES)}"
+        )
+    from sklearn import datasets
+
+    bunch = getattr(datasets, f"load_{name}")(as_frame=True)
+    return bunch.data.astype("float64").reset_index(drop=True)  # features only, no target
+
+
+def synthetic_table(rows: int, cols: int, seed: int = 0, latent_dim: int = 2) -> pd.DataFrame:
+    """Rows of y = f(t) + noise with t ~ N(0, I_2) and smooth nonlinear f.
+
+    f is fixed for a given cols (its weights come from a constant seed), so seed only
+    changes the draws of t and the noise: one data-generating process, many samples.
+    """
+    w = np.random.default_rng([20240, cols])
+    freq = w.normal(0.0, 1.0, (latent_dim, cols))  # (L, C)
+    phase = w.uniform(0.0, 2 * np.pi, cols)
+    lin = w.normal(0.0, 1.0, (latent_dim, cols))
+    coef = w.normal(0.0, 1.0, (3, cols))  # sin, product, square weights
+    rng = np.random.default_rng(seed)
+    t = rng.normal(size=(rows, latent_dim))  # (N, L)
+    prod = t[:, :1] * t[:, 1:2] if latent_dim > 1 else t[:, :1]
+    y = (
+        t @ lin
+        + coef[0] * np.sin(t @ freq + phase)
+        + coef[1] * prod
+        + 0.5 * coef[2] * (t @ lin) ** 2 / latent_dim
+    )  # (N, C)
+    y = y + 0.1 * rng.normal(size=y.shape)
+    frame = pd.DataFrame(y, columns=[f"x{j}" for j in range(cols)])
+    frame.insert(0, "row_id", np.arange(rows, dtype=np.int64))
+    return frame
+
+
+def _is_numeric(dtype: Any) -> bool:
+    if pd.api.types.is_bool_dtype(dtype):
+        return True
+    return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
+
+
+def split_features(
+    df: pd.DataFrame, id_columns: Sequence[str], where: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(ids, features): id columns pass through; every other column must be numeric."""
+    missing = [c for c in id_columns if c not in df.columns]
+    if missing:
+        raise PipelineError(
+            f"{where}: missing id column {', '.join(map(repr, missing))} (data.id_columns); "
+            f"the table has {', '.join(map(repr, map(str, df.columns[:8])))}"
+            + (", ..." if df.shape[1] > 8 else "")
+        )
+    ids = df[list(id_columns)]
+    features = df[[c for c in df.columns if c not in set(id_columns)]]
+    if features.shape[1] == 0:
+        raise PipelineError(f"{where}: no feature columns besides the id columns (data.id_columns)")
+    bad = [(c, str(t)) for c, t in features.dtypes.items() if not _is_numeric(t)]
+    if bad:
+        named = ", ".join(f"{c!r} ({t})" for c, t in bad)
+        raise PipelineError(
+            f"{where}: non-numeric column {named}; drop it or list it in data.id_columns"
+        )
+    bools = [c for c, t in features.dtypes.items() if pd.api.types.is_bool_dtype(t)]
+    if bools:
+        # numpy bool has no missing cells; nullable "boolean" may, so it goes to float with NaN
+        features = features.astype(
+            {c: "int64" if features[c].dtype == np.bool_ else "float64" for c in bools}
+        )
+    return ids, features
+
+
+def to_tensor(features: pd.DataFrame) -> torch.Tensor:
+    """(rows, features) float32, a copy: pandas 3 hands out read-only views."""
+    values = features.to_numpy(dtype=np.float32, na_value=np.nan)
+    return torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+
+
+def write_table_atomic(df: pd.DataFrame, path: Path) -> Path:
+    """Write Parquet (or CSV by suffix) to a temporary sibling, then rename over path."""
+    path = Path(path)
+    kind = _kind(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if kind == "Parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+        else:
+            df.to_csv(tmp, index=False)
+        tmp.chmod(0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

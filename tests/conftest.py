@@ -1,0 +1,25 @@
+"""Test environment: every store in a temporary folder, no telemetry, set before prefect/mlflow import."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_ROOT = Path(tempfile.mkdtemp(prefix="vaepipe-tests-"))
+os.environ.update(
+    PREFECT_HOME=str(_ROOT / "prefect"),
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    PREFECT_LOGGING_LEVEL="WARNING",
+    DO_NOT_TRACK="1",
+    MLFLOW_DISABLE_TELEMETRY="true",
+    MLFLOW_TRACKING_URI=f"sqlite:///{_ROOT / 'mlflow' / 'mlflow.db'}",
+    DVC_NO_ANALYTICS="1",
+    GIT_AUTHOR_NAME="vaepipe-tests",
+    GIT_AUTHOR_EMAIL="tests@vaepipe.invalid",
+    GIT_COMMITTER_NAME="vaepipe-tests",
+    GIT_COMMITTER_EMAIL="tests@vaepipe.invalid",
+)
+os.environ.pop("PREFECT_API_URL", None)
+(_ROOT / "mlflow").mkdir(parents=True, exist_ok=True)
