@@ -9,13 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from pipeline.model import LoadedModel
+from pipeline.tables import to_tensor
+from vae import embed
+from vae import traversals as decode_traversals
+
 MAX_LINE_FEATURES = 10  # traversals: beyond this many features a heatmap reads better than lines
 MAX_BARS = 60  # per-feature reconstruction: the worst features when there are more
+PLOT_ROWS = 5000  # rows of a table drawn in the latent view
 LOSS_TERMS = (("elbo", "ELBO"), ("recon", "reconstruction"), ("kl", "KL"))
 
 
@@ -28,7 +35,7 @@ def _save(fig: Figure, out_dir: Path, name: str) -> Path:
 
 def loss_curves(history: pd.DataFrame, out_dir: Path) -> list[Path]:
     """history.csv as a frame: train_/val_ elbo, recon, kl (nats/row) per epoch."""
-    fig = Figure(figsize=(12, 3.5))
+    fig = Figure(figsize=(12, 3.5), layout="constrained")
     for ax, (term, title) in zip(fig.subplots(1, 3), LOSS_TERMS, strict=True):
         for split in ("train", "val"):
             col = f"{split}_{term}"
@@ -52,7 +59,7 @@ def _two_dims(z: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
 def latent_view(z: np.ndarray, out_dir: Path, color: np.ndarray | None = None, title: str = "latent means") -> list[Path]:
     """Scatter of posterior means (N, K); a histogram when K = 1. color: optional (N,) values."""
     z = np.asarray(z, dtype=float)
-    fig = Figure(figsize=(5.5, 5))
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
     ax = fig.subplots()
     if z.shape[1] == 1:
         ax.hist(z[:, 0], bins=min(50, max(5, len(z) // 10)))
@@ -70,7 +77,7 @@ def latent_view(z: np.ndarray, out_dir: Path, color: np.ndarray | None = None, t
 def per_feature_reconstruction(per_feature: Mapping[str, float], out_dir: Path) -> list[Path]:
     """Bars of E_q[log p(y_i|z)] per feature (the metrics JSON's per_feature_reconstruction)."""
     items = sorted(per_feature.items(), key=lambda kv: kv[1])[:MAX_BARS]  # worst first
-    fig = Figure(figsize=(7, 1.5 + 0.25 * len(items)))
+    fig = Figure(figsize=(7, 1.5 + 0.25 * len(items)), layout="constrained")
     ax = fig.subplots()
     ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1])
     shown = "" if len(items) == len(per_feature) else f", worst {len(items)} of {len(per_feature)}"
@@ -83,7 +90,7 @@ def traversals(
     features: Sequence[str],
     out_dir: Path,
     radius: float = 2.5,
-    scale: Sequence[float] | None = None,
+    scale: Sequence[float] | np.ndarray | None = None,
 ) -> list[Path]:
     """Decoded means along each latent axis, values (K, steps, D) from vae.traversals.
 
@@ -96,8 +103,10 @@ def traversals(
     unit = np.asarray(scale, dtype=float) if scale is not None else np.ones(d)
     delta = (values - values[:, steps // 2 : steps // 2 + 1, :]) / np.where(unit > 0, unit, 1.0)
     axis = np.linspace(-radius, radius, steps)
-    fig = Figure(figsize=(4 * min(k, 4), 3.5 * -(-k // 4) + (0.12 * d if d > MAX_LINE_FEATURES else 0)))
-    axes = np.atleast_1d(fig.subplots(-(-k // 4), min(k, 4), squeeze=False)).ravel()
+    rows, cols = -(-k // 4), min(k, 4)  # up to four latent dimensions a row
+    height = 3.5 if d <= MAX_LINE_FEATURES else max(3.5, 0.15 * d)
+    fig = Figure(figsize=(4.5 * cols, height * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
     ylabel = "change / training std" if scale is not None else "change in E[y|z]"
     for j, ax in enumerate(axes):
         if j >= k:
@@ -116,3 +125,24 @@ def traversals(
     if d <= MAX_LINE_FEATURES:
         axes[0].legend(fontsize=7)
     return [_save(fig, Path(out_dir), "traversals.png")]
+
+
+def model_figures(
+    model: LoadedModel,
+    history: pd.DataFrame,
+    out_dir: Path,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    table: pd.DataFrame | None = None,
+) -> list[Path]:
+    """Loss curves and traversals always; per-feature bars with metrics; latent view with a table."""
+    paths = loss_curves(history, out_dir)
+    values = decode_traversals(model.vae).numpy()  # (K, steps, D)
+    paths += traversals(values, model.schema.features, out_dir, scale=model.schema.std)
+    if metrics and metrics.get("per_feature_reconstruction"):
+        paths += per_feature_reconstruction(metrics["per_feature_reconstruction"], out_dir)
+    if table is not None:
+        rows = table if len(table) <= PLOT_ROWS else table.sample(PLOT_ROWS, random_state=0)
+        z = embed(model.vae, to_tensor(model.schema.features_in_order(rows))).z.numpy()  # (N, K)
+        paths += latent_view(z, out_dir)
+    return paths

@@ -60,6 +60,7 @@ def cache_dir() -> Path:
 def configure_tracking() -> str:
     """Point MLflow's tracking and registry at the store; returns the URI."""
     uri = tracking_uri()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep CLI output to log lines
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,8 @@ def _read_csv(path: Path, columns: Sequence[str] | None) -> pd.DataFrame:
     _check_csv_size(path)
     header = pd.read_csv(path, nrows=0)
     _check_columns(path, list(header.columns), columns)
-    return pd.read_csv(path, usecols=list(columns) if columns else None)
+    df = pd.read_csv(path, usecols=list(columns) if columns else None)
+    return df[list(columns)] if columns else df  # usecols keeps the file's order
 
 
 def _check_csv_size(path: Path) -> None:
@@ -146,7 +147,8 @@ def _csv_batches(
     header = pd.read_csv(path, nrows=0)
     _check_columns(path, list(header.columns), columns)
     cols = list(columns) if columns else None
-    return iter(pd.read_csv(path, chunksize=batch_rows, usecols=cols))
+    chunks = pd.read_csv(path, chunksize=batch_rows, usecols=cols)
+    return (chunk[cols] if cols else chunk for chunk in chunks)  # usecols keeps the file's order
 
 
 def load_source(source: str, seed: int = 0) -> pd.DataFrame:
@@ -184,26 +186,23 @@ def synthetic_table(rows: int, cols: int, seed: int = 0, latent_dim: int = 2) ->
     changes the draws of t and the noise: one data-generating process, many samples.
     """
     w = np.random.default_rng([20240, cols])
-    freq = w.normal(0.0, 1.0, (latent_dim, cols))  # (L, C)
+    lin = w.normal(0.0, 1.0, (latent_dim, cols))  # (L, C)
+    freq = w.normal(0.0, 1.0, (latent_dim, cols))
     phase = w.uniform(0.0, 2 * np.pi, cols)
-    lin = w.normal(0.0, 1.0, (latent_dim, cols))
-    coef = w.normal(0.0, 1.0, (3, cols))  # sin, product, square weights
+    unit = w.normal(0.0, 1.0, (latent_dim, cols))
+    unit /= np.linalg.norm(unit, axis=0)  # projections of t with unit variance
+    coef = w.normal(0.0, 1.0, (3, cols))  # weights of the sine, product and square terms
     rng = np.random.default_rng(seed)
     t = rng.normal(size=(rows, latent_dim))  # (N, L)
     prod = t[:, :1] * t[:, 1:2] if latent_dim > 1 else t[:, :1]
-    y = (
-        t @ lin
-        + coef[0] * np.sin(t @ freq + phase)
-        + coef[1] * prod
-        + 0.5 * coef[2] * (t @ lin) ** 2 / latent_dim
-    )  # (N, C)
+    y = t @ lin + coef[0] * np.sin(t @ freq + phase) + coef[1] * prod + 0.5 * coef[2] * (t @ unit) ** 2
     y = y + 0.1 * rng.normal(size=y.shape)
     frame = pd.DataFrame(y, columns=[f"x{j}" for j in range(cols)])
     frame.insert(0, "row_id", np.arange(rows, dtype=np.int64))
     return frame
 
 
-def _is_numeric(dtype: Any) -> bool:
+def is_numeric_dtype(dtype: Any) -> bool:
     if pd.api.types.is_bool_dtype(dtype):
         return True
     return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
@@ -224,7 +223,7 @@ def split_features(
     features = df[[c for c in df.columns if c not in set(id_columns)]]
     if features.shape[1] == 0:
         raise PipelineError(f"{where}: no feature columns besides the id columns (data.id_columns)")
-    bad = [(c, str(t)) for c, t in features.dtypes.items() if not _is_numeric(t)]
+    bad = [(c, str(t)) for c, t in features.dtypes.items() if not is_numeric_dtype(t)]
     if bad:
         named = ", ".join(f"{c!r} ({t})" for c, t in bad)
         raise PipelineError(

@@ -116,7 +116,7 @@ def train_model(
             y, schema.features, likelihood=params.model.likelihood,
             standardize=params.data.standardize, missing=params.data.missing,
         )
-        vae = VAE(spec, params.model)
+        vae = VAE(spec, params.model, seed=params.train.seed)
     except VAEError as exc:
         raise PipelineError(f"{data_path}: {exc}") from None
     if resume:

@@ -47,6 +47,10 @@ class ModelConfig:
         _check_choice("model", "activation", self.activation, Activation)
         _check_positive("model", "fixed_sigma", self.fixed_sigma)
         _check_positive("model", "min_sigma", self.min_sigma)
+        if self.decoder_variance == "fixed" and self.fixed_sigma < self.min_sigma:
+            raise ConfigError(
+                f"model.fixed_sigma is {self.fixed_sigma!r}, below model.min_sigma {self.min_sigma!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -74,13 +74,17 @@ class Decoder(nn.Module):
 class VAE(nn.Module):
     """Takes rows in the table's original units; scaling, masks and the Jacobian stay inside."""
 
-    def __init__(self, spec: TableSpec, config: ModelConfig):
+    def __init__(self, spec: TableSpec, config: ModelConfig, seed: int | None = None):
+        """seed: initial weights from this seed (the global RNG is left untouched); None: global RNG."""
         super().__init__()
         self.spec, self.config = spec, config
         d = spec.n_features
         self.masked = spec.missing == "mask"
-        self.encoder = Encoder(d * (2 if self.masked else 1), config.hidden_dims, config.latent_dim, config.activation)
-        self.decoder = Decoder(d, config)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.encoder = Encoder(d * (2 if self.masked else 1), config.hidden_dims, config.latent_dim, config.activation)
+            self.decoder = Decoder(d, config)
         gauss = torch.tensor([k == "gaussian" for k in spec.kinds])
         scale = torch.tensor(spec.scale, dtype=torch.float32)
         self.all_gaussian, self.all_bernoulli = bool(gauss.all()), not bool(gauss.any())

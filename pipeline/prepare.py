@@ -1,0 +1,48 @@
+"""The prepare step: load data.source and split its rows into train, val and test tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import DataParams
+from pipeline.errors import PipelineError
+from pipeline.tables import load_source, write_table_atomic
+
+SPLITS = ("train", "val", "test")
+
+
+def split_rows(
+    n_rows: int, test_fraction: float, val_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Row positions per split, drawn at random but each kept in the table's own order.
+
+    Keeping the order lets the i.i.d. checks of validate still see a trend along the rows.
+    """
+    perm = np.random.default_rng(seed).permutation(n_rows)
+    n_test = int(np.rint(n_rows * test_fraction))
+    n_val = int(np.rint((n_rows - n_test) * val_fraction))
+    parts = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
+    keys = {"test": "data.test_fraction", "val": "train.val_fraction", "train": "data.test_fraction and train.val_fraction"}
+    for name, rows in parts.items():
+        if rows.size == 0:
+            raise PipelineError(
+                f"prepare: the {name} split of {n_rows} rows would be empty "
+                f"(data.test_fraction={test_fraction}, train.val_fraction={val_fraction}); "
+                f"change {keys[name]} or use a larger table"
+            )
+    return {name: np.sort(parts[name]) for name in SPLITS}
+
+
+def prepare(data: DataParams, val_fraction: float, out_dir: Path) -> dict[str, Path]:
+    """Write out_dir/{train,val,test}.parquet; the same params give byte-identical files."""
+    df = load_source(data.source, seed=data.seed)
+    rows = split_rows(len(df), data.test_fraction, val_fraction, data.seed)
+    out_dir = Path(out_dir)
+    paths = {}
+    for name in SPLITS:
+        part = df.iloc[rows[name]].reset_index(drop=True)
+        paths[name] = write_table_atomic(pd.DataFrame(part), out_dir / f"{name}.parquet")
+    return paths

@@ -1,0 +1,48 @@
+"""The registered form of a model: an MLflow pyfunc whose predict is the embed step.
+
+`mlflow.pyfunc.load_model("models:/measurement-vae@champion").predict(df)` returns the embedding
+frame of DESIGN.md ("Embedding output"): ids, z_*, log_likelihood, anomaly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+
+from pipeline.config import EmbedParams
+from pipeline.embed import embed_frame
+from pipeline.model import LoadedModel, load_model_dir
+
+ARTIFACT_KEY = "model_dir"  # context.artifacts key of the model directory
+
+
+def embed_params(model: LoadedModel) -> EmbedParams:
+    """The embed section the model was trained with (its anomaly threshold matches it)."""
+    return EmbedParams(**model.metadata.get("params", {}).get("embed", {}))
+
+
+def pip_requirements() -> list[str]:
+    """Explicit, so MLflow does not infer them in a subprocess (seconds per log)."""
+    return [f"torch=={torch.__version__.split('+')[0]}", "pandas", "pyarrow", f"mlflow=={mlflow.__version__}"]
+
+
+class VAEPyfunc(PythonModel):
+    """Loads the model directory logged as artifact `model_dir`; predict embeds a DataFrame.
+
+    The table contract is checked by the embed step: missing or extra columns raise a
+    PipelineError that names them.
+    """
+
+    def load_context(self, context: Any) -> None:
+        self.model = load_model_dir(Path(context.artifacts[ARTIFACT_KEY]))
+        self.params = embed_params(self.model)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        return embed_frame(self.model, model_input, self.params, where="predict input")

@@ -1,0 +1,416 @@
+"""The register and promote steps: MLflow runs, registered versions, aliases and the gate.
+
+A registered version is a pyfunc (pipeline.pyfunc) around the model directory, logged in one
+run with the model's params, training curves, metrics, plots and lineage tags. Aliases:
+`challenger` (registered, not yet gated) and `champion` (passed the promotion gate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature, infer_signature
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from pipeline import plots, stores
+from pipeline.config import Params
+from pipeline.embed import embed_frame
+from pipeline.errors import GateRefused, PipelineError, ValidationFailed
+from pipeline.evaluate import metrics_dict
+from pipeline.model import LoadedModel, load_model_dir
+from pipeline.pyfunc import ARTIFACT_KEY, VAEPyfunc, embed_params, pip_requirements
+from pipeline.tables import iter_table_batches, read_table
+from pipeline.validate import validate_table
+from vae.store import CHECKPOINT, HISTORY
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+HISTORY_METRICS = ("train_elbo", "train_recon", "train_kl", "val_elbo", "val_recon", "val_kl", "lr", "beta")
+EXAMPLE_ROWS = 5  # rows of the input example stored with the model (and used for its signature)
+MAX_TAG_CHARS = 5000  # MLflow keeps tag values up to 8000 characters
+_REF = re.compile(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))")
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    alias: str
+    model_uri: str  # models:/NAME/VERSION
+
+
+@dataclass(frozen=True)
+class Promotion:
+    promoted: bool
+    challenger_version: str
+    champion_version: str | None  # before the gate
+    challenger_log_likelihood: float | None
+    champion_log_likelihood: float | None
+    required: float | None  # the champion's log-likelihood + register.min_improvement
+    message: str
+
+
+# ---------------------------------------------------------------- register
+
+
+def register_model(
+    model_dir: Path,
+    params: Params,
+    *,
+    alias: str = CHALLENGER,
+    metrics: dict[str, Any] | None = None,
+    table: Path | None = None,
+) -> RegisteredVersion:
+    """Log MODEL_DIR in one run, register it as a new version of register.model_name, set alias."""
+    model = load_model_dir(Path(model_dir))  # a bad directory fails before any registry write
+    history = _read_history(model.directory)
+    frame = _table_frame(model, Path(table)) if table is not None else None
+    name = params.register.model_name
+    stores.configure_mlflow(params.register.experiment)
+    with tempfile.TemporaryDirectory(prefix="vaepipe-register-") as tmp, \
+            mlflow.start_run(run_name=model.directory.name) as run:
+        _log_run(run.info.run_id, model, history, metrics, frame, Path(tmp))
+        info = _log_pyfunc(model, _stage(model.directory, Path(tmp)), name, _input_example(model, frame))
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in _version_tags(model, metrics, run.info.run_id).items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, alias, version)
+    return RegisteredVersion(name, version, run.info.run_id, alias, f"models:/{name}/{version}")
+
+
+def _read_history(directory: Path) -> pd.DataFrame:
+    path = directory / HISTORY
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path} is missing or unreadable ({exc.__class__.__name__}); retrain the model") from None
+
+
+def _table_frame(model: LoadedModel, path: Path) -> pd.DataFrame:
+    df = read_table(path)
+    model.schema.check(df, str(path))
+    return df
+
+
+def _log_run(run_id: str, model: LoadedModel, history: pd.DataFrame, metrics: dict[str, Any] | None,
+             frame: pd.DataFrame | None, tmp: Path) -> None:
+    config = model.metadata.get("params", {})
+    mlflow.log_params({f"{s}.{k}": _param_text(v) for s, section in config.items() for k, v in section.items()})
+    MlflowClient().log_batch(run_id, metrics=_history_metrics(history))
+    mlflow.log_dict(config, "params.json")
+    if metrics is not None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_scalar(v)})
+        mlflow.log_dict(metrics, "metrics.json")
+    mlflow.set_tags(lineage_tags(model, config))
+    plots.model_figures(model, history, tmp / "plots", metrics=metrics, table=frame)
+    mlflow.log_artifacts(str(tmp / "plots"), "plots")
+
+
+def _param_text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _history_metrics(history: pd.DataFrame) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [
+        Metric(key, float(value), now, int(epoch))
+        for key in HISTORY_METRICS if key in history
+        for epoch, value in zip(history["epoch"], history[key], strict=True) if pd.notna(value)
+    ]
+
+
+def _stage(directory: Path, tmp: Path) -> Path:
+    """The model directory without its training checkpoint: what a registered version needs."""
+    staged = tmp / ARTIFACT_KEY
+    shutil.copytree(directory, staged, ignore=shutil.ignore_patterns(CHECKPOINT, ".*.tmp"))
+    return staged
+
+
+def _input_example(model: LoadedModel, frame: pd.DataFrame | None) -> pd.DataFrame | None:
+    """A few rows of the training table if it is still there, else of the given table."""
+    source = Path(model.metadata.get("data", {}).get("path", ""))
+    if source.suffix and source.is_file():
+        with contextlib.suppress(PipelineError, StopIteration):
+            frame = next(iter_table_batches(source, EXAMPLE_ROWS))  # the head only, whatever the size
+    if frame is None or model.schema.problems(frame):
+        return None
+    return frame[[*model.id_columns, *model.schema.features]].head(EXAMPLE_ROWS).reset_index(drop=True)
+
+
+def _signature(model: LoadedModel, example: pd.DataFrame | None) -> ModelSignature | None:
+    """Outputs only: an input schema would make MLflow drop extra columns silently and bury a
+    missing one in a dump of the data; the embed step names both (Schema.check)."""
+    if example is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "integer columns cannot hold NaN": ids
+        outputs = infer_signature(example, embed_frame(model, example, embed_params(model))).outputs
+    return ModelSignature(inputs=None, outputs=outputs)
+
+
+def _log_pyfunc(model: LoadedModel, staged: Path, name: str, example: pd.DataFrame | None) -> Any:
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=VAEPyfunc(), artifacts={ARTIFACT_KEY: str(staged)},
+        input_example=example, signature=_signature(model, example), pip_requirements=pip_requirements(),
+        registered_model_name=name,
+    )
+
+
+def _version_tags(model: LoadedModel, metrics: dict[str, Any] | None, run_id: str) -> dict[str, str]:
+    tags = {"schema_hash": model.schema.hash, "run_id": run_id}
+    if model.metadata.get("validation", {}).get("success") is True:
+        tags["validation_status"] = "passed"
+    if metrics and _is_scalar(metrics.get("log_likelihood")):
+        tags["log_likelihood"] = repr(float(metrics["log_likelihood"]))
+    return tags
+
+
+# ---------------------------------------------------------------- lineage
+
+
+def lineage_tags(model: LoadedModel, config: dict[str, Any]) -> dict[str, str]:
+    """Where the model came from: code, data, config, seed, library versions, table contract."""
+    data_hash, source = _data_hash(model)
+    return {
+        "git_commit": _git_commit(),
+        "data_hash": data_hash,
+        "data_hash_source": source,
+        "config": json.dumps(config, sort_keys=True)[:MAX_TAG_CHARS],
+        "seed": str(config.get("train", {}).get("seed", "unknown")),
+        "schema_hash": model.schema.hash,
+        **{f"version.{lib}": _version(lib) for lib in ("torch", "mlflow", "prefect", "vaepipe")},
+    }
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def _data_hash(model: LoadedModel) -> tuple[str, str]:
+    """md5 of the train stage's data dependency in ./dvc.lock, else the sha256 the model recorded."""
+    md5 = _dvc_train_md5(Path("dvc.lock"), model.metadata.get("data", {}).get("path"))
+    if md5 is not None:
+        return f"md5:{md5}", "dvc.lock"
+    sha = model.metadata.get("data", {}).get("sha256")
+    return (f"sha256:{sha}", "model metadata") if sha else ("unknown", "none")
+
+
+def _dvc_train_md5(lock: Path, data_path: str | None) -> str | None:
+    try:
+        deps = yaml.safe_load(lock.read_text())["stages"]["train"]["deps"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    data = [d for d in deps if isinstance(d, dict) and d.get("md5") and not str(d.get("path")).endswith(".py")]
+    exact = [d for d in data if data_path and Path(d["path"]) == Path(data_path)]
+    under = [d for d in data if str(d["path"]).startswith("data")]
+    chosen = (exact or under or data)[:1]
+    return str(chosen[0]["md5"]) if chosen else None
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib_metadata.version(dist)
+    except importlib_metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# ---------------------------------------------------------------- resolve and download
+
+
+def _not_found(exc: MlflowException) -> bool:
+    return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def _registered_aliases(client: MlflowClient, name: str, ref: str) -> dict[str, str]:
+    """alias -> version of a registered model; PipelineError naming ref when there is no such model."""
+    try:
+        return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    except MlflowException as exc:
+        if not _not_found(exc):
+            raise
+    known = [m.name for m in client.search_registered_models(max_results=20)]
+    raise PipelineError(f"{ref}: no registered model named {name!r}; registered models: "
+                        f"{', '.join(known) or 'none (run vaepipe register first)'}")
+
+
+def resolve_version(ref: str) -> ModelVersion:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> its ModelVersion; PipelineError naming ref."""
+    match = _REF.fullmatch(ref.strip())
+    if not match:
+        raise PipelineError(f"{ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, version = match["name"], match["alias"], match["version"]
+    client = MlflowClient()
+    aliases = _registered_aliases(client, name, ref)
+    if alias is not None:
+        if alias not in aliases:
+            raise PipelineError(f"{ref}: no such alias; registered aliases: {', '.join(sorted(aliases)) or 'none'}")
+        version = aliases[alias]
+    try:
+        return client.get_model_version(name, str(int(version)))
+    except (ValueError, MlflowException) as exc:
+        if isinstance(exc, MlflowException) and not _not_found(exc):
+            raise
+    known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    raise PipelineError(f"{ref}: no such version; versions of {name}: {', '.join(map(str, known)) or 'none'}")
+
+
+def download_model_dir(ref: str) -> Path:
+    """The model directory of a registered version, downloaded once into the store's cache."""
+    stores.configure_tracking()
+    mv = resolve_version(ref)
+    key = re.sub(r"[^\w.-]", "_", f"{mv.version}-{(mv.source or '').rsplit('/', 1)[-1]}")
+    target = stores.cache_dir() / re.sub(r"[^\w.-]", "_", mv.name) / key
+    if not (target / "MLmodel").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
+            _publish(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _model_dir_in(target, ref)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename the finished download into place; a concurrent process may have won the race."""
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier download (no MLmodel)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "MLmodel").exists():
+            raise
+
+
+def _model_dir_in(root: Path, ref: str) -> Path:
+    artifacts = Model.load(str(root / "MLmodel")).flavors.get("python_function", {}).get("artifacts", {})
+    if ARTIFACT_KEY not in artifacts:
+        raise PipelineError(f"{ref}: not a vaepipe model (its pyfunc has no {ARTIFACT_KEY!r} artifact)")
+    return root / artifacts[ARTIFACT_KEY]["path"]
+
+
+# ---------------------------------------------------------------- promote
+
+
+def promote(params: Params, data_path: Path, *, version: str | None = None) -> Promotion:
+    """Move @champion to the challenger if its log-likelihood on DATA beats the champion's."""
+    stores.configure_tracking()
+    name, data_path = params.register.model_name, Path(data_path)
+    challenger = _challenger(name, version)
+    champion = _registered_aliases(MlflowClient(), name, f"models:/{name}").get(CHAMPION)
+    if champion == challenger:
+        return Promotion(False, challenger, champion, None, None, None,
+                         f"version {challenger} of {name} is already @{CHAMPION}; nothing to do")
+    if champion is None:
+        return _first_champion(params, challenger, data_path)
+    return _against_champion(params, challenger, champion, data_path)
+
+
+def _challenger(name: str, version: str | None) -> str:
+    if version is not None:
+        return str(resolve_version(f"models:/{name}/{version}").version)
+    try:
+        return str(resolve_version(f"models:/{name}@{CHALLENGER}").version)
+    except PipelineError as exc:
+        raise PipelineError(f"no challenger: run vaepipe register first ({exc})") from None
+
+
+def _version_model(name: str, version: str) -> LoadedModel:
+    return load_model_dir(download_model_dir(f"models:/{name}/{version}"))
+
+
+def _log_likelihood(model: LoadedModel, data_path: Path, params: Params, who: str) -> float:
+    try:
+        return float(metrics_dict(model, data_path, params.evaluate)["log_likelihood"])
+    except PipelineError as exc:
+        raise PipelineError(f"{who} cannot be evaluated on {data_path}: {exc}") from None
+
+
+def _against_champion(params: Params, challenger: str, champion: str, data_path: Path) -> Promotion:
+    """The gate: the challenger must beat the champion by register.min_improvement on the same table."""
+    name, margin = params.register.model_name, params.register.min_improvement
+    ll_new = _log_likelihood(_version_model(name, challenger), data_path, params, f"challenger version {challenger}")
+    ll_old = _log_likelihood(_version_model(name, champion), data_path, params, f"champion version {champion}")
+    required = ll_old + margin
+    tags = {"gate_champion_version": champion, "gate_champion_log_likelihood": repr(ll_old),
+            "gate_required": repr(required)}
+    if not (math.isfinite(ll_new) and ll_new > required):
+        _tag(name, challenger, {**_gate_tags(ll_new, data_path, "refused"), **tags})
+        raise GateRefused(
+            f"promotion refused: version {challenger} of {name} scores log-likelihood {ll_new:.4f} nats/row "
+            f"on {data_path}, which does not beat champion version {champion} ({ll_old:.4f}) + "
+            f"register.min_improvement {margin:g} = {required:.4f}; @{CHAMPION} stays on version {champion}")
+    _crown(name, challenger, champion, {**_gate_tags(ll_new, data_path, "promoted"), **tags})
+    return Promotion(True, challenger, champion, ll_new, ll_old, required,
+                     f"version {challenger} of {name} is now @{CHAMPION}: log-likelihood {ll_new:.4f} > "
+                     f"{ll_old:.4f} (version {champion}) + {margin:g} on {data_path}")
+
+
+def _first_champion(params: Params, challenger: str, data_path: Path) -> Promotion:
+    """No champion yet: DATA must pass validation against the challenger, whose likelihood must be finite."""
+    name = params.register.model_name
+    model = _version_model(name, challenger)
+    report = validate_table(read_table(data_path), data=params.data, params=params.validate,
+                            against=model.schema, where=str(data_path))
+    if not report.success:
+        failed = [c.line() for c in report.failures()]
+        raise ValidationFailed(f"promotion refused: {data_path} fails validation against version "
+                               f"{challenger} of {name}: {'; '.join(failed[:5])}")
+    ll_new = _log_likelihood(model, data_path, params, f"challenger version {challenger}")
+    if not math.isfinite(ll_new):
+        _tag(name, challenger, _gate_tags(ll_new, data_path, "refused"))
+        raise GateRefused(f"promotion refused: version {challenger} of {name} scores a non-finite "
+                          f"log-likelihood ({ll_new}) on {data_path}")
+    _crown(name, challenger, None, {**_gate_tags(ll_new, data_path, "promoted"), "validation_status": "passed"})
+    return Promotion(True, challenger, None, ll_new, None, None,
+                     f"version {challenger} of {name} is now @{CHAMPION} (there was none): validation of "
+                     f"{data_path} passed, log-likelihood {ll_new:.4f} nats/row")
+
+
+def _gate_tags(ll_new: float, data_path: Path, result: str) -> dict[str, str]:
+    return {"gate_result": result, "gate_log_likelihood": repr(ll_new), "gate_data": str(data_path),
+            "gated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _tag(name: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def _crown(name: str, challenger: str, expected: str | None, tags: dict[str, str]) -> None:
+    """Set @champion unless it moved while the gate ran (another promote won)."""
+    client = MlflowClient()
+    now = _registered_aliases(client, name, f"models:/{name}").get(CHAMPION)
+    if now != expected:
+        raise PipelineError(f"@{CHAMPION} of {name} moved to version {now} while the gate ran; run promote again")
+    _tag(name, challenger, {**tags, "promoted_at": tags["gated_at"]})
+    client.set_registered_model_alias(name, CHAMPION, challenger)

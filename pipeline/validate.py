@@ -1,0 +1,320 @@
+"""The validate step: the table contract as a Great Expectations suite, plus i.i.d. checks.
+
+GX (Core 1.x, an ephemeral context per call) checks the columns, row count, nulls, infinities,
+constant columns and, against a model's schema, the training range. Pandas checks dtypes and
+duplicates; numpy/scipy check the i.i.d. assumption along row order (DESIGN.md, "The table
+contract"). Row numbers in reports are 0-based positions in the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import DataParams, Params, ValidateParams
+from pipeline.schema import Schema
+from pipeline.tables import is_numeric_dtype, read_table
+
+Severity = Literal["error", "warning"]
+MAX_ROWS_SHOWN = 5
+MIN_IID_ROWS = 8  # below this the i.i.d. statistics are noise
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    column: str | None
+    success: bool
+    severity: Severity
+    message: str
+    rows: tuple[int, ...] = ()  # up to MAX_ROWS_SHOWN offending row positions
+
+    def line(self) -> str:
+        tag = "PASS" if self.success else ("FAIL" if self.severity == "error" else "WARN")
+        col = f" column {self.column!r}" if self.column is not None else ""
+        more = f" (rows {', '.join(map(str, self.rows))})" if self.rows else ""
+        return f"{tag} {self.name}{col}: {self.message}{more}"
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    success: bool
+    checks: tuple[Check, ...]
+    n_rows: int
+    where: str
+
+    def failures(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.success and c.severity == "error")
+
+    def warnings(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.success and c.severity == "warning")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "where": self.where,
+            "success": self.success,
+            "n_rows": self.n_rows,
+            "n_checks": len(self.checks),
+            "n_failed": len(self.failures()),
+            "n_warnings": len(self.warnings()),
+            "checks": [{**asdict(c), "rows": list(c.rows)} for c in self.checks],
+        }
+
+    def summary_lines(self) -> list[str]:
+        verdict = "valid" if self.success else "INVALID"
+        head = (
+            f"{self.where}: {verdict} ({self.n_rows} rows, {len(self.checks)} checks, "
+            f"{len(self.failures())} failed, {len(self.warnings())} warnings)"
+        )
+        return [head, *(c.line() for c in (*self.failures(), *self.warnings()))]
+
+
+def save_report(report: ValidationReport, path: Path) -> Path:
+    """Write the report as JSON to a temporary sibling, then rename over path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(report.to_dict(), fh, indent=2)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def validate_path(
+    path: Path,
+    params: Params,
+    against: Schema | None = None,
+    report_path: Path | None = None,
+) -> ValidationReport:
+    """Read a table and validate it; unreadable files raise PipelineError (exit 2)."""
+    df = read_table(Path(path))
+    report = validate_table(df, data=params.data, params=params.validate, against=against, where=str(path))
+    if report_path is not None:
+        save_report(report, report_path)
+    return report
+
+
+def validate_table(
+    df: pd.DataFrame,
+    *,
+    data: DataParams,
+    params: ValidateParams,
+    against: Schema | None = None,
+    where: str = "table",
+) -> ValidationReport:
+    """Check a table against the contract; success is False when an error-severity check fails."""
+    df = df.reset_index(drop=True).rename(columns=str)  # GX reports index labels: make them positions
+    ids = set(against.id_columns if against is not None else data.id_columns)
+    features = [c for c in df.columns if c not in ids]
+    if against is not None:
+        features = [c for c in features if c in set(against.features)]
+    numeric = [c for c in features if is_numeric_dtype(df[c].dtype)]
+    checks = [
+        *_numeric_checks(df, features),
+        *_finite_checks(df, numeric),
+        *_gx_checks(df, numeric, data, params, against),
+        _duplicate_check(df, numeric, params.max_duplicate_fraction),
+        *_iid_checks(df, numeric, params),
+    ]
+    success = not any(not c.success and c.severity == "error" for c in checks)
+    return ValidationReport(success=success, checks=tuple(checks), n_rows=len(df), where=where)
+
+
+def _numeric_checks(df: pd.DataFrame, features: Sequence[str]) -> list[Check]:
+    bad = [c for c in features if not is_numeric_dtype(df[c].dtype)]
+    if not bad:
+        return [Check("numeric", None, True, "error", f"all {len(features)} feature columns are numeric")]
+    return [
+        Check("numeric", c, False, "error",
+              f"dtype {df[c].dtype} is not numeric; drop the column or list it in data.id_columns")
+        for c in bad
+    ]
+
+
+def _rows(result: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(int(i) for i in (result.get("partial_unexpected_index_list") or [])[:MAX_ROWS_SHOWN])
+
+
+def _quote(cols: Sequence[Any]) -> str:
+    return ", ".join(repr(str(c)) for c in sorted(cols, key=str))
+
+
+def _finite_checks(df: pd.DataFrame, numeric: Sequence[str]) -> list[Check]:
+    checks = []
+    for c in numeric:
+        inf = np.isinf(df[c].to_numpy(dtype=np.float64, na_value=np.nan))
+        if inf.any():
+            rows = tuple(int(i) for i in np.flatnonzero(inf)[:MAX_ROWS_SHOWN])
+            checks.append(Check("finite", c, False, "error", f"{int(inf.sum())} infinite values", rows))
+    return checks or [Check("finite", None, True, "error", "no infinite values")]
+
+
+def _expect(kind: Any, check: str, fail: str, ok: str, **kwargs: Any) -> Any:
+    # fail/ok are templates: {n} the unexpected count, {v} the observed value
+    return kind(**kwargs, meta={"check": check, "fail": fail, "ok": ok})
+
+
+def _expectations(
+    df: pd.DataFrame, numeric: Sequence[str], data: DataParams, params: ValidateParams,
+    against: Schema | None,
+) -> list[Any]:
+    import great_expectations.expectations as gxe
+
+    if against is not None:
+        cols = [*against.features, *against.id_columns]
+    else:
+        cols = [*map(str, df.columns), *(c for c in data.id_columns if c not in df.columns)]
+    out = [
+        _expect(gxe.ExpectTableColumnsToMatchSet, "columns", "", f"the {len(cols)} expected columns",
+                column_set=cols, exact_match=True),
+        _expect(gxe.ExpectTableRowCountToBeBetween, "row_count",
+                f"{{v}} rows; at least {params.min_rows} are needed (validate.min_rows)", "{v} rows",
+                min_value=params.min_rows),
+    ]
+    for c in numeric:
+        if data.missing == "reject":
+            out.append(_expect(gxe.ExpectColumnValuesToNotBeNull, "no_nulls",
+                               "{n} null values; fill them or set data.missing: mask", "no null values",
+                               column=c))
+        out.append(_expect(gxe.ExpectColumnUniqueValueCountToBeBetween, "not_constant",
+                           "{v} distinct value(s): a constant column carries nothing; drop it",
+                           "{v} distinct values", column=c, min_value=2))
+    if against is not None:
+        ranges = zip(against.features, against.widened_range(params.range_tolerance), strict=True)
+        for c, (lo, hi) in ranges:
+            if c in numeric:
+                span = f"[{lo:.6g}, {hi:.6g}]"
+                out.append(_expect(gxe.ExpectColumnValuesToBeBetween, "in_training_range",
+                                   f"{{n}} values outside the training range widened to {span} "
+                                   "(validate.range_tolerance)", f"within {span}",
+                                   column=c, min_value=lo, max_value=hi, mostly=1.0))
+    return out
+
+
+def _gx_checks(
+    df: pd.DataFrame, numeric: Sequence[str], data: DataParams, params: ValidateParams,
+    against: Schema | None,
+) -> list[Check]:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # tqdm bars on stderr
+    batch = (ctx.data_sources.add_pandas("vaepipe").add_dataframe_asset("table")
+             .add_batch_definition_whole_dataframe("whole"))
+    expectations = _expectations(df, numeric, data, params, against)
+    for i, e in enumerate(expectations):
+        e.meta["i"] = i  # GX returns results in its own order
+    suite = ctx.suites.add(gx.ExpectationSuite(name="table_contract", expectations=expectations))
+    vd = ctx.validation_definitions.add(
+        gx.ValidationDefinition(name="table_contract", data=batch, suite=suite))
+    # numeric features as float64 with NaN: bool and nullable dtypes then compare like numbers
+    frame = df.assign(**{c: df[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in numeric})
+    result = vd.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY")
+    results: list[Any] = list(result.results)
+    checks = {r.expectation_config.meta["i"]: _gx_check(r) for r in results}
+    return [checks[i] for i in sorted(checks)]
+
+
+def _gx_check(r: Any) -> Check:
+    meta, column = r.expectation_config.meta, r.expectation_config.kwargs.get("column")
+    info = r.exception_info or {}
+    nested = [v for v in info.values() if isinstance(v, dict)]
+    failed = [d for d in (info, *nested) if d.get("raised_exception")]
+    if failed:
+        why = str(failed[0].get("exception_message", "")).splitlines()[:1]
+        return Check(meta["check"], column, False, "error", f"GX could not evaluate it: {''.join(why)}")
+    result = r.result
+    if meta["check"] == "columns" and not r.success:
+        mism = (result.get("details") or {}).get("mismatched") or {}
+        parts = [f"{label} columns {_quote(mism[key])}" for key, label in
+                 (("missing", "missing"), ("unexpected", "extra")) if mism.get(key)]
+        return Check("columns", None, False, "error", "; ".join(parts) or "columns do not match")
+    template = meta["ok"] if r.success else meta["fail"]
+    message = template.format(n=result.get("unexpected_count"), v=result.get("observed_value"))
+    return Check(meta["check"], column, bool(r.success), "error", message, _rows(result))
+
+
+def _duplicate_check(df: pd.DataFrame, numeric: Sequence[str], limit: float) -> Check:
+    dup = df[list(numeric)].duplicated().to_numpy() if numeric else np.zeros(len(df), bool)
+    count, n = int(dup.sum()), max(len(df), 1)
+    rows = tuple(int(i) for i in np.flatnonzero(dup)[:MAX_ROWS_SHOWN])
+    ok = count / n <= limit
+    message = (f"{count} of {len(df)} rows ({count / n:.1%}) repeat an earlier row over the feature "
+               f"columns; at most {limit:.1%} allowed (validate.max_duplicate_fraction)")
+    return Check("duplicates", None, ok, "error", message, () if ok else rows)
+
+
+@dataclass(frozen=True)
+class IidStat:
+    name: str  # autocorrelation | trend | shift
+    value: float  # the effect: lag-1 autocorrelation, Spearman rho vs row number, shift in stds
+    p_value: float  # two-sided, under "the rows are i.i.d."
+
+
+def iid_stats(x: np.ndarray) -> list[IidStat]:
+    """Effects of row order on one column (finite values, in row order); [] if too few or constant."""
+    from scipy import stats
+
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    n = x.size
+    if n < MIN_IID_ROWS or np.ptp(x) == 0:
+        return []
+    xc = x - x.mean()
+    r1 = float(xc[:-1] @ xc[1:] / (xc @ xc))
+    p_r1 = float(2 * stats.norm.sf(abs(r1 + 1 / n) * math.sqrt(n)))  # r1 ~ N(-1/n, 1/n) if i.i.d.
+    rho = stats.spearmanr(x, np.arange(n))
+    a, b = x[: n // 2], x[n // 2 :]
+    pooled = math.sqrt((a.var() + b.var()) / 2)
+    gap = abs(a.mean() - b.mean())
+    if pooled > 0:
+        shift, p_shift = gap / pooled, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    else:  # each half constant
+        shift, p_shift = (math.inf, 0.0) if gap > 0 else (0.0, 1.0)
+    return [
+        IidStat("autocorrelation", r1, p_r1),
+        IidStat("trend", float(rho.statistic), float(rho.pvalue)),
+        IidStat("shift", shift, p_shift),
+    ]
+
+
+_IID_TEXT = {
+    "autocorrelation": ("lag-1 autocorrelation along row order", "max_autocorrelation",
+                        "neighbouring rows are alike: shuffle the rows or check how they were collected"),
+    "trend": ("Spearman correlation with the row number", "max_trend_correlation",
+              "values drift along the rows: shuffle the rows or check for drift"),
+    "shift": ("shift of the mean between the halves, in pooled stds", "max_shift_std",
+              "the second half differs from the first: shuffle the rows or check for drift"),
+}
+
+
+def _iid_checks(df: pd.DataFrame, numeric: Sequence[str], params: ValidateParams) -> list[Check]:
+    if params.iid == "off":
+        return []
+    severity: Severity = "error" if params.iid == "fail" else "warning"
+    alpha = params.iid_alpha / max(len(numeric), 1)  # Bonferroni over the columns
+    checks = []
+    for c in numeric:
+        for s in iid_stats(df[c].to_numpy(dtype=np.float64, na_value=np.nan)):
+            what, key, hint = _IID_TEXT[s.name]
+            limit = getattr(params, key)
+            fired = abs(s.value) > limit and s.p_value < alpha
+            message = f"{what} {s.value:+.3f} (limit {limit} validate.{key}, p={s.p_value:.2g})"
+            checks.append(Check(s.name, c, not fired, severity, message + (f": {hint}" if fired else "")))
+    return checks

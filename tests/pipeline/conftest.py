@@ -1,0 +1,22 @@
+"""Shared fixtures: small tables, fast params, one Prefect harness per session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.pipeline.helpers import clean_table
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def table_path(tmp_path):
+    path = tmp_path / "table.parquet"
+    clean_table().to_parquet(path, index=False)
+    return path

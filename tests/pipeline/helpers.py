@@ -1,0 +1,22 @@
+"""Small tables and fast params shared by the pipeline tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+FAST = [
+    "train.epochs=15", "train.batch_size=64", "train.kl_warmup_steps=0", "train.num_threads=1",
+    "model.hidden_dims=[16]", "model.latent_dim=2", "evaluate.iw_samples=20", "embed.score_samples=10",
+]
+
+
+def clean_table(n: int = 300, d: int = 5, seed: int = 0) -> pd.DataFrame:
+    """i.i.d. rows with a 2-D latent structure, an id column first."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 2))
+    w = rng.normal(size=(2, d))
+    x = np.tanh(z) @ w + 0.3 * rng.normal(size=(n, d))
+    df = pd.DataFrame(x, columns=[f"m{j}" for j in range(d)])
+    df.insert(0, "sample_id", np.arange(n))
+    return df

@@ -1,0 +1,166 @@
+"""The CLI end to end on good and malformed tables: exit codes, one-line errors, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+from tests.pipeline.helpers import FAST, clean_table
+
+IDS = ["--set", "data.id_columns=[sample_id]"]
+FAST_ARGS = [a for s in FAST for a in ("--set", s)] + IDS
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-model")
+    clean_table(seed=1).to_parquet(root / "train.parquet", index=False)
+    assert main(["train", str(root / "train.parquet"), "--out", str(root / "model"), *FAST_ARGS]) == 0
+    return root / "model"
+
+
+def test_train_evaluate_embed_sample(model_dir, tmp_path, capsys):
+    test = tmp_path / "test.parquet"
+    clean_table(n=120, seed=2).to_parquet(test, index=False)
+    code, out, _ = run(capsys, "evaluate", str(model_dir), str(test), "--json", str(tmp_path / "m.json"), *FAST_ARGS)
+    assert code == 0
+    metrics = json.loads(out)
+    assert metrics == json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n_rows"] == 120 and metrics["iw_samples"] == 20
+    assert metrics["elbo"] == pytest.approx(metrics["reconstruction"] - metrics["kl"])
+    assert metrics["elbo"] <= metrics["log_likelihood"] + 3 * metrics["log_likelihood_stderr"]
+    assert list(metrics["per_feature_reconstruction"]) == [f"m{j}" for j in range(5)]
+
+    out_path = tmp_path / "emb.parquet"
+    assert run(capsys, "embed", str(model_dir), str(test), str(out_path), "--with-variance", *FAST_ARGS)[0] == 0
+    emb = pd.read_parquet(out_path)
+    assert list(emb.columns) == ["sample_id", "z_0", "z_1", "z_logvar_0", "z_logvar_1", "log_likelihood", "anomaly"]
+    assert emb["sample_id"].tolist() == list(range(120))
+
+    assert run(capsys, "sample", str(model_dir), "50", str(tmp_path / "s.parquet"), *FAST_ARGS)[0] == 0
+    assert pd.read_parquet(tmp_path / "s.parquet").shape == (50, 5)
+
+
+def test_same_seed_same_numbers(model_dir, tmp_path, capsys):
+    test = tmp_path / "test.parquet"
+    clean_table(n=60, seed=3).to_parquet(test, index=False)
+    first = run(capsys, "evaluate", str(model_dir), str(test), *FAST_ARGS)[1]
+    assert run(capsys, "evaluate", str(model_dir), str(test), *FAST_ARGS)[1] == first
+
+
+def _bad_tables(tmp_path):
+    base = clean_table()
+    nan = base.copy()
+    nan.loc[7, "m2"] = np.nan
+    inf = base.copy()
+    inf.loc[3, "m1"] = np.inf
+    text = base.copy()
+    text["m4"] = "abc"
+    const = base.copy()
+    const["m3"] = 1.5
+    dup = pd.concat([base.iloc[:150]] * 2, ignore_index=True).assign(sample_id=range(300))
+    trend = base.sort_values("m0").assign(sample_id=range(300))
+    empty = base.iloc[:0]
+    cases = {"nan": (nan, "m2"), "inf": (inf, "m1"), "text": (text, "m4"), "const": (const, "m3"),
+             "dup": (dup, "duplicate"), "trend": (trend, "m0"), "empty": (empty, "empty.parquet")}
+    for name, (df, _) in cases.items():
+        df.to_parquet(tmp_path / f"{name}.parquet", index=False)
+    good = tmp_path / "good.parquet"
+    base.to_parquet(good, index=False)
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "notatable.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    culprits = {f"{k}.parquet": v[1] for k, v in cases.items()}
+    culprits |= {"truncated.parquet": "truncated.parquet", "notatable.csv": "notatable.csv",
+                 "missing.parquet": "missing.parquet"}
+    return culprits
+
+
+def test_malformed_tables_fail_cleanly(tmp_path, capsys):
+    culprits = _bad_tables(tmp_path)
+    for name, culprit in culprits.items():
+        out_dir = tmp_path / f"model-{name}"
+        code, _, err = run(capsys, "train", str(tmp_path / name), "--out", str(out_dir), *FAST_ARGS)
+        assert code in (1, 2), name
+        assert culprit.lower() in err.lower(), (name, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not out_dir.exists(), name
+        vcode, vout, verr = run(capsys, "validate", str(tmp_path / name), *IDS)
+        assert vcode in (1, 2), name
+        assert culprit.lower() in (vout + verr).lower(), (name, vout, verr)
+
+
+def test_iid_warn_lets_a_trend_through(tmp_path, capsys):
+    trend = clean_table().sort_values("m0").assign(sample_id=range(300))
+    trend.to_parquet(tmp_path / "trend.parquet", index=False)
+    assert run(capsys, "validate", str(tmp_path / "trend.parquet"), *IDS, "--set", "validate.iid=warn")[0] == 0
+
+
+def test_columns_against_a_model(model_dir, tmp_path, capsys):
+    df = clean_table(n=50).drop(columns=["m1"]).assign(extra=1.0)
+    df.to_parquet(tmp_path / "other.parquet", index=False)
+    code, out, err = run(capsys, "validate", str(tmp_path / "other.parquet"), "--against", str(model_dir), *IDS)
+    assert code == 1 and "m1" in out + err and "extra" in out + err
+    code, _, err = run(capsys, "embed", str(model_dir), str(tmp_path / "other.parquet"), str(tmp_path / "e.parquet"), *FAST_ARGS)
+    assert code == 2 and "m1" in err and "extra" in err
+    assert not (tmp_path / "e.parquet").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".e.parquet")]
+
+
+def test_usage_errors(tmp_path, capsys, table_path):
+    code, _, err = run(capsys, "train", str(table_path), "--out", str(tmp_path / "m"), "--set", "train.epoch=3")
+    assert code == 2 and "train.epoch" in err and not (tmp_path / "m").exists()
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "nope"), str(table_path))
+    assert code == 2 and "nope" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["train"])
+    assert exc.value.code == 2
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path, capsys, table_path):
+    import signal
+    import time
+
+    import torch
+
+    args = [*FAST_ARGS, "--set", "train.epochs=150", "--set", "train.batch_size=16",
+            "--set", "train.early_stopping_patience=1000"]
+    killed, full = tmp_path / "killed", tmp_path / "full"
+    exe = os.path.join(os.path.dirname(sys.executable), "vaepipe")
+    proc = subprocess.Popen([exe, "train", str(table_path), "--out", str(killed), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.json").exists(), "training finished before it could be killed"
+    code, _, err = run(capsys, "train", str(table_path), "--out", str(killed), *args)
+    assert code == 2 and "--resume" in err
+    assert run(capsys, "train", str(table_path), "--out", str(killed), "--resume", *args)[0] == 0
+    assert run(capsys, "train", str(table_path), "--out", str(full), *args)[0] == 0
+    a = torch.load(killed / "weights.pt", weights_only=True)
+    b = torch.load(full / "weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    code, _, err = run(capsys, "train", str(table_path), "--out", str(killed), "--resume", *args)
+    assert code == 2 and "finished" in err
+
+
+def test_console_script_exit_code_and_one_line(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "vaepipe")
+    r = subprocess.run([exe, "validate", str(tmp_path / "missing.csv")], capture_output=True, text=True)
+    assert r.returncode == 2 and "missing.csv" in r.stderr and "Traceback" not in r.stderr

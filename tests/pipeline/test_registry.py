@@ -1,0 +1,230 @@
+"""Register, promote and load back through a real MLflow sqlite store (one per module: migrations cost seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import plots, stores
+from pipeline.config import Params, load_params
+from pipeline.errors import GateRefused, PipelineError
+from pipeline.registry import download_model_dir, promote, register_model
+from pipeline.tables import synthetic_table, write_table_atomic
+from pipeline.train import train_model
+
+NAME = "measurement-vae"
+SETTINGS = [
+    "data.id_columns=[row_id]", "model.latent_dim=2", "model.hidden_dims=[16]", "train.num_threads=1",
+    "train.batch_size=32", "train.lr=0.01", "evaluate.iw_samples=50", "embed.score_samples=20",
+]
+
+
+class Store:
+    """The module's store, tables and models; tests below run in file order and build on each other."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        df = synthetic_table(300, 6, seed=1)
+        self.train = write_table_atomic(df.iloc[:240], root / "train.parquet")
+        self.test = write_table_atomic(df.iloc[240:].reset_index(drop=True), root / "test.parquet")
+        self.test_frame = pd.read_parquet(self.test)
+        self.models: dict[int, Path] = {}
+
+    def params(self, *extra: str) -> Params:
+        return load_params(None, [*SETTINGS, *extra])
+
+    def model(self, epochs: int) -> Path:
+        """A trained model directory (cached per epoch count)."""
+        if epochs not in self.models:
+            out = self.root / f"model-{epochs}"
+            train_model(self.train, out, self.params(f"train.epochs={epochs}"))
+            self.models[epochs] = out
+        return self.models[epochs]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    root = tmp_path_factory.mktemp("registry").resolve()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)  # mlflow.set_registry_uri exports it
+        yield Store(root)
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # mlflow keeps the URIs in globals
+    mlflow.set_registry_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def champion(name: str = NAME) -> str | None:
+    version = MlflowClient().get_registered_model(name).aliases.get("champion")
+    return None if version is None else str(version)  # an int on SQL stores
+
+
+# ---------------------------------------------------------------- register
+
+
+def test_register_logs_the_run_and_creates_version_1_as_challenger(store: Store) -> None:
+    metrics = {"log_likelihood": -12.5, "elbo": -13.0, "log_likelihood_stderr": None,
+               "per_feature_reconstruction": {f"x{j}": -2.0 - j for j in range(6)}}
+    v = register_model(store.model(10), store.params(), metrics=metrics, table=store.test)
+    client = MlflowClient()
+    assert (v.name, v.version, v.alias, v.model_uri) == (NAME, "1", "challenger", f"models:/{NAME}/1")
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"  # an int on SQL stores
+    run = client.get_run(v.run_id).data
+    assert run.params["train.epochs"] == "10" and run.params["model.hidden_dims"] == "[16]"
+    assert [m.step for m in client.get_metric_history(v.run_id, "train_elbo")] == list(range(1, 11))
+    assert len(client.get_metric_history(v.run_id, "val_elbo")) == 10
+    assert run.metrics["log_likelihood"] == -12.5 and "log_likelihood_stderr" not in run.metrics
+    assert run.tags["data_hash"].startswith("sha256:") and run.tags["seed"] == "0"
+    assert run.tags["git_commit"] and run.tags["version.mlflow"] == mlflow.__version__
+    assert json.loads(run.tags["config"])["train"]["epochs"] == 10
+    tags = client.get_model_version(NAME, "1").tags
+    assert tags["schema_hash"] == run.tags["schema_hash"] and len(tags["schema_hash"]) == 64
+    artifacts = {a.path for a in client.list_artifacts(v.run_id)} | {a.path for a in client.list_artifacts(v.run_id, "plots")}
+    assert {"metrics.json", "params.json", "plots/loss_curves.png", "plots/latent.png",
+            "plots/traversals.png", "plots/per_feature_reconstruction.png"} <= artifacts
+
+
+def test_registered_version_holds_the_model_directory_without_its_checkpoint(store: Store) -> None:
+    path = download_model_dir(f"models:/{NAME}/1")
+    assert {"model.json", "weights.pt", "history.csv"} <= {p.name for p in path.iterdir()}
+    assert not (path / "checkpoint.pt").exists()
+    assert download_model_dir(f"models:/{NAME}@challenger") == path  # cached, reused
+
+
+def test_register_refuses_a_bad_model_dir_before_writing_anything(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="model.json"):
+        register_model(tmp_path, store.params())
+    assert [str(m.version) for m in MlflowClient().search_model_versions(f"name = '{NAME}'")] == ["1"]
+
+
+@pytest.mark.parametrize(("ref", "says"), [
+    (f"models:/{NAME}@champion", "no such alias; registered aliases: challenger"),
+    ("models:/no-such-model@champion", "no registered model named 'no-such-model'"),
+    (f"models:/{NAME}/9", "no such version; versions of measurement-vae: 1"),
+    ("models:/", "expected models:/NAME@ALIAS or models:/NAME/VERSION"),
+])
+def test_download_errors_name_the_ref(store: Store, ref: str, says: str) -> None:
+    with pytest.raises(PipelineError) as info:
+        download_model_dir(ref)
+    assert str(info.value).startswith(ref) and says in str(info.value)
+
+
+# ---------------------------------------------------------------- promote
+
+
+def test_promote_without_a_champion_promotes_the_challenger(store: Store) -> None:
+    result = promote(store.params(), store.test)
+    assert result.promoted and result.challenger_version == "1" and result.champion_version is None
+    assert result.challenger_log_likelihood is not None and np.isfinite(result.challenger_log_likelihood)
+    assert champion() == "1"
+    tags = MlflowClient().get_model_version(NAME, "1").tags
+    assert tags["validation_status"] == "passed" and "promoted_at" in tags
+
+
+def test_promoting_the_champion_again_does_nothing(store: Store) -> None:
+    result = promote(store.params(), store.test)
+    assert not result.promoted and "already @champion" in result.message and champion() == "1"
+
+
+def test_a_worse_challenger_is_refused_and_nothing_moves(store: Store) -> None:
+    v = register_model(store.model(1), store.params())
+    with pytest.raises(GateRefused) as info:
+        promote(store.params(), store.test)
+    assert champion() == "1" and v.version == "2"
+    message = str(info.value)
+    assert "version 2" in message and "version 1" in message
+    tags = MlflowClient().get_model_version(NAME, "2").tags
+    assert float(tags["gate_log_likelihood"]) < float(tags["gate_champion_log_likelihood"])
+    assert tags["gate_result"] == "refused" and "promoted_at" not in tags
+
+
+def test_a_better_challenger_passes_only_by_min_improvement(store: Store) -> None:
+    v = register_model(store.model(60), store.params())
+    with pytest.raises(GateRefused, match="min_improvement 1e\\+06"):
+        promote(store.params("register.min_improvement=1000000"), store.test)
+    assert champion() == "1"
+    result = promote(store.params(), store.test, version=v.version)
+    assert result.promoted and (result.challenger_version, result.champion_version) == ("3", "1")
+    new, old = result.challenger_log_likelihood, result.champion_log_likelihood
+    assert new is not None and old is not None and new > old and result.required == old
+    assert champion() == "3"
+
+
+def test_promote_needs_a_challenger(store: Store) -> None:
+    with pytest.raises(PipelineError, match="no challenger: run vaepipe register first"):
+        promote(store.params("register.model_name=nothing-here"), store.test)
+    with pytest.raises(PipelineError, match="no such version"):
+        promote(store.params(), store.test, version="42")
+
+
+# ---------------------------------------------------------------- the pyfunc
+
+
+PREDICT = textwrap.dedent("""
+    import json, sys, time
+    import mlflow, pandas as pd
+    t = time.perf_counter()
+    model = mlflow.pyfunc.load_model("models:/measurement-vae@champion")
+    loaded = time.perf_counter() - t
+    out = model.predict(pd.read_parquet(sys.argv[1]))
+    print(json.dumps({"columns": list(out.columns), "rows": len(out), "ids": out["row_id"].tolist(),
+                      "anomaly": str(out["anomaly"].dtype), "load_s": loaded, "total_s": time.perf_counter() - t}))
+""")
+
+
+def test_champion_loads_and_embeds_in_a_fresh_process(store: Store) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_REGISTRY_URI"} | {"MLFLOW_TRACKING_URI": store.uri}
+    done = subprocess.run([sys.executable, "-c", PREDICT, str(store.test)], env=env, cwd=store.root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["columns"] == ["row_id", "z_0", "z_1", "log_likelihood", "anomaly"]
+    assert out["rows"] == len(store.test_frame) and out["ids"] == store.test_frame["row_id"].tolist()
+    assert out["anomaly"] == "bool"
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda df: df.drop(columns=["x3"]), "missing column 'x3'"),
+    (lambda df: df.assign(extra=1.0), "extra column 'extra'"),
+])
+def test_predict_names_missing_and_extra_columns(store: Store, change, says: str) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    with pytest.raises(PipelineError, match=says):
+        model.predict(change(store.test_frame))
+
+
+# ---------------------------------------------------------------- stores and plots
+
+
+def test_default_store_is_sqlite_under_the_cwd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert stores.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow' / 'mlflow.db'}"
+    assert stores.artifact_location() == (tmp_path.resolve() / "mlflow" / "artifacts").as_uri()
+    assert not list((tmp_path / "mlflow").glob("**/*.py"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert stores.tracking_uri() == "http://127.0.0.1:5000" and stores.artifact_location() is None
+
+
+def test_plots_cover_one_many_latent_dims_and_many_features(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    written = [
+        *plots.latent_view(rng.normal(size=(50, 1)), tmp_path / "k1"),
+        *plots.latent_view(rng.normal(size=(50, 5)), tmp_path / "k5"),
+        *plots.traversals(rng.normal(size=(3, 7, 40)), [f"f{i}" for i in range(40)], tmp_path, scale=np.ones(40)),
+        *plots.per_feature_reconstruction({f"f{i}": -float(i) for i in range(100)}, tmp_path),
+    ]
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+

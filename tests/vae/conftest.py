@@ -1,0 +1,59 @@
+"""Shared, expensive fixtures of tests/vae: affine VAEs trained once on pPCA tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import vae
+
+PPCA_D, PPCA_K = 10, 2
+
+
+@dataclass(frozen=True)
+class PPCAFit:
+    model: vae.VAE
+    train: torch.Tensor  # (4000, D) float32, original units
+    test: torch.Tensor  # (2000, D) held-out rows
+    k: int
+    standardize: bool
+
+
+def ppca_rows(n: int, w: torch.Tensor, mean: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
+    """n rows of y = W z + mean + noise * eps, z ~ N(0, I_k), float64."""
+    z = torch.randn(n, w.shape[1], generator=gen, dtype=torch.float64)
+    eps = torch.randn(n, w.shape[0], generator=gen, dtype=torch.float64)
+    return z @ w.T + mean + noise * eps
+
+
+def _fit_ppca(standardize: bool) -> PPCAFit:
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    # (a) moderate units, no scaling; (b) units that differ by five orders of magnitude
+    scales = torch.logspace(-2, 3, PPCA_D, dtype=torch.float64) if standardize else torch.full((PPCA_D,), 2.0, dtype=torch.float64)
+    w = torch.randn(PPCA_D, PPCA_K, generator=gen, dtype=torch.float64)
+    mean = torch.randn(PPCA_D, generator=gen, dtype=torch.float64)
+    y = (ppca_rows(6000, w, mean, 0.3, gen) * scales).float()
+    train, test = y[:4000], y[4000:]
+    spec = vae.describe_table(train, likelihood="gaussian", standardize=standardize)
+    config = vae.ModelConfig(latent_dim=PPCA_K, hidden_dims=(), decoder_variance="shared", likelihood="gaussian")
+    torch.manual_seed(0)
+    model = vae.VAE(spec, config)
+    # all rows train (no early stopping): the result is the MLE of the same rows as the closed form
+    cfg = vae.TrainConfig(epochs=300, lr=3e-3, batch_size=256, val_fraction=0.0, device="cpu", num_threads=1)
+    vae.fit(model, train, cfg)
+    return PPCAFit(model, train, test, PPCA_K, standardize)
+
+
+@pytest.fixture(scope="session")
+def ppca_plain() -> PPCAFit:
+    """Affine shared-variance VAE on a pPCA table of moderate scale, no standardization."""
+    return _fit_ppca(standardize=False)
+
+
+@pytest.fixture(scope="session")
+def ppca_scaled() -> PPCAFit:
+    """The same model on columns whose units differ by orders of magnitude, standardized."""
+    return _fit_ppca(standardize=True)

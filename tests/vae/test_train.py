@@ -1,0 +1,181 @@
+"""Training: bit-exact resume, early stopping, determinism, warm-up and NaN rollback."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+import vae
+from vae.model import DecoderOut
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _rows(n: int = 300, d: int = 6, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 2, generator=g)
+    return torch.tanh(z @ torch.randn(2, d, generator=g)) * 3 + 0.1 * torch.randn(n, d, generator=g)
+
+
+def _model(y: torch.Tensor, init_seed: int = 0, **config) -> vae.VAE:
+    torch.manual_seed(init_seed)
+    return vae.VAE(vae.describe_table(y), vae.ModelConfig(**{"latent_dim": 2, "hidden_dims": (16,), **config}))
+
+
+def _cfg(**kwargs) -> vae.TrainConfig:
+    base = {"epochs": 6, "batch_size": 64, "lr": 3e-3, "mc_samples": 2, "kl_warmup_steps": 5,
+            "val_fraction": 0.2, "early_stopping_patience": 100, "device": "cpu"}
+    return vae.TrainConfig(**{**base, **kwargs})
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _without_seconds(history) -> list[dict]:
+    return [{k: v for k, v in dataclasses.asdict(h).items() if k != "seconds"} for h in history]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_from_checkpoint_is_bit_identical(tmp_path):
+    y, cfg = _rows(), _cfg()
+    whole = _model(y)
+    full = vae.fit(whole, y, cfg)
+
+    def save_then_die(state: vae.TrainState) -> None:
+        vae.save_checkpoint(tmp_path, state)
+        if state.epoch == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        vae.fit(_model(y), y, cfg, on_checkpoint=save_then_die)
+    state = vae.load_checkpoint(tmp_path)
+    assert state.epoch == 3 and len(state.history) == 3
+    resumed = _model(y, init_seed=123)  # other initial weights: everything must come from the state
+    rest = vae.fit(resumed, y, cfg, resume=state)
+    _assert_same_weights(whole.state_dict(), resumed.state_dict())
+    assert _without_seconds(full.history) == _without_seconds(rest.history)
+    assert len(rest.history) == cfg.epochs
+    assert (rest.best_epoch, rest.stopped_early) == (full.best_epoch, full.stopped_early)
+    assert vae.evaluate(whole, y, iw_samples=10) == vae.evaluate(resumed, y, iw_samples=10)
+
+
+def test_same_seed_same_numbers_and_the_seed_matters():
+    y = _rows()
+    a, b, c = _model(y), _model(y), _model(y)
+    ha = vae.fit(a, y, _cfg(epochs=3)).history
+    hb = vae.fit(b, y, _cfg(epochs=3)).history
+    vae.fit(c, y, _cfg(epochs=3, seed=1))
+    _assert_same_weights(a.state_dict(), b.state_dict())
+    assert _without_seconds(ha) == _without_seconds(hb)
+    assert vae.evaluate(a, y, iw_samples=20, seed=3) == vae.evaluate(b, y, iw_samples=20, seed=3)
+    assert not torch.equal(a.decoder.net[0].weight, c.decoder.net[0].weight)
+
+
+def test_training_improves_the_elbo_and_follows_the_warmup_ramp():
+    y = _rows()
+    cfg = _cfg(epochs=8, kl_warmup_steps=12, beta=2.0)
+    hist = vae.fit(_model(y), y, cfg).history
+    assert [h.epoch for h in hist] == list(range(1, 9))
+    assert [h.step for h in hist] == [4 * e for e in range(1, 9)]  # 240 training rows, batches of 64
+    for h in hist:  # the beta of each epoch's last step
+        assert h.beta == pytest.approx(vae.kl_weight(h.step - 1, 2.0, 12))
+    assert hist[-1].beta == 2.0 and hist[0].beta < 1.0
+    assert hist[-1].val_elbo > hist[0].val_elbo
+    assert all(h.train_elbo == pytest.approx(h.train_recon - h.train_kl) for h in hist)
+
+
+def _overfit_setup() -> tuple[torch.Tensor, vae.VAE]:
+    """80 rows of pure noise and a wide MLP: validation ELBO peaks within a few epochs."""
+    y = torch.randn(80, 10, generator=torch.Generator().manual_seed(0))
+    return y, _model(y, latent_dim=4, hidden_dims=(128, 128))
+
+
+def test_early_stopping_restores_the_best_weights():
+    y, model = _overfit_setup()
+    cfg = _cfg(epochs=400, lr=1e-2, batch_size=16, mc_samples=1, kl_warmup_steps=0,
+               val_fraction=0.5, early_stopping_patience=5)
+    result = vae.fit(model, y, cfg)
+    assert result.stopped_early
+    assert result.best_epoch < len(result.history) < cfg.epochs
+    assert len(result.history) == result.best_epoch + cfg.early_stopping_patience
+    vals = [h.val_elbo for h in result.history]
+    assert max(vals) == vals[result.best_epoch - 1]
+    _assert_same_weights(model.state_dict(), result.state.best_model)
+
+
+def test_early_stopping_waits_for_the_end_of_warmup():
+    y, model = _overfit_setup()
+    warmup = 300  # 100 epochs of 3 steps: the validation ELBO falls while beta ramps up
+    cfg = _cfg(epochs=400, lr=1e-2, batch_size=16, mc_samples=1, kl_warmup_steps=warmup,
+               val_fraction=0.5, early_stopping_patience=5)
+    result = vae.fit(model, y, cfg)
+    hist = result.history
+    assert result.stopped_early
+    warm_epoch = next(h.epoch for h in hist if h.step >= warmup)
+    assert len(hist) >= warm_epoch + cfg.early_stopping_patience
+    assert hist[result.best_epoch - 1].step >= warmup  # the best is judged at full beta only
+    # the test has teeth: during warm-up the validation ELBO did fall for `patience` epochs
+    vals = [h.val_elbo for h in hist[:warm_epoch]]
+    assert any(max(vals[: i + 1]) > max(vals[i + 1 : i + 6]) for i in range(warm_epoch - 6))
+
+
+def _inject_nan(monkeypatch, model: vae.VAE, calls_from: int, calls_to: int) -> None:
+    """Make the decoder return NaN means on training calls calls_from..calls_to (1-based)."""
+    original, seen = model.decoder.forward, [0]
+
+    def flaky(z: torch.Tensor) -> DecoderOut:
+        out = original(z)
+        if model.decoder.training:
+            seen[0] += 1
+            if calls_from <= seen[0] <= calls_to:
+                return DecoderOut(out.loc * float("nan"), out.sigma)  # NaN with a gradient path
+        return out
+
+    monkeypatch.setattr(model.decoder, "forward", flaky)
+
+
+def test_one_non_finite_step_rolls_back_and_lowers_lr(monkeypatch, caplog):
+    y = _rows()
+    cfg = _cfg(epochs=6, val_fraction=0.0, lr_backoff=0.5)
+    model = _model(y)
+    _inject_nan(monkeypatch, model, 14, 14)  # 5 steps per epoch: the 4th step of epoch 3
+    with caplog.at_level(logging.WARNING, logger="vae.train"):
+        result = vae.fit(model, y, cfg)
+    assert [h.epoch for h in result.history] == list(range(1, 7))
+    assert [h.lr for h in result.history] == [3e-3, 3e-3] + [1.5e-3] * 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(torch.tensor(h.train_elbo)) for h in result.history)
+    text = caplog.text
+    assert "non-finite" in text and "rolled back to the end of epoch 2" in text
+    assert any(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_persistent_non_finite_raises_and_leaves_the_last_good_weights(monkeypatch):
+    y = _rows()
+    cfg = _cfg(epochs=6, val_fraction=0.0, max_rollbacks=2)
+    good = _model(y)
+    vae.fit(good, y, dataclasses.replace(cfg, epochs=2))
+    model = _model(y)
+    _inject_nan(monkeypatch, model, 11, 10**9)  # every training step from epoch 3 on
+    with pytest.raises(vae.TrainingDivergedError, match=r"non-finite.*epoch 3.*2 rollbacks.*train\.lr"):
+        vae.fit(model, y, cfg)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    _assert_same_weights(model.state_dict(), good.state_dict())
+
+
+def test_validation_table_of_the_wrong_width_is_refused():
+    y = _rows()
+    with pytest.raises(vae.DataError, match="6 columns|expects 6"):
+        vae.fit(_model(y), y, _cfg(epochs=1), y_val=torch.randn(10, 5))
