@@ -29,7 +29,7 @@ LOSS_TERMS = (("elbo", "ELBO"), ("recon", "reconstruction"), ("kl", "KL"))
 def _save(fig: Figure, out_dir: Path, name: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, dpi=100)  # constrained layout: no second "tight" render
     return path
 
 
@@ -80,6 +80,7 @@ def per_feature_reconstruction(per_feature: Mapping[str, float], out_dir: Path) 
     fig = Figure(figsize=(7, 1.5 + 0.25 * len(items)), layout="constrained")
     ax = fig.subplots()
     ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1])
+    ax.margins(y=0.01)
     shown = "" if len(items) == len(per_feature) else f", worst {len(items)} of {len(per_feature)}"
     ax.set(xlabel="reconstruction log-likelihood (nats / row)", title=f"per-feature reconstruction{shown}")
     return [_save(fig, Path(out_dir), "per_feature_reconstruction.png")]

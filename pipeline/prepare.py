@@ -24,8 +24,16 @@ def split_rows(
     perm = np.random.default_rng(seed).permutation(n_rows)
     n_test = int(np.rint(n_rows * test_fraction))
     n_val = int(np.rint((n_rows - n_test) * val_fraction))
-    parts = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
-    keys = {"test": "data.test_fraction", "val": "train.val_fraction", "train": "data.test_fraction and train.val_fraction"}
+    parts = {
+        "test": perm[:n_test],
+        "val": perm[n_test : n_test + n_val],
+        "train": perm[n_test + n_val :],
+    }
+    keys = {
+        "test": "data.test_fraction",
+        "val": "train.val_fraction",
+        "train": "data.test_fraction and train.val_fraction",
+    }
     for name, rows in parts.items():
         if rows.size == 0:
             raise PipelineError(

@@ -52,15 +52,23 @@ class Schema:
             object.__setattr__(self, "hash", _digest(self._body()))
 
     def _body(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "hash"}
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(self).items()
+            if k != "hash"
+        }
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame, id_columns: Sequence[str] = (), where: str = "table") -> Schema:
+    def from_frame(
+        cls, df: pd.DataFrame, id_columns: Sequence[str] = (), where: str = "table"
+    ) -> Schema:
         """Describe a training table: every column but the id columns is a numeric feature."""
         _, features = split_features(df, id_columns, where)
         values = features.to_numpy(dtype=np.float64, na_value=np.nan)  # (N, D)
         observed = ~np.isnan(values)
-        empty = [c for c, seen in zip(features.columns, observed.any(axis=0), strict=True) if not seen]
+        empty = [
+            c for c, seen in zip(features.columns, observed.any(axis=0), strict=True) if not seen
+        ]
         if empty:
             raise PipelineError(f"{where}: column {_names(empty)} has no observed value")
         return cls(

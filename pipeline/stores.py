@@ -58,19 +58,23 @@ def cache_dir() -> Path:
 
 
 def configure_tracking() -> str:
-    """Point MLflow's tracking and registry at the store; returns the URI."""
+    """Point MLflow's tracking, and so its registry, at the store; returns the URI.
+
+    The registry follows the tracking URI unless MLFLOW_REGISTRY_URI names another one. It is
+    not set here: mlflow.set_registry_uri is process-global and outranks the tracking URI even
+    of an explicit MlflowClient(tracking_uri=...), so a later store would still register into this one.
+    """
     uri = tracking_uri()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep CLI output to log lines
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)  # also exported as MLFLOW_TRACKING_URI for subprocesses
     return uri
 
 
 def configure_mlflow(experiment: str) -> str:
-    """Tracking, registry and the active experiment (created with our artifact location); its id."""
+    """Tracking (and registry) URI and the active experiment, created with our artifact location; its id."""
     configure_tracking()
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(experiment)

@@ -195,7 +195,12 @@ def synthetic_table(rows: int, cols: int, seed: int = 0, latent_dim: int = 2) ->
     rng = np.random.default_rng(seed)
     t = rng.normal(size=(rows, latent_dim))  # (N, L)
     prod = t[:, :1] * t[:, 1:2] if latent_dim > 1 else t[:, :1]
-    y = t @ lin + coef[0] * np.sin(t @ freq + phase) + coef[1] * prod + 0.5 * coef[2] * (t @ unit) ** 2
+    y = (
+        t @ lin
+        + coef[0] * np.sin(t @ freq + phase)
+        + coef[1] * prod
+        + 0.5 * coef[2] * (t @ unit) ** 2
+    )
     y = y + 0.1 * rng.normal(size=y.shape)
     frame = pd.DataFrame(y, columns=[f"x{j}" for j in range(cols)])
     frame.insert(0, "row_id", np.arange(rows, dtype=np.int64))

@@ -103,7 +103,9 @@ def validate_path(
 ) -> ValidationReport:
     """Read a table and validate it; unreadable files raise PipelineError (exit 2)."""
     df = read_table(Path(path))
-    report = validate_table(df, data=params.data, params=params.validate, against=against, where=str(path))
+    report = validate_table(
+        df, data=params.data, params=params.validate, against=against, where=str(path)
+    )
     if report_path is not None:
         save_report(report, report_path)
     return report
@@ -118,7 +120,8 @@ def validate_table(
     where: str = "table",
 ) -> ValidationReport:
     """Check a table against the contract; success is False when an error-severity check fails."""
-    df = df.reset_index(drop=True).rename(columns=str)  # GX reports index labels: make them positions
+    # GX reports index labels: make them positions; names as str for GX and the report
+    df = df.reset_index(drop=True).rename(columns=str)
     ids = set(against.id_columns if against is not None else data.id_columns)
     features = [c for c in df.columns if c not in ids]
     if against is not None:
@@ -137,17 +140,15 @@ def validate_table(
 
 def _numeric_checks(df: pd.DataFrame, features: Sequence[str]) -> list[Check]:
     bad = [c for c in features if not is_numeric_dtype(df[c].dtype)]
-    if not bad:
-        return [Check("numeric", None, True, "error", f"all {len(features)} feature columns are numeric")]
-    return [
-        Check("numeric", c, False, "error",
-              f"dtype {df[c].dtype} is not numeric; drop the column or list it in data.id_columns")
-        for c in bad
-    ]
+    hint = "is not numeric; drop the column or list it in data.id_columns"
+    checks = [Check("numeric", c, False, "error", f"dtype {df[c].dtype} {hint}") for c in bad]
+    return checks or [Check("numeric", None, True, "error", f"all {len(features)} are numeric")]
 
 
 def _rows(result: dict[str, Any]) -> tuple[int, ...]:
-    return tuple(int(i) for i in (result.get("partial_unexpected_index_list") or [])[:MAX_ROWS_SHOWN])
+    return tuple(
+        int(i) for i in (result.get("partial_unexpected_index_list") or [])[:MAX_ROWS_SHOWN]
+    )
 
 
 def _quote(cols: Sequence[Any]) -> str:
@@ -160,17 +161,23 @@ def _finite_checks(df: pd.DataFrame, numeric: Sequence[str]) -> list[Check]:
         inf = np.isinf(df[c].to_numpy(dtype=np.float64, na_value=np.nan))
         if inf.any():
             rows = tuple(int(i) for i in np.flatnonzero(inf)[:MAX_ROWS_SHOWN])
-            checks.append(Check("finite", c, False, "error", f"{int(inf.sum())} infinite values", rows))
+            checks.append(
+                Check("finite", c, False, "error", f"{int(inf.sum())} infinite value{'s' if inf.sum() > 1 else ''}", rows)
+            )
     return checks or [Check("finite", None, True, "error", "no infinite values")]
 
 
-def _expect(kind: Any, check: str, fail: str, ok: str, **kwargs: Any) -> Any:
-    # fail/ok are templates: {n} the unexpected count, {v} the observed value
-    return kind(**kwargs, meta={"check": check, "fail": fail, "ok": ok})
+def _expect(expectation: Any, check: str, ok: str, fail: str = "") -> Any:
+    # ok/fail are message templates: {n} the unexpected count, {v} the observed value, {s} a plural s
+    expectation.meta = {"check": check, "ok": ok, "fail": fail}
+    return expectation
 
 
 def _expectations(
-    df: pd.DataFrame, numeric: Sequence[str], data: DataParams, params: ValidateParams,
+    df: pd.DataFrame,
+    numeric: Sequence[str],
+    data: DataParams,
+    params: ValidateParams,
     against: Schema | None,
 ) -> list[Any]:
     import great_expectations.expectations as gxe
@@ -178,36 +185,38 @@ def _expectations(
     if against is not None:
         cols = [*against.features, *against.id_columns]
     else:
-        cols = [*map(str, df.columns), *(c for c in data.id_columns if c not in df.columns)]
+        cols = [*df.columns, *(c for c in data.id_columns if c not in df.columns)]
+    need = f"at least {params.min_rows} are needed (validate.min_rows)"
     out = [
-        _expect(gxe.ExpectTableColumnsToMatchSet, "columns", "", f"the {len(cols)} expected columns",
-                column_set=cols, exact_match=True),
-        _expect(gxe.ExpectTableRowCountToBeBetween, "row_count",
-                f"{{v}} rows; at least {params.min_rows} are needed (validate.min_rows)", "{v} rows",
-                min_value=params.min_rows),
+        _expect(gxe.ExpectTableColumnsToMatchSet(column_set=cols, exact_match=True), "columns",
+                ok=f"the {len(cols)} expected columns"),
+        _expect(gxe.ExpectTableRowCountToBeBetween(min_value=params.min_rows), "row_count",
+                ok="{v} rows", fail=f"{{v}} rows; {need}"),
     ]
     for c in numeric:
         if data.missing == "reject":
-            out.append(_expect(gxe.ExpectColumnValuesToNotBeNull, "no_nulls",
-                               "{n} null values; fill them or set data.missing: mask", "no null values",
-                               column=c))
-        out.append(_expect(gxe.ExpectColumnUniqueValueCountToBeBetween, "not_constant",
-                           "{v} distinct value(s): a constant column carries nothing; drop it",
-                           "{v} distinct values", column=c, min_value=2))
+            out.append(_expect(gxe.ExpectColumnValuesToNotBeNull(column=c), "no_nulls",
+                               ok="no null values",
+                               fail="{n} null value{s}; fill them or set data.missing: mask"))
+        out.append(_expect(gxe.ExpectColumnUniqueValueCountToBeBetween(column=c, min_value=2),
+                           "not_constant", ok="{v} distinct values",
+                           fail="{v} distinct value{s}; a constant or empty column carries nothing: drop it"))
     if against is not None:
         ranges = zip(against.features, against.widened_range(params.range_tolerance), strict=True)
-        for c, (lo, hi) in ranges:
-            if c in numeric:
-                span = f"[{lo:.6g}, {hi:.6g}]"
-                out.append(_expect(gxe.ExpectColumnValuesToBeBetween, "in_training_range",
-                                   f"{{n}} values outside the training range widened to {span} "
-                                   "(validate.range_tolerance)", f"within {span}",
-                                   column=c, min_value=lo, max_value=hi, mostly=1.0))
+        for c, (lo, hi) in ((c, r) for c, r in ranges if c in numeric):
+            span = f"[{lo:.6g}, {hi:.6g}]"
+            between = gxe.ExpectColumnValuesToBeBetween(column=c, min_value=lo, max_value=hi, mostly=1.0)
+            out.append(_expect(between, "in_training_range", ok=f"within {span}",
+                               fail=f"{{n}} value{{s}} outside the training range widened to {span} "
+                                    "(validate.range_tolerance)"))
     return out
 
 
 def _gx_checks(
-    df: pd.DataFrame, numeric: Sequence[str], data: DataParams, params: ValidateParams,
+    df: pd.DataFrame,
+    numeric: Sequence[str],
+    data: DataParams,
+    params: ValidateParams,
     against: Schema | None,
 ) -> list[Check]:
     import great_expectations as gx
@@ -215,14 +224,18 @@ def _gx_checks(
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # tqdm bars on stderr
-    batch = (ctx.data_sources.add_pandas("vaepipe").add_dataframe_asset("table")
-             .add_batch_definition_whole_dataframe("whole"))
+    batch = (
+        ctx.data_sources.add_pandas("vaepipe")
+        .add_dataframe_asset("table")
+        .add_batch_definition_whole_dataframe("whole")
+    )
     expectations = _expectations(df, numeric, data, params, against)
     for i, e in enumerate(expectations):
         e.meta["i"] = i  # GX returns results in its own order
     suite = ctx.suites.add(gx.ExpectationSuite(name="table_contract", expectations=expectations))
     vd = ctx.validation_definitions.add(
-        gx.ValidationDefinition(name="table_contract", data=batch, suite=suite))
+        gx.ValidationDefinition(name="table_contract", data=batch, suite=suite)
+    )
     # numeric features as float64 with NaN: bool and nullable dtypes then compare like numbers
     frame = df.assign(**{c: df[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in numeric})
     result = vd.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY")
@@ -238,15 +251,21 @@ def _gx_check(r: Any) -> Check:
     failed = [d for d in (info, *nested) if d.get("raised_exception")]
     if failed:
         why = str(failed[0].get("exception_message", "")).splitlines()[:1]
-        return Check(meta["check"], column, False, "error", f"GX could not evaluate it: {''.join(why)}")
+        return Check(
+            meta["check"], column, False, "error", f"GX could not evaluate it: {''.join(why)}"
+        )
     result = r.result
     if meta["check"] == "columns" and not r.success:
         mism = (result.get("details") or {}).get("mismatched") or {}
-        parts = [f"{label} columns {_quote(mism[key])}" for key, label in
-                 (("missing", "missing"), ("unexpected", "extra")) if mism.get(key)]
+        parts = [
+            f"{label} columns {_quote(mism[key])}"
+            for key, label in (("missing", "missing"), ("unexpected", "extra"))
+            if mism.get(key)
+        ]
         return Check("columns", None, False, "error", "; ".join(parts) or "columns do not match")
     template = meta["ok"] if r.success else meta["fail"]
-    message = template.format(n=result.get("unexpected_count"), v=result.get("observed_value"))
+    n, v = result.get("unexpected_count"), result.get("observed_value")
+    message = template.format(n=n, v=v, s="" if (n if n is not None else v) == 1 else "s")
     return Check(meta["check"], column, bool(r.success), "error", message, _rows(result))
 
 
@@ -255,15 +274,17 @@ def _duplicate_check(df: pd.DataFrame, numeric: Sequence[str], limit: float) -> 
     count, n = int(dup.sum()), max(len(df), 1)
     rows = tuple(int(i) for i in np.flatnonzero(dup)[:MAX_ROWS_SHOWN])
     ok = count / n <= limit
-    message = (f"{count} of {len(df)} rows ({count / n:.1%}) repeat an earlier row over the feature "
-               f"columns; at most {limit:.1%} allowed (validate.max_duplicate_fraction)")
+    message = (
+        f"{count} of {len(df)} rows ({count / n:.1%}) repeat an earlier row over the feature "
+        f"columns; at most {limit:.1%} allowed (validate.max_duplicate_fraction)"
+    )
     return Check("duplicates", None, ok, "error", message, () if ok else rows)
 
 
 @dataclass(frozen=True)
 class IidStat:
     name: str  # autocorrelation | trend | shift
-    value: float  # the effect: lag-1 autocorrelation, Spearman rho vs row number, shift in stds
+    value: float  # lag-1 autocorrelation, Spearman rho vs row number, or mean2 - mean1 in stds
     p_value: float  # two-sided, under "the rows are i.i.d."
 
 
@@ -282,11 +303,11 @@ def iid_stats(x: np.ndarray) -> list[IidStat]:
     rho = stats.spearmanr(x, np.arange(n))
     a, b = x[: n // 2], x[n // 2 :]
     pooled = math.sqrt((a.var() + b.var()) / 2)
-    gap = abs(a.mean() - b.mean())
+    gap = float(b.mean() - a.mean())  # > 0: the second half is higher
     if pooled > 0:
         shift, p_shift = gap / pooled, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
     else:  # each half constant
-        shift, p_shift = (math.inf, 0.0) if gap > 0 else (0.0, 1.0)
+        shift, p_shift = (math.copysign(math.inf, gap), 0.0) if gap else (0.0, 1.0)
     return [
         IidStat("autocorrelation", r1, p_r1),
         IidStat("trend", float(rho.statistic), float(rho.pvalue)),
@@ -295,12 +316,21 @@ def iid_stats(x: np.ndarray) -> list[IidStat]:
 
 
 _IID_TEXT = {
-    "autocorrelation": ("lag-1 autocorrelation along row order", "max_autocorrelation",
-                        "neighbouring rows are alike: shuffle the rows or check how they were collected"),
-    "trend": ("Spearman correlation with the row number", "max_trend_correlation",
-              "values drift along the rows: shuffle the rows or check for drift"),
-    "shift": ("shift of the mean between the halves, in pooled stds", "max_shift_std",
-              "the second half differs from the first: shuffle the rows or check for drift"),
+    "autocorrelation": (
+        "lag-1 autocorrelation along row order",
+        "max_autocorrelation",
+        "neighbouring rows are alike: shuffle the rows or check how they were collected",
+    ),
+    "trend": (
+        "Spearman correlation with the row number",
+        "max_trend_correlation",
+        "values drift along the rows: shuffle the rows or check for drift",
+    ),
+    "shift": (
+        "second half's mean minus the first's, in pooled stds,",
+        "max_shift_std",
+        "the second half differs from the first: shuffle the rows or check for drift",
+    ),
 }
 
 
@@ -308,7 +338,7 @@ def _iid_checks(df: pd.DataFrame, numeric: Sequence[str], params: ValidateParams
     if params.iid == "off":
         return []
     severity: Severity = "error" if params.iid == "fail" else "warning"
-    alpha = params.iid_alpha / max(len(numeric), 1)  # Bonferroni over the columns
+    alpha = params.iid_alpha / max(len(numeric), 1)  # Bonferroni: the columns are tested at once
     checks = []
     for c in numeric:
         for s in iid_stats(df[c].to_numpy(dtype=np.float64, na_value=np.nan)):
@@ -316,5 +346,7 @@ def _iid_checks(df: pd.DataFrame, numeric: Sequence[str], params: ValidateParams
             limit = getattr(params, key)
             fired = abs(s.value) > limit and s.p_value < alpha
             message = f"{what} {s.value:+.3f} (limit {limit} validate.{key}, p={s.p_value:.2g})"
-            checks.append(Check(s.name, c, not fired, severity, message + (f": {hint}" if fired else "")))
+            checks.append(
+                Check(s.name, c, not fired, severity, message + (f": {hint}" if fired else ""))
+            )
     return checks

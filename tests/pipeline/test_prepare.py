@@ -38,7 +38,9 @@ def test_prepare_splits_sizes_disjoint_and_in_original_order(tmp_path: Path) -> 
 
 
 def test_prepare_keeps_every_column_of_a_path_source(tmp_path: Path) -> None:
-    df = pd.DataFrame({"sample": [f"s{i}" for i in range(50)], "a": np.arange(50.0), "b": np.ones(50)})
+    df = pd.DataFrame(
+        {"sample": [f"s{i}" for i in range(50)], "a": np.arange(50.0), "b": np.ones(50)}
+    )
     src = write_table_atomic(df, tmp_path / "src.csv")
     paths = prepare(DataParams(source=str(src), id_columns=("sample",)), 0.1, tmp_path / "out")
     joined = pd.concat([read_table(p) for p in paths.values()]).sort_values("a", ignore_index=True)

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from pipeline import plots, stores
 from pipeline.config import Params, load_params
-from pipeline.errors import GateRefused, PipelineError
+from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.registry import download_model_dir, promote, register_model
 from pipeline.tables import synthetic_table, write_table_atomic
 from pipeline.train import train_model
@@ -60,10 +60,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)  # mlflow.set_registry_uri exports it
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the registry follows the tracking URI
         yield Store(root)
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # mlflow keeps the URIs in globals
-    mlflow.set_registry_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # mlflow keeps it in a global too
 
 
 def champion(name: str = NAME) -> str | None:
@@ -80,6 +79,7 @@ def test_register_logs_the_run_and_creates_version_1_as_challenger(store: Store)
     v = register_model(store.model(10), store.params(), metrics=metrics, table=store.test)
     client = MlflowClient()
     assert (v.name, v.version, v.alias, v.model_uri) == (NAME, "1", "challenger", f"models:/{NAME}/1")
+    assert "MLFLOW_REGISTRY_URI" not in os.environ  # a process-global registry would outlive this store
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"  # an int on SQL stores
     run = client.get_run(v.run_id).data
     assert run.params["train.epochs"] == "10" and run.params["model.hidden_dims"] == "[16]"
@@ -162,6 +162,15 @@ def test_a_better_challenger_passes_only_by_min_improvement(store: Store) -> Non
     assert champion() == "3"
 
 
+def test_a_first_champion_needs_a_table_that_passes_validation(store: Store) -> None:
+    params = store.params("register.model_name=second-vae")
+    register_model(store.model(10), params)
+    trending = write_table_atomic(store.test_frame.sort_values("x0"), store.root / "sorted.parquet")
+    with pytest.raises(ValidationFailed, match="sorted.parquet fails validation against version 1 of second-vae"):
+        promote(params, trending)
+    assert champion("second-vae") is None
+
+
 def test_promote_needs_a_challenger(store: Store) -> None:
     with pytest.raises(PipelineError, match="no challenger: run vaepipe register first"):
         promote(store.params("register.model_name=nothing-here"), store.test)
@@ -185,7 +194,7 @@ PREDICT = textwrap.dedent("""
 
 
 def test_champion_loads_and_embeds_in_a_fresh_process(store: Store) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_REGISTRY_URI"} | {"MLFLOW_TRACKING_URI": store.uri}
+    env = os.environ | {"MLFLOW_TRACKING_URI": store.uri}
     done = subprocess.run([sys.executable, "-c", PREDICT, str(store.test)], env=env, cwd=store.root,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

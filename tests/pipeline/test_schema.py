@@ -29,7 +29,9 @@ def test_from_frame_describes_features_only(frame: pd.DataFrame) -> None:
     assert s.id_columns == ("sample_id",)
     assert s.n_rows == 4
     assert s.mean == pytest.approx((8 / 3, 1.5, 0.75))  # NaN-aware
-    assert s.std == pytest.approx((np.std([1.0, 2.0, 5.0]), np.std([0, 1, 2, 3]), np.std([1, 0, 1, 1])))
+    assert s.std == pytest.approx(
+        (np.std([1.0, 2.0, 5.0]), np.std([0, 1, 2, 3]), np.std([1, 0, 1, 1]))
+    )
     assert (s.minimum, s.maximum) == ((1.0, 0.0, 0.0), (5.0, 3.0, 1.0))
     assert len(s.hash) == 64
 

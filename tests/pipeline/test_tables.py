@@ -34,7 +34,9 @@ def test_write_then_read_round_trip(tmp_path: Path, frame: pd.DataFrame, name: s
     back = read_table(path)
     pd.testing.assert_frame_equal(back, frame, check_exact=False, rtol=1e-12)
     assert list(read_table(path, columns=["c", "a"]).columns) == ["c", "a"]
-    assert [list(b.columns) for b in iter_table_batches(path, 600, columns=["d", "b"])] == [["d", "b"]] * 2
+    assert [list(b.columns) for b in iter_table_batches(path, 600, columns=["d", "b"])] == [
+        ["d", "b"]
+    ] * 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary left behind
 
 
@@ -47,7 +49,9 @@ def test_truncated_parquet_is_named(tmp_path: Path, frame: pd.DataFrame) -> None
     good = write_table_atomic(frame, tmp_path / "good.parquet").read_bytes()
     cut = tmp_path / "cut.parquet"
     cut.write_bytes(good[: len(good) // 2])
-    with pytest.raises(PipelineError, match=r"cut\.parquet is not a readable Parquet table: ") as err:
+    with pytest.raises(
+        PipelineError, match=r"cut\.parquet is not a readable Parquet table: "
+    ) as err:
         read_table(cut)
     assert "\n" not in str(err.value)
     with pytest.raises(PipelineError, match=r"cut\.parquet is not a readable Parquet table"):
@@ -58,9 +62,13 @@ def test_truncated_parquet_is_named(tmp_path: Path, frame: pd.DataFrame) -> None
 def test_png_bytes_are_not_a_table(tmp_path: Path, name: str, kind: str) -> None:
     path = tmp_path / name
     path.write_bytes(PNG_BYTES)
-    with pytest.raises(PipelineError, match=rf"img\.{path.suffix[1:]} is not a readable {kind} table"):
+    with pytest.raises(
+        PipelineError, match=rf"img\.{path.suffix[1:]} is not a readable {kind} table"
+    ):
         read_table(path)
-    with pytest.raises(PipelineError, match=rf"img\.{path.suffix[1:]} is not a readable {kind} table"):
+    with pytest.raises(
+        PipelineError, match=rf"img\.{path.suffix[1:]} is not a readable {kind} table"
+    ):
         list(iter_table_batches(path, 10))
 
 
@@ -100,7 +108,9 @@ def test_missing_requested_column_is_named(tmp_path: Path, frame: pd.DataFrame) 
 
 
 @pytest.mark.parametrize("name", ["t.parquet", "t.csv"])
-def test_iter_table_batches_streams_in_order(tmp_path: Path, frame: pd.DataFrame, name: str) -> None:
+def test_iter_table_batches_streams_in_order(
+    tmp_path: Path, frame: pd.DataFrame, name: str
+) -> None:
     path = write_table_atomic(frame, tmp_path / name)
     batches = list(iter_table_batches(path, 300))
     assert [len(b) for b in batches] == [300, 300, 300, 100]
@@ -124,7 +134,10 @@ def test_split_features_passes_ids_and_casts_bools(frame: pd.DataFrame) -> None:
 
 @pytest.mark.parametrize(
     ("column", "values"),
-    [("name", ["x", "y", "z"]), ("when", pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"]))],
+    [
+        ("name", ["x", "y", "z"]),
+        ("when", pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"])),
+    ],
 )
 def test_split_features_names_non_numeric_column(column: str, values: object) -> None:
     df = pd.DataFrame({"a": [1.0, 2.0, 3.0], column: values})
@@ -175,7 +188,9 @@ def test_load_source_synthetic_is_seeded() -> None:
     assert np.isfinite(a.to_numpy()).all() and (a.drop(columns="row_id").std() > 0.1).all()
 
 
-@pytest.mark.parametrize("source", ["sklearn:nope", "synthetic:100", "synthetic:0x3", "synthetic:ax3"])
+@pytest.mark.parametrize(
+    "source", ["sklearn:nope", "synthetic:100", "synthetic:0x3", "synthetic:ax3"]
+)
 def test_load_source_bad_spec_names_the_key(source: str) -> None:
     with pytest.raises(PipelineError, match="data.source"):
         load_source(source)

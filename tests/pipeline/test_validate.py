@@ -43,8 +43,18 @@ def test_clean_table_passes(clean: pd.DataFrame) -> None:
     assert report.success and not report.failures() and not report.warnings()
     assert report.n_rows == 300
     names = {c.name for c in report.checks}
-    assert {"columns", "row_count", "numeric", "no_nulls", "finite", "not_constant", "duplicates",
-            "autocorrelation", "trend", "shift"} <= names
+    assert {
+        "columns",
+        "row_count",
+        "numeric",
+        "no_nulls",
+        "finite",
+        "not_constant",
+        "duplicates",
+        "autocorrelation",
+        "trend",
+        "shift",
+    } <= names
     assert report.summary_lines() == [
         f"t.parquet: valid (300 rows, {len(report.checks)} checks, 0 failed, 0 warnings)"
     ]
@@ -126,8 +136,11 @@ def test_small_iid_tables_do_not_trip_the_iid_checks() -> None:
             x = rng.normal(size=n)
             stats = iid_stats(x)
             p = STRICT
-            limits = {"autocorrelation": p.max_autocorrelation, "trend": p.max_trend_correlation,
-                      "shift": p.max_shift_std}
+            limits = {
+                "autocorrelation": p.max_autocorrelation,
+                "trend": p.max_trend_correlation,
+                "shift": p.max_shift_std,
+            }
             assert not any(abs(s.value) > limits[s.name] and s.p_value < p.iid_alpha for s in stats)
     assert iid_stats(np.ones(50)) == [] and iid_stats(np.arange(5.0)) == []
 
@@ -149,7 +162,9 @@ def schema(clean: pd.DataFrame) -> Schema:
     return Schema.from_frame(clean, ["sample_id"])
 
 
-def test_against_schema_names_missing_and_extra_columns(clean: pd.DataFrame, schema: Schema) -> None:
+def test_against_schema_names_missing_and_extra_columns(
+    clean: pd.DataFrame, schema: Schema
+) -> None:
     new = clean.drop(columns=["x1", "x3"]).assign(zz=1.0)
     report = run(new, against=schema)
     assert failed(report) == {("columns", None)}
@@ -167,12 +182,15 @@ def test_against_schema_reports_out_of_range_rows(clean: pd.DataFrame, schema: S
     report = run(clean, against=schema)
     assert failed(report) == {("in_training_range", "x2")}
     check = report.failures()[0]
-    assert check.rows == (3, 250) and check.message.startswith("2 values outside the training range")
+    assert check.rows == (3, 250) and check.message.startswith(
+        "2 values outside the training range"
+    )
 
 
 def test_validate_path_writes_a_json_report(tmp_path: Path, clean: pd.DataFrame) -> None:
-    path = write_table_atomic(clean.assign(x1=np.where(np.arange(300) == 8, np.nan, clean["x1"])),
-                              tmp_path / "t.csv")
+    path = write_table_atomic(
+        clean.assign(x1=np.where(np.arange(300) == 8, np.nan, clean["x1"])), tmp_path / "t.csv"
+    )
     params = Params(data=DATA)
     report = validate_path(path, params, report_path=tmp_path / "reports" / "validate.json")
     saved = json.loads((tmp_path / "reports" / "validate.json").read_text())

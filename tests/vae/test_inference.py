@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-
-import vae
 from torch.distributions import MultivariateNormal, kl_divergence
 
+import vae
 from tests.vae.closed_form import affine_vae_marginal, ppca_mle
 
 
@@ -83,17 +82,16 @@ def test_sample_matches_the_models_marginal_and_the_ppca_closed_form(ppca_plain)
     torch.testing.assert_close(torch.cov(means.T).diagonal() + own.sigma2, cov.diagonal(), rtol=0.05, atol=0)
 
 
-def test_traversals_move_along_one_latent_axis(ppca_plain):
-    model = ppca_plain.model
-    trav = vae.traversals(model, steps=5, radius=2.0)
+@pytest.mark.parametrize("which", ["ppca_plain", "ppca_scaled"])
+def test_traversals_move_along_one_latent_axis_in_original_units(which, request):
+    model = request.getfixturevalue(which).model
+    trav = vae.traversals(model, steps=5, radius=2.0)  # z_j = -2, -1, 0, 1, 2
     assert trav.shape == (2, 5, 10)
     center = model.mean_of(model.decode(torch.zeros(1, 2))).detach()[0]
-    torch.testing.assert_close(trav[0, 2], center)
-    torch.testing.assert_close(trav[1, 2], center)
-    # affine decoder: equal steps in z give equal steps in y along the column C[:, j]
-    torch.testing.assert_close(trav.diff(dim=1), trav[:, 1:2] - trav[:, 0:1] + 0 * trav.diff(dim=1), atol=1e-4, rtol=1e-4)
-    weight = model.decoder.net[0].weight.detach()  # (D, K), no scaling in this model
-    torch.testing.assert_close(trav[:, 1] - trav[:, 0], weight.T * 1.0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(trav[:, 2], center.expand(2, -1))
+    # affine decoder: each unit step in z_j moves y by C[:, j], times the column scale
+    step = (model.decoder.net[0].weight.detach() * model.scale[:, None]).T  # (K, D)
+    torch.testing.assert_close(trav.diff(dim=1), step[:, None, :].expand(2, 4, 10), rtol=1e-3, atol=1e-3 * float(step.abs().max()))
 
 
 def test_anomaly_threshold_is_the_quantile():
