@@ -54,7 +54,6 @@ def cmd_validate(a: argparse.Namespace, p: Params) -> int:
     report = validate_data(Path(a.data), p, against=a.against, report_path=a.report, raise_on_failure=False)
     for line in report.summary_lines():
         print(line)
-    print(f"{a.data}: {'valid' if report.success else 'INVALID'} ({report.n_rows} rows)")
     return 0 if report.success else 1
 
 
@@ -198,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     try:
         params = load_params(Path(args.params) if args.params else None, args.set)
         return int(args.fn(args, params))

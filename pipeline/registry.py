@@ -224,15 +224,17 @@ def _data_hash(model: LoadedModel) -> tuple[str, str]:
 
 
 def _dvc_train_md5(lock: Path, data_path: str | None) -> str | None:
+    """The lock's md5 of the table the model was trained on (a stale lock for another table: None)."""
     try:
         deps = yaml.safe_load(lock.read_text())["stages"]["train"]["deps"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None
-    data = [d for d in deps if isinstance(d, dict) and d.get("md5") and not str(d.get("path")).endswith(".py")]
-    exact = [d for d in data if data_path and Path(d["path"]) == Path(data_path)]
-    under = [d for d in data if str(d["path"]).startswith("data")]
-    chosen = (exact or under or data)[:1]
-    return str(chosen[0]["md5"]) if chosen else None
+    hashed = [d for d in deps if isinstance(d, dict) and d.get("md5") and d.get("path")]
+    if data_path:
+        hashed = [d for d in hashed if Path(d["path"]).resolve() == Path(data_path).resolve()]
+    else:
+        hashed = [d for d in hashed if str(d["path"]).startswith("data")]
+    return str(hashed[0]["md5"]) if hashed else None
 
 
 def _version(dist: str) -> str:

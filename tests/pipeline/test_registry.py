@@ -14,12 +14,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from pipeline import plots, stores
 from pipeline.config import Params, load_params
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
-from pipeline.registry import download_model_dir, promote, register_model
+from pipeline.model import load_model_dir
+from pipeline.registry import download_model_dir, lineage_tags, promote, register_model
 from pipeline.tables import synthetic_table, write_table_atomic
 from pipeline.train import train_model
 
@@ -107,6 +109,21 @@ def test_register_refuses_a_bad_model_dir_before_writing_anything(store: Store, 
     with pytest.raises(PipelineError, match="model.json"):
         register_model(tmp_path, store.params())
     assert [str(m.version) for m in MlflowClient().search_model_versions(f"name = '{NAME}'")] == ["1"]
+
+
+def test_lineage_takes_the_data_hash_from_dvc_lock_when_it_names_the_training_table(
+    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    model = load_model_dir(store.model(10))
+    monkeypatch.chdir(tmp_path)
+    assert lineage_tags(model, {})["data_hash"].startswith("sha256:")  # no dvc.lock here
+    deps = [{"path": "pipeline/train.py", "md5": "c0de"}, {"path": str(store.train), "md5": "da7a"}]
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"train": {"deps": deps}}}))
+    tags = lineage_tags(model, {"train": {"seed": 7}})
+    assert (tags["data_hash"], tags["data_hash_source"], tags["seed"]) == ("md5:da7a", "dvc.lock", "7")
+    deps[1]["path"] = "data/other.parquet"  # a lock for another table: not this model's data
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"train": {"deps": deps}}}))
+    assert lineage_tags(model, {})["data_hash"].startswith("sha256:")
 
 
 @pytest.mark.parametrize(("ref", "says"), [
