@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The main job: the DVC pipeline on the default data, then its metrics and the registered version.
 run: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/vaepipe run
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
+	@echo "registered: $$(cat reports/registered.json)"
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
