@@ -140,7 +140,7 @@ def cmd_serve(a: argparse.Namespace, p: Params) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--params", help="params file (default ./params.yaml, else built-in defaults)")
     common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one parameter (value parsed as YAML); repeatable")

@@ -110,7 +110,7 @@ def _plain(section: Any) -> dict[str, Any]:
     return {f.name: list(v) if isinstance(v := getattr(section, f.name), tuple) else v for f in fields(section)}
 
 
-SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in fields(Params)}  # type: ignore[misc]
+SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in fields(Params)}
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

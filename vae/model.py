@@ -49,6 +49,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    fixed_sigma: torch.Tensor
+
     def __init__(self, n_out: int, config: ModelConfig):
         super().__init__()
         self.mode = config.decoder_variance
@@ -73,6 +75,11 @@ class Decoder(nn.Module):
 
 class VAE(nn.Module):
     """Takes rows in the table's original units; scaling, masks and the Jacobian stay inside."""
+
+    loc: torch.Tensor  # (D,) buffers, saved in the state_dict
+    scale: torch.Tensor
+    gaussian: torch.Tensor
+    cell_const: torch.Tensor
 
     def __init__(self, spec: TableSpec, config: ModelConfig, seed: int | None = None):
         """seed: initial weights from this seed (the global RNG is left untouched); None: global RNG."""

@@ -33,7 +33,8 @@ class TableSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TableSpec:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**fields)
 
 
 def _name(names: Sequence[str], j: int) -> str:

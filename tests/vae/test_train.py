@@ -179,3 +179,21 @@ def test_validation_table_of_the_wrong_width_is_refused():
     y = _rows()
     with pytest.raises(vae.DataError, match="6 columns|expects 6"):
         vae.fit(_model(y), y, _cfg(epochs=1), y_val=torch.randn(10, 5))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_gradient_clipping_matches_clip_grad_norm(scale):
+    y = _rows()
+    model, reference = _model(y), _model(y)
+    trainer = vae.train._Trainer(model, _cfg(grad_clip=1.0), torch.device("cpu"), vae.TrainState())
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * scale
+        q.grad = p.grad.clone()
+    assert trainer.clip_gradients(torch.tensor(0.5))
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    assert (float(norm) > 1.0) == (scale > 1)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=0)
+    assert not trainer.clip_gradients(torch.tensor(float("inf")))
+    next(model.parameters()).grad[0] = float("nan")
+    assert not trainer.clip_gradients(torch.tensor(0.5))
