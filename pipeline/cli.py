@@ -8,6 +8,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def cmd_embed(a: argparse.Namespace, p: Params) -> int:
     from pipeline.steps import embed
 
     if a.with_variance:
-        p = Params(**{**p.__dict__, "embed": type(p.embed)(**{**p.embed.__dict__, "with_variance": True})})
+        p = replace(p, embed=replace(p.embed, with_variance=True))
     tty = sys.stderr.isatty()
     rows = embed(a.model, Path(a.input), Path(a.output), p,
                  on_batch=lambda n: print(f"\rembedded {n} rows\033[K" if tty else f"embedded {n} rows",

@@ -32,7 +32,7 @@ def validate_task(path: Path, params: Params) -> None:
 @task(cache_policy=NO_CACHE)
 def train_task(path: Path, out: Path, params: Params, val_path: Path | None) -> Path:
     logger = get_run_logger()
-    summary = steps.train(path, out, params, val_path=val_path, validate=False,
+    summary = steps.train(path, out, params, val_path=val_path, validate=False, validated=True,
                           on_epoch=lambda s: logger.info(steps.epoch_line(s, params.train.epochs)))
     return summary.directory
 

@@ -52,12 +52,13 @@ def validate_data(
 
 def train(
     path: Path, out: Path, params: Params, *, resume: bool = False, val_path: Path | None = None,
-    validate: bool = True, on_epoch: Callable[[EpochStats], None] | None = None,
+    validate: bool = True, validated: bool = False, on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> train_step.TrainSummary:
-    """Validate the table (data.* and validate.* policies), then fit into OUT."""
+    """Validate the table (data.* and validate.* policies) unless the caller did, then fit into OUT."""
     if validate:
         validate_data(path, params)
-    return train_step.train_model(Path(path), Path(out), params, resume=resume, val_path=val_path, on_epoch=on_epoch)
+    return train_step.train_model(Path(path), Path(out), params, resume=resume, val_path=val_path,
+                                  on_epoch=on_epoch, validated=validate or validated)
 
 
 def evaluate(model: str, path: Path, params: Params, json_path: Path | None = None) -> dict[str, Any]:

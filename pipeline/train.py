@@ -104,8 +104,12 @@ def train_model(
     resume: bool = False,
     val_path: Path | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    validated: bool = False,
 ) -> TrainSummary:
-    """Fit a VAE on DATA into OUT; checkpoints every epoch so that --resume can continue."""
+    """Fit a VAE on DATA into OUT; checkpoints every epoch so that --resume can continue.
+
+    validated: the caller validated DATA (recorded in the model's metadata for the registry).
+    """
     data_path, out = Path(data_path), Path(out)
     _check_out_dir(out, resume)
     y, schema = _load(data_path, params)
@@ -138,6 +142,7 @@ def train_model(
         "schema": schema.to_dict(),
         "params": params.to_dict(),
         "data": record["data"],
+        "validation": {"success": validated},
         "anomaly": {"quantile": params.embed.anomaly_quantile, "threshold": threshold,
                     "score_samples": params.embed.score_samples},
     }
