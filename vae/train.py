@@ -144,8 +144,8 @@ class _Trainer:
         """Clip the global gradient norm to train.grad_clip in place (clip_grad_norm_'s math);
         False if the loss or a gradient is non-finite."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        # one host read; scaling only when needed (a factor of 1 is a no-op): a third of the
-        # CPU time of clip_grad_norm_, which is several per cent of a small model's step
+        # the norm and loss read on the host; scaling only when needed (a factor of 1 is a no-op):
+        # a third of the CPU time of clip_grad_norm_, which is several per cent of a small step
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
         if not math.isfinite(norm + float(loss.detach())):
             return False

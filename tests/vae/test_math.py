@@ -219,6 +219,19 @@ def test_loss_terms_recon_is_expected_log_density_of_affine_decoder():
     torch.testing.assert_close(terms.elbo, terms.recon - terms.kl)
 
 
+def test_one_sample_path_equals_the_batched_path():
+    """loss_terms draws a single sample as (B, K) for speed; it must be the (1, B, K) math."""
+    y = _table()
+    model = _model(y, decoder_variance="per_feature")
+    x, mask = model.standardize(y)
+    fast = loss_terms(model, x, mask, 1, _gen(20))
+    post = model.encode(x, mask)
+    z = reparameterize(post, 1, _gen(20))  # (1, B, K), the same draws
+    batched = model.log_px_z(x, model.decode(z), mask).sum(-1).mean(0)
+    torch.testing.assert_close(fast.recon, batched)
+    torch.testing.assert_close(reparameterize(post, None, _gen(20)), z[0])
+
+
 def _exact_posterior_model(standardize: bool) -> tuple[vae.VAE, PPCA, torch.Tensor]:
     """An affine VAE set by hand to a pPCA model and its exact posterior (W has orthogonal columns).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -131,15 +132,15 @@ def test_early_stopping_waits_for_the_end_of_warmup():
     assert any(max(vals[: i + 1]) > max(vals[i + 1 : i + 6]) for i in range(warm_epoch - 6))
 
 
-def _inject_nan(monkeypatch, model: vae.VAE, calls_from: int, calls_to: int) -> None:
-    """Make the decoder return NaN means on training calls calls_from..calls_to (1-based)."""
+def _inject_nan(monkeypatch, model: vae.VAE, fails: Callable[[int], bool]) -> None:
+    """Make the decoder return NaN means on the training calls (1-based) where fails(call)."""
     original, seen = model.decoder.forward, [0]
 
     def flaky(z: torch.Tensor) -> DecoderOut:
         out = original(z)
         if model.decoder.training:
             seen[0] += 1
-            if calls_from <= seen[0] <= calls_to:
+            if fails(seen[0]):
                 return DecoderOut(out.loc * float("nan"), out.sigma)  # NaN with a gradient path
         return out
 
@@ -150,7 +151,7 @@ def test_one_non_finite_step_rolls_back_and_lowers_lr(monkeypatch, caplog):
     y = _rows()
     cfg = _cfg(epochs=6, val_fraction=0.0, lr_backoff=0.5)
     model = _model(y)
-    _inject_nan(monkeypatch, model, 14, 14)  # 5 steps per epoch: the 4th step of epoch 3
+    _inject_nan(monkeypatch, model, lambda call: call == 14)  # 5 steps per epoch: step 4 of epoch 3
     with caplog.at_level(logging.WARNING, logger="vae.train"):
         result = vae.fit(model, y, cfg)
     assert [h.epoch for h in result.history] == list(range(1, 7))
@@ -168,7 +169,8 @@ def test_persistent_non_finite_raises_and_leaves_the_last_good_weights(monkeypat
     good = _model(y)
     vae.fit(good, y, dataclasses.replace(cfg, epochs=2))
     model = _model(y)
-    _inject_nan(monkeypatch, model, 11, 10**9)  # every training step from epoch 3 on
+    # from epoch 3 on (5 steps per epoch) every attempt fails at its 3rd step, after 2 good ones
+    _inject_nan(monkeypatch, model, lambda call: call > 10 and (call - 11) % 3 == 2)
     with pytest.raises(vae.TrainingDivergedError, match=r"non-finite.*epoch 3.*2 rollbacks.*train\.lr"):
         vae.fit(model, y, cfg)
     assert all(torch.isfinite(p).all() for p in model.parameters())
