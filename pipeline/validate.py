@@ -9,6 +9,7 @@ contract"). Row numbers in reports are 0-based positions in the table.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -222,6 +223,8 @@ def _gx_checks(
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    # that module pins its own logger at INFO and announces every ephemeral docs folder
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # tqdm bars on stderr
     batch = (
