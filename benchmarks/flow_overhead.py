@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vaepipe-bench-"))
     os.environ.update(PREFECT_HOME=str(work / "prefect"), MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
-                      PREFECT_LOGGING_LEVEL="WARNING", DO_NOT_TRACK="1", MLFLOW_DISABLE_TELEMETRY="true")
+                      PREFECT_LOGGING_LEVEL="WARNING", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", MLFLOW_DISABLE_TELEMETRY="true")
     params_path = str(ROOT / "params.yaml")
     os.chdir(work)
     sys.path.insert(0, str(ROOT))
