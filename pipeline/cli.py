@@ -61,7 +61,8 @@ def cmd_validate(a: argparse.Namespace, p: Params) -> int:
 def cmd_train(a: argparse.Namespace, p: Params) -> int:
     from pipeline.steps import train
 
-    s = train(Path(a.data), Path(a.out), p, resume=a.resume, val_path=a.val, on_epoch=_progress(p.train.epochs))
+    s = train(Path(a.data), Path(a.out), p, resume=a.resume, val_path=a.val, validate=not a.prevalidated,
+              validated=a.prevalidated, on_epoch=_progress(p.train.epochs))
     if sys.stderr.isatty():
         print(file=sys.stderr)
     best = "" if s.best_val_elbo is None else f", best val ELBO {s.best_val_elbo:.3f} at epoch {s.best_epoch}"
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, type=Path)
     c.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     c.add_argument("--val", type=Path, help="a validation table for early stopping (else train.val_fraction)")
+    c.add_argument("--prevalidated", action="store_true",
+                   help="DATA already passed `vaepipe validate` (an earlier dvc stage): don't validate it again")
     c = add("evaluate", cmd_evaluate, "print the metrics JSON of MODEL on DATA")
     c.add_argument("model")
     c.add_argument("data")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 from pipeline.config import EmbedParams
 from pipeline.errors import PipelineError
 from pipeline.model import LoadedModel
-from pipeline.tables import iter_table_batches, to_tensor, write_table_atomic
+from pipeline.tables import atomic_path, iter_table_batches, to_tensor, write_table_atomic
 from vae import VAEError, check_values, embed, sample, score_rows
 
 
@@ -49,31 +47,22 @@ def embed_file(
     on_batch: Callable[[int], None] | None = None,
 ) -> int:
     """Stream INPUT in row batches into OUTPUT (Parquet); the file appears whole or not at all."""
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp")
-    os.close(fd)
     writer: pq.ParquetWriter | None = None
     rows = 0
-    try:
-        for batch in iter_table_batches(Path(input_path), params.batch_rows):
-            frame = embed_frame(model, batch, params, where=f"{input_path} (rows {rows}..)")
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
-            rows += len(frame)
-            if on_batch is not None:
-                on_batch(rows)
-        if writer is None:
-            raise PipelineError(f"{input_path} has no rows to embed")
-        writer.close()
-        os.replace(tmp, output_path)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(Path(output_path)) as tmp:
+        try:
+            for batch in iter_table_batches(Path(input_path), params.batch_rows):
+                frame = embed_frame(model, batch, params, where=f"{input_path} (rows {rows}..)")
+                table = pa.Table.from_pandas(frame, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                rows += len(frame)
+                if on_batch is not None:
+                    on_batch(rows)
+        finally:
+            if writer is not None:
+                writer.close()
     return rows
 
 

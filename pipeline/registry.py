@@ -77,8 +77,12 @@ def register_model(
     metrics: dict[str, Any] | None = None,
     table: Path | None = None,
 ) -> RegisteredVersion:
-    """Log MODEL_DIR in one run, register it as a new version of register.model_name, set alias."""
+    """Log MODEL_DIR in one run, register it as a new version of register.model_name, set alias.
+
+    metrics: the metrics JSON to log; None takes MODEL_DIR/metrics.json when `evaluate` wrote one.
+    """
     model = load_model_dir(Path(model_dir))  # a bad directory fails before any registry write
+    metrics = metrics if metrics is not None else model.metrics()
     history = _read_history(model.directory)
     frame = _table_frame(model, Path(table)) if table is not None else None
     name = params.register.model_name

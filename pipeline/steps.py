@@ -17,7 +17,7 @@ from pipeline import prepare as prepare_step
 from pipeline import train as train_step
 from pipeline import validate as validate_step
 from pipeline.config import Params
-from pipeline.errors import PipelineError, ValidationFailed
+from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.model import resolve_model
 from vae import EpochStats
 
@@ -81,14 +81,12 @@ def register(model_dir: Path, params: Params, *, alias: str = "challenger",
              metrics: dict[str, Any] | None = None, table: Path | None = None) -> Any:
     from pipeline.registry import register_model
 
-    loaded = resolve_model(str(model_dir))  # a bad directory fails before any registry write
-    return register_model(loaded.directory, params, alias=alias, metrics=metrics or loaded.metrics(), table=table)
+    return register_model(Path(model_dir), params, alias=alias, metrics=metrics, table=table)
 
 
 def promote(params: Params, *, version: str | None = None, data: Path | None = None,
             refuse_raises: bool = True) -> dict[str, Any]:
     """The gate; a refusal raises GateRefused unless refuse_raises is False (then it is reported)."""
-    from pipeline.errors import GateRefused
     from pipeline.registry import promote as gate
 
     try:

@@ -6,6 +6,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -245,19 +246,30 @@ def split_features(
 
 def to_tensor(features: pd.DataFrame) -> torch.Tensor:
     """(rows, features) float32, a copy: pandas 3 hands out read-only views."""
-    values = features.to_numpy(dtype=np.float32, na_value=np.nan)
-    return torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+    return torch.from_numpy(features.to_numpy(dtype=np.float32, na_value=np.nan, copy=True))
 
 
-def write_table_atomic(df: pd.DataFrame, path: Path) -> Path:
-    """Write Parquet (or CSV by suffix) to a temporary sibling, then rename over path."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling to write; renamed over path if the block succeeds, removed otherwise."""
     path = Path(path)
-    kind = _kind(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_table_atomic(df: pd.DataFrame, path: Path) -> Path:
+    """Write Parquet (or CSV by suffix) so that path holds the old file or the whole new one."""
+    path = Path(path)
+    kind = _kind(path)
+    with atomic_path(path) as tmp:
         if kind == "Parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -265,9 +277,4 @@ def write_table_atomic(df: pd.DataFrame, path: Path) -> Path:
             pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
         else:
             df.to_csv(tmp, index=False)
-        tmp.chmod(0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
