@@ -9,6 +9,7 @@ per epoch. Runs are alternated in one process and the median rows/s of each is r
 
     python benchmarks/train_throughput.py                      # CPU, 1 thread
     python benchmarks/train_throughput.py --device cuda --bf16 # both loops under bf16 autocast
+    python benchmarks/train_throughput.py --plain-adam fused   # the plain loop with fit's fused Adam
 """
 
 from __future__ import annotations
@@ -57,13 +58,16 @@ class PlainVAE(nn.Module):
         self.raw_sigma = nn.Parameter(torch.full((features,), math.log(math.expm1(1.0 - MIN_SIGMA))))
 
 
-def plain_fit(x: torch.Tensor, epochs: int, batch: int, lr: float, bf16: bool) -> None:
-    """The same math as vae.fit on already standardized rows x (N, D), nothing else."""
+def plain_fit(x: torch.Tensor, epochs: int, batch: int, lr: float, bf16: bool, fused: bool = False) -> None:
+    """The same math as vae.fit on already standardized rows x (N, D), nothing else.
+
+    fused: Adam(fused=True), as vae.fit uses; False is torch's default, what a user writes.
+    """
     device = x.device
     model = PlainVAE(x.shape[1]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
     half_log_2pi = 0.5 * math.log(2 * math.pi)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     n = x.shape[0]
     for _ in range(epochs):
         xs = x[torch.randperm(n, device=device)]
@@ -83,8 +87,10 @@ def plain_fit(x: torch.Tensor, epochs: int, batch: int, lr: float, bf16: bool) -
 
 
 def library_fit(y: torch.Tensor, spec: vae.TableSpec, cfg: vae.TrainConfig) -> None:
+    # the plain loop's math: no linear path beside the MLPs; cfg.init "random" (torch's init)
     config = vae.ModelConfig(latent_dim=LATENT, hidden_dims=HIDDEN, likelihood="gaussian",
-                             decoder_variance="per_feature", min_sigma=MIN_SIGMA, activation="relu")
+                             decoder_variance="per_feature", min_sigma=MIN_SIGMA, activation="relu",
+                             linear_path=False)
     vae.fit(vae.VAE(spec, config), y, cfg)
 
 
@@ -107,8 +113,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps torch's default")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="cuda: run the plain loop under bf16 autocast too "
-                        "(vae.fit always uses bf16 autocast on CUDA)")
+    parser.add_argument("--bf16", action="store_true", help="both loops under bf16 autocast (CPU too); "
+                        "otherwise both in fp32")
+    parser.add_argument("--plain-adam", choices=["default", "fused"], default="default",
+                        help="the plain loop's Adam: torch's default (what a user writes) or fused (as fit)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,13 +129,14 @@ def main() -> None:
     spec = vae.describe_table(y, likelihood="gaussian")
     x = ((y - torch.tensor(spec.loc)) / torch.tensor(spec.scale)).to(device)  # what fit trains on
     y_dev = y.to(device)
+    bf16 = args.bf16
     cfg = vae.TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr, mc_samples=1,
-                          val_fraction=0.0, device=args.device, num_threads=args.threads)
+                          val_fraction=0.0, device=args.device, num_threads=args.threads, init="random",
+                          refit=False, precision="bf16" if bf16 else "fp32")
     rows = args.rows * args.epochs
-    bf16 = args.bf16 and device.type == "cuda"
 
     def plain() -> None:
-        plain_fit(x, args.epochs, args.batch, args.lr, bf16)
+        plain_fit(x, args.epochs, args.batch, args.lr, bf16, fused=args.plain_adam == "fused")
 
     def library() -> None:
         library_fit(y_dev, spec, cfg)
@@ -135,7 +144,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}  device {name}  threads {torch.get_num_threads()}  "
           f"table {args.rows}x{args.features}  batch {args.batch}  epochs/run {args.epochs}  "
-          f"rounds {args.rounds}  plain bf16 {bf16}  fit bf16 {device.type == 'cuda'}")
+          f"rounds {args.rounds}  bf16 {bf16}  plain Adam {args.plain_adam}")
     rows_per_second(plain, rows, device)  # warm-up: allocator, kernels, caches
     rows_per_second(library, rows, device)
     results: dict[str, list[tuple[float, float]]] = {"plain": [], "fit": []}

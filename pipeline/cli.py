@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params, load_params
-from pipeline.errors import PipelineError
-from vae import EpochStats, VAEError
+from pipeline.errors import PipelineError, user_error
+from pipeline.tables import check_output
+from vae import EpochStats
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,6 +53,8 @@ def cmd_prepare(a: argparse.Namespace, p: Params) -> int:
 def cmd_validate(a: argparse.Namespace, p: Params) -> int:
     from pipeline.steps import validate_data
 
+    if a.report is not None:
+        check_output(a.report, [Path(a.data)], None)
     report = validate_data(Path(a.data), p, against=a.against, report_path=a.report, raise_on_failure=False)
     for line in report.summary_lines():
         print(line)
@@ -60,19 +63,28 @@ def cmd_validate(a: argparse.Namespace, p: Params) -> int:
 
 def cmd_train(a: argparse.Namespace, p: Params) -> int:
     from pipeline.steps import train
+    from vae import distributed as data_parallel
 
-    s = train(Path(a.data), Path(a.out), p, resume=a.resume, val_path=a.val, validate=not a.prevalidated,
-              validated=a.prevalidated, on_epoch=_progress(p.train.epochs))
+    try:  # under torchrun every rank runs this; rank 0 reports and writes
+        s = train(Path(a.data), Path(a.out), p, resume=a.resume, val_path=a.val, validate=not a.prevalidated,
+                  validated=a.prevalidated, on_epoch=_progress(p.train.epochs))
+        if not data_parallel.current().is_main:
+            return 0
+    finally:
+        data_parallel.shutdown()
     if sys.stderr.isatty():
         print(file=sys.stderr)
     best = "" if s.best_val_elbo is None else f", best val ELBO {s.best_val_elbo:.3f} at epoch {s.best_epoch}"
-    print(f"trained {s.directory}: {s.epochs} epochs{' (stopped early)' if s.stopped_early else ''}{best}")
+    refit = f"; then {s.refit_epochs} epochs on all rows (train.refit)" if s.refit_epochs else ""
+    print(f"trained {s.directory}: {s.epochs} epochs{' (stopped early)' if s.stopped_early else ''}{best}{refit}")
     return 0
 
 
 def cmd_evaluate(a: argparse.Namespace, p: Params) -> int:
     from pipeline.steps import evaluate
 
+    if a.json is not None:
+        check_output(a.json, [Path(a.data)], None)
     _print_json(evaluate(a.model, Path(a.data), p, json_path=a.json))
     return 0
 
@@ -82,6 +94,12 @@ def cmd_embed(a: argparse.Namespace, p: Params) -> int:
 
     if a.with_variance:
         p = replace(p, embed=replace(p.embed, with_variance=True))
+    if p.embed.dask_address and Path(a.input).is_dir():
+        from pipeline.flows import embedding_flow
+
+        result = embedding_flow(a.model, Path(a.input), Path(a.output), p)
+        print(f"wrote {result['rows']} rows in {result['parts']} parts to {a.output} ({result['model_version']})")
+        return 0
     tty = sys.stderr.isatty()
     rows = embed(a.model, Path(a.input), Path(a.output), p,
                  on_batch=lambda n: print(f"\rembedded {n} rows\033[K" if tty else f"embedded {n} rows",
@@ -109,9 +127,10 @@ def cmd_register(a: argparse.Namespace, p: Params) -> int:
         result = promote(p, version=v.version, data=a.data, refuse_raises=False)
         print(result["message"])
     if a.output:
+        from pipeline.versioning import registration_json
         from vae.store import write_atomic
 
-        write_atomic(Path(a.output), json.dumps({"name": v.name, "version": v.version, "run_id": v.run_id}).encode())
+        write_atomic(Path(a.output), registration_json(v.name, v.version))
     return 0
 
 
@@ -123,10 +142,16 @@ def cmd_promote(a: argparse.Namespace, p: Params) -> int:
 
 
 def cmd_run(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.stores import check_prefect_api, check_store
+
+    check_store()  # the flow ends in the registry: a dead server fails now, not after training
+    check_prefect_api()
     from pipeline.flows import training_flow
 
-    result = training_flow(params_path=a.params, overrides=a.set, out=a.out)
-    _print_json({k: result[k] for k in ("model_dir", "version", "promotion", "metrics")})
+    _quiet_user_tracebacks(a.debug)
+
+    result = training_flow(params_path=a.params, overrides=a.set, out=a.out, dvc=a.dvc)
+    _print_json({k: result[k] for k in ("model_dir", "source", "version", "promotion", "metrics")})
     return 0
 
 
@@ -134,10 +159,18 @@ def cmd_serve(a: argparse.Namespace, p: Params) -> int:
     import os
 
     if not os.environ.get("PREFECT_API_URL"):
-        raise PipelineError("serve needs a Prefect server: run `prefect server start` and set PREFECT_API_URL")
-    from pipeline.flows import training_flow
+        raise PipelineError("serve needs a Prefect server: run `prefect server start` and set "
+                            "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from pipeline.stores import check_prefect_api
 
-    training_flow.serve(name="retrain", cron=a.cron, parameters={"params_path": a.params, "overrides": a.set})
+    check_prefect_api()
+    from pipeline import schedule, versioning
+
+    dvc = not a.no_dvc
+    if dvc:
+        versioning.check_project(p.data.prepared_dir)
+    _quiet_user_tracebacks(a.debug)
+    schedule.serve(a.cron, a.params, a.set, dvc)
     return 0
 
 
@@ -193,27 +226,56 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", type=Path, help="evaluation table (default: the prepared test split)")
     c = add("run", cmd_run, "the whole training flow as one Prefect flow")
     c.add_argument("--out", help="model directory (default models/runs/<time>)")
-    c = add("serve", cmd_serve, "scheduled retraining (needs a Prefect server)")
-    c.add_argument("--cron", default="0 3 * * *")
+    c.add_argument("--dvc", action="store_true",
+                   help="write the dvc.yaml stages' outputs and record them with dvc commit (and push)")
+    c = add("serve", cmd_serve, "scheduled retraining: serve vaepipe-train/retrain (needs a Prefect server)")
+    c.add_argument("--cron", default="0 3 * * *", help="when to retrain (default: 03:00 every day)")
+    c.add_argument("--no-dvc", action="store_true",
+                   help="don't version data and model with DVC (default: versioned; run from the project root)")
     return parser
+
+
+class _NoUserTraceback(logging.Filter):
+    """Prefect logs a failed task's or flow's traceback; for a user error the one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and user_error(exc) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_NO_USER_TRACEBACK = _NoUserTraceback()
+
+
+def _quiet_user_tracebacks(debug: bool) -> None:
+    if not debug:
+        for name in ("prefect.task_runs", "prefect.flow_runs"):
+            logging.getLogger(name).addFilter(_NO_USER_TRACEBACK)  # once: addFilter skips a filter it holds
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, line: str, code: int) -> int:
+    if args.debug:
+        traceback.print_exception(exc)
+    print(f"vaepipe: {line}", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings repeat the one error line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     try:
         params = load_params(Path(args.params) if args.params else None, args.set)
         return int(args.fn(args, params))
-    except (PipelineError, VAEError) as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"vaepipe: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("\nvaepipe: interrupted" + ("; continue with --resume" if args.command == "train" else ""), file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug, not a user mistake: one line unless --debug
-        if args.debug:
-            traceback.print_exc()
-        print(f"vaepipe: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug)", file=sys.stderr)
-        return 3
+    except Exception as exc:
+        known = user_error(exc)  # user and environment errors (full disk, read-only path, ...): one line, exit 2
+        if known is not None:
+            return _fail(args, exc, f"error: {known}", getattr(known, "exit_code", 2))
+        # a bug, not a user mistake: one line unless --debug
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return _fail(args, exc, f"internal error: {exc.__class__.__name__}: {first} (rerun with --debug)", 3)

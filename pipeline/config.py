@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -11,9 +12,15 @@ import yaml
 
 from pipeline.errors import PipelineError
 from vae import ConfigError, ModelConfig, TrainConfig, config_from_dict
-from vae.config import MissingPolicy
+from vae.config import DeviceName, MissingPolicy
 
 DEFAULT_PARAMS = Path("params.yaml")
+OUTPUT_COLUMN = re.compile(r"z_\d+|z_logvar_\d+|log_likelihood|anomaly")  # embed's own output columns
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key} is {value!r}; it must be >= {low}")
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,14 @@ class DataParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "id_columns", tuple(self.id_columns))
+        taken = [c for c in self.id_columns if OUTPUT_COLUMN.fullmatch(c)]
+        if taken:
+            raise ConfigError(
+                f"data.id_columns names {taken[0]!r}, a column that embed writes itself "
+                "(z_*, z_logvar_*, log_likelihood, anomaly); rename that column in the table"
+            )
+        if len(set(self.id_columns)) < len(self.id_columns):
+            raise ConfigError(f"data.id_columns {list(self.id_columns)} names a column twice")
         if self.missing not in ("reject", "mask"):
             raise ConfigError(f"data.missing is {self.missing!r}; choose one of reject, mask")
         if not 0 < self.test_fraction < 1:
@@ -49,12 +64,27 @@ class ValidateParams:
     # columns), so small i.i.d. tables, whose statistics are noisy (sd ~ 1/sqrt(n)), stay clean
     iid_alpha: float = 1e-4
     range_tolerance: float = 0.5  # --against: allowed overshoot of the training range, in ranges
+    # --against: share of a column's values that may lie beyond that widened range (a large table
+    # from the training distribution has a few; rows far out are what the anomaly score is for)
+    max_out_of_range_fraction: float = 0.01
+    # --against: drift of each column from the model's training distribution (pipeline.drift)
+    drift: Literal["fail", "warn", "off"] = "fail"
+    drift_max_shift_std: float = 0.25  # |new mean - training mean| in training stds
+    drift_max_ks: float = 0.15  # Kolmogorov-Smirnov distance to the training distribution
+    drift_alpha: float = 1e-3  # a limit fires only where the test is significant (Bonferroni)
 
     def __post_init__(self) -> None:
-        if self.iid not in ("fail", "warn", "off"):
-            raise ConfigError(f"validate.iid is {self.iid!r}; choose one of fail, warn, off")
+        for key in ("iid", "drift"):
+            if getattr(self, key) is False:  # YAML 1.1 reads a bare `off` (params.yaml, --set) as false
+                object.__setattr__(self, key, "off")
+            if getattr(self, key) not in ("fail", "warn", "off"):
+                raise ConfigError(f"validate.{key} is {getattr(self, key)!r}; choose one of fail, warn, off")
+        if not 0 <= self.max_out_of_range_fraction <= 1:
+            raise ConfigError("validate.max_out_of_range_fraction must be in [0, 1]")
+        if not 0 < self.drift_alpha <= 1:
+            raise ConfigError(f"validate.drift_alpha is {self.drift_alpha!r}; it must be in (0, 1]")
         if not 0 <= self.max_duplicate_fraction <= 1:
-            raise ConfigError("validate.max_duplicate_fraction must be in [0, 1]")
+            raise ConfigError(f"validate.max_duplicate_fraction is {self.max_duplicate_fraction!r}; it must be in [0, 1]")
         if not 0 < self.iid_alpha <= 1:
             raise ConfigError(f"validate.iid_alpha is {self.iid_alpha!r}; it must be in (0, 1]")
 
@@ -66,8 +96,8 @@ class EvaluateParams:
     batch_rows: int = 256
 
     def __post_init__(self) -> None:
-        if self.iw_samples < 1 or self.batch_rows < 1:
-            raise ConfigError("evaluate.iw_samples and evaluate.batch_rows must be >= 1")
+        _at_least("evaluate.iw_samples", self.iw_samples, 1)
+        _at_least("evaluate.batch_rows", self.batch_rows, 1)
 
 
 @dataclass(frozen=True)
@@ -77,10 +107,22 @@ class EmbedParams:
     anomaly_quantile: float = 0.01  # rows below this quantile of training log-likelihoods
     with_variance: bool = False
     seed: int = 0
+    # where the embedding flow maps the files of a folder: "" in this process, "local:N" a local
+    # Dask cluster of N worker processes (started and stopped by the flow), else a scheduler address
+    dask_address: str = ""
+    device: DeviceName = "auto"  # auto: CUDA when present (pinned, overlapped copies), else CPU
 
     def __post_init__(self) -> None:
-        if self.batch_rows < 1 or self.score_samples < 0:
-            raise ConfigError("embed.batch_rows must be >= 1 and embed.score_samples >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"embed.device is {self.device!r}; choose one of auto, cpu, cuda")
+        _at_least("embed.batch_rows", self.batch_rows, 1)
+        _at_least("embed.score_samples", self.score_samples, 0)
+        object.__setattr__(self, "dask_address", str(self.dask_address or "").strip())
+        if self.dask_address.startswith("local:") and not (
+            self.dask_address[6:].isdigit() and int(self.dask_address[6:]) >= 1
+        ):
+            raise ConfigError(f"embed.dask_address is {self.dask_address!r}; use local:N with N >= 1 workers, "
+                              "a scheduler address such as tcp://host:8786, or leave it empty")
         if not 0 < self.anomaly_quantile < 1:
             raise ConfigError(f"embed.anomaly_quantile is {self.anomaly_quantile!r}; it must be in (0, 1)")
 
@@ -122,17 +164,24 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     try:
         value = yaml.safe_load(rhs) if rhs.strip() else None
     except yaml.YAMLError as exc:
-        raise PipelineError(f"--set {text!r}: the value is not valid YAML ({exc.__class__.__name__})") from None
+        raise PipelineError(f"--set {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
     return section, key, value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: the problem and where, e.g. "expected <block end> at line 3, column 2"."""
+    problem = getattr(exc, "problem", None) or exc.__class__.__name__
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise PipelineError(f"cannot read params file {path}: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"cannot read params file {path}: {getattr(exc, 'strerror', None) or exc}") from None
     except yaml.YAMLError as exc:
-        raise PipelineError(f"params file {path} is not valid YAML: {exc}") from None
+        raise PipelineError(f"params file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise PipelineError(f"params file {path} must be a mapping of sections")
     return raw
@@ -146,19 +195,26 @@ def load_params(path: Path | None = None, overrides: Sequence[str] = ()) -> Para
     raw = _read_yaml(Path(path)) if path is not None else {}
     where = str(path) if path is not None else "params"
     merged: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}  # "section.key" -> where its value came from
     for section, values in raw.items():
         if section not in SECTIONS:
             raise PipelineError(f"{where}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
-            raise PipelineError(f"{where}: section {section!r} must be a mapping")
+            raise PipelineError(f"{where}: section {section!r} must be a mapping of key: value")
         merged[section] = dict(values)
+        origin |= {f"{section}.{k}": where for k in values}
     for text in overrides:
         section, key, value = parse_override(text)
         if section not in SECTIONS:
             raise PipelineError(f"--set {text!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
         merged.setdefault(section, {})[key] = value
-    try:
-        built = {s: config_from_dict(type(SECTIONS[s]()), s, v) for s, v in merged.items()}
-    except ConfigError as exc:
-        raise PipelineError(str(exc)) from None
+        origin[f"{section}.{key}"] = "--set"
+    built = {}
+    for s, values in merged.items():
+        try:
+            built[s] = config_from_dict(type(SECTIONS[s]()), s, values)
+        except ConfigError as exc:
+            named = [o for k, o in origin.items() if re.search(rf"\b{re.escape(k)}\b", str(exc))]
+            source = named[0] if named and named[0] != "--set" else None  # a --set names its key already
+            raise PipelineError(f"{source}: {exc}" if source else str(exc)) from None
     return Params(**built)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +14,35 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import EmbedParams
+from pipeline.config import EmbedParams, ValidateParams
+from pipeline.drift import DriftStats, drift_summary
 from pipeline.errors import PipelineError
 from pipeline.model import LoadedModel
-from pipeline.tables import atomic_path, iter_table_batches, to_tensor, write_table_atomic
+from pipeline.tables import (
+    PARQUET_SUFFIXES,
+    atomic_dir,
+    atomic_path,
+    bound_heap_growth,
+    file_sha256,
+    iter_table_batches,
+    prefetch,
+    to_tensor,
+    write_table_atomic,
+)
 from vae import VAEError, check_values, embed, sample, score_rows
+
+log = logging.getLogger(__name__)
+DRIFT_KEY = b"vaepipe.drift"  # Parquet metadata of an embedding output: each column's drift (JSON)
+PROVENANCE_KEY = b"vaepipe"  # Parquet metadata of an embedding output: model version, input file and hash
 
 
 def embed_frame(model: LoadedModel, df: pd.DataFrame, params: EmbedParams, where: str = "table") -> pd.DataFrame:
     """One output row per input row, in order: ids, z_*, [z_logvar_*], [log_likelihood, anomaly]."""
     model.schema.check(df, where)
-    y = to_tensor(model.schema.features_in_order(df))
+    y = to_tensor(model.schema.features_in_order(df), where)
     try:
-        check_values(y, model.schema.features, model.vae.spec.missing)
+        if not bool(torch.isfinite(y.sum())):  # a NaN or inf cell (or an overflow): find and name it
+            check_values(y, model.schema.features, model.vae.spec.missing)
     except VAEError as exc:
         raise PipelineError(f"{where}: {exc}") from None
     emb = embed(model.vae, y, with_variance=params.with_variance, batch_rows=params.batch_rows)
@@ -32,7 +51,8 @@ def embed_frame(model: LoadedModel, df: pd.DataFrame, params: EmbedParams, where
     if emb.logvar is not None:
         out |= {f"z_logvar_{j}": emb.logvar[:, j].numpy() for j in range(emb.logvar.shape[1])}
     if params.score_samples > 0:
-        ll = score_rows(model.vae, y, params.score_samples, params.seed).log_likelihood.numpy()
+        samples, seed = model.score_settings(params.score_samples, params.seed)
+        ll = score_rows(model.vae, y, samples, seed, common_eps=True).log_likelihood.numpy()
         out["log_likelihood"] = ll
         threshold = model.anomaly_threshold
         out["anomaly"] = ll < threshold if threshold is not None else np.zeros(len(ll), dtype=bool)
@@ -45,25 +65,105 @@ def embed_file(
     output_path: Path,
     params: EmbedParams,
     on_batch: Callable[[int], None] | None = None,
+    provenance: dict[str, str] | None = None,
+    drift: ValidateParams | None = None,
 ) -> int:
-    """Stream INPUT in row batches into OUTPUT (Parquet); the file appears whole or not at all."""
-    writer: pq.ParquetWriter | None = None
-    rows = 0
+    """Stream INPUT in row batches into OUTPUT (Parquet); the file appears whole or not at all.
+
+    provenance: key/values stored in the output's Parquet metadata under PROVENANCE_KEY (JSON).
+    drift (unless None or validate.drift off): INPUT's columns against the model's training
+    distribution, accumulated over the batches; drifted columns are logged as a warning and every
+    column's result is stored in OUTPUT's Parquet metadata under DRIFT_KEY.
+    """
     with atomic_path(Path(output_path)) as tmp:
-        try:
-            for batch in iter_table_batches(Path(input_path), params.batch_rows):
-                frame = embed_frame(model, batch, params, where=f"{input_path} (rows {rows}..)")
-                table = pa.Table.from_pandas(frame, preserve_index=False)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
-                rows += len(frame)
-                if on_batch is not None:
-                    on_batch(rows)
-        finally:
-            if writer is not None:
-                writer.close()
+        return _embed_stream(model, Path(input_path), tmp, params, on_batch, provenance, drift)
+
+
+def _embed_stream(model: LoadedModel, input_path: Path, out: Path, params: EmbedParams,
+                  on_batch: Callable[[int], None] | None, provenance: dict[str, str] | None,
+                  drift: ValidateParams | None) -> int:
+    writer: pq.ParquetWriter | None = None
+    stats = DriftStats(model.schema) if drift is not None and drift.drift != "off" else None
+    rows = 0
+    bound_heap_growth()
+    try:
+        # the next batch is read and decoded by a thread while this one is embedded
+        for batch in prefetch(iter_table_batches(input_path, params.batch_rows)):
+            frame = embed_frame(model, batch, params, where=f"{input_path} (rows {rows}..)")
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if writer is None:
+                meta = {**(table.schema.metadata or {}), **_provenance_meta(provenance)}
+                writer = pq.ParquetWriter(out, table.schema.with_metadata(meta))
+            writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
+            if stats is not None:
+                stats.update(batch)
+            rows += len(frame)
+            if on_batch is not None:
+                on_batch(rows)
+        if writer is not None and stats is not None and drift is not None:
+            writer.add_key_value_metadata({DRIFT_KEY: _drift_report(stats, drift, input_path)})
+    finally:
+        if writer is not None:
+            writer.close()
     return rows
+
+
+def _provenance_meta(provenance: dict[str, str] | None) -> dict[bytes, bytes]:
+    return {} if not provenance else {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True).encode()}
+
+
+def read_provenance(path: Path) -> dict[str, str]:
+    """The provenance an embedding output carries (empty if none)."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[PROVENANCE_KEY]) if PROVENANCE_KEY in meta else {}
+
+
+def list_partitions(folder: Path) -> list[Path]:
+    """The Parquet files of a folder in name order (hidden files skipped): one output part each."""
+    folder = Path(folder)
+    parts = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in PARQUET_SUFFIXES and not p.name.startswith((".", "_")) and p.is_file())
+    if not parts:
+        raise PipelineError(f"{folder} holds no Parquet files (*.parquet, *.pq) to embed")
+    return parts
+
+
+def embed_partition(model: LoadedModel, part: Path, out_dir: Path, params: EmbedParams, model_version: str,
+                    on_batch: Callable[[int], None] | None = None, drift: ValidateParams | None = None) -> int:
+    """One input file into OUT_DIR/<its name>, its sha256 and the model version in the metadata."""
+    provenance = {"model_version": model_version, "input_file": part.name, "input_sha256": file_sha256(part)}
+    with atomic_path(Path(out_dir) / part.name) as tmp:
+        return _embed_stream(model, part, tmp, params, on_batch, provenance, drift)
+
+
+def embed_folder(model: LoadedModel, input_dir: Path, output_dir: Path, params: EmbedParams, model_version: str,
+                 on_batch: Callable[[int], None] | None = None, drift: ValidateParams | None = None) -> int:
+    """Every Parquet file of INPUT_DIR into a part of OUTPUT_DIR, in one process; OUTPUT_DIR appears whole."""
+    parts, rows = list_partitions(input_dir), 0
+    with atomic_dir(Path(output_dir)) as tmp:
+        for part in parts:
+            rows += embed_partition(model, part, tmp, params, model_version, _offset(on_batch, rows), drift)
+    return rows
+
+
+def _offset(on_batch: Callable[[int], None] | None, done: int) -> Callable[[int], None] | None:
+    """Progress of one part as rows of the whole folder."""
+    return None if on_batch is None else (lambda n: on_batch(done + n))
+
+
+def _drift_report(stats: DriftStats, params: ValidateParams, input_path: Path) -> bytes:
+    drifts = stats.drifts(params)
+    if summary := drift_summary(drifts):
+        log.warning("%s drifted from the model's training distribution: %s (validate.drift_max_shift_std "
+                    "%g sd, validate.drift_max_ks %g)", input_path, summary, params.drift_max_shift_std,
+                    params.drift_max_ks)
+    return json.dumps([asdict(d) for d in drifts]).encode()
+
+
+def read_drift(path: Path) -> list[dict[str, object]]:
+    """The drift report an embedding output carries: one dict per column ([] if none)."""
+    meta = pq.read_metadata(path).metadata or {}  # the file's key-value metadata, written at close
+    return list(json.loads(meta[DRIFT_KEY])) if DRIFT_KEY in meta else []
 
 
 def sample_file(model: LoadedModel, n: int, output_path: Path, seed: int = 0) -> pd.DataFrame:

@@ -7,10 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.config import EvaluateParams
 from pipeline.model import LoadedModel
 from pipeline.tables import read_table, to_tensor
-from vae import evaluate
+from vae import evaluate, load_baselines
 from vae.store import write_atomic
 
 
@@ -18,7 +20,7 @@ def metrics_dict(model: LoadedModel, data_path: Path, params: EvaluateParams) ->
     """ELBO, its terms and IWAE log-likelihood in nats per row, original units."""
     df = read_table(Path(data_path))
     model.schema.check(df, str(data_path))
-    y = to_tensor(model.schema.features_in_order(df))
+    y = to_tensor(model.schema.features_in_order(df), str(data_path))
     ev = evaluate(model.vae, y, params.iw_samples, params.seed, params.batch_rows)
     stderr = ev.log_likelihood_stderr
     return {
@@ -32,7 +34,16 @@ def metrics_dict(model: LoadedModel, data_path: Path, params: EvaluateParams) ->
         "kl_per_dim": list(ev.kl_per_dim),
         "active_units": ev.active_units,
         "per_feature_reconstruction": dict(zip(model.schema.features, ev.per_feature_reconstruction, strict=True)),
+        "baselines": baseline_metrics(model, y),
     }
+
+
+def baseline_metrics(model: LoadedModel, y: torch.Tensor) -> dict[str, float] | None:
+    """The closed-form baselines fitted on the model's training rows, scored on these rows."""
+    fitted = load_baselines(model.directory)
+    if fitted is None:
+        return None
+    return {name: float(ll.mean()) for name, ll in fitted.log_prob(y).items()}
 
 
 def write_metrics(metrics: dict[str, Any], path: Path) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.schema import Schema
+from pipeline.tables import file_sha256
 from vae import VAE, VAEError, load_model, read_manifest
+from vae.store import WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,18 @@ class LoadedModel:
     def anomaly_threshold(self) -> float | None:
         value = self.metadata.get("anomaly", {}).get("threshold")
         return None if value is None else float(value)
+
+    def score_settings(self, score_samples: int, seed: int) -> tuple[int, int]:
+        """(importance samples, seed) for the score columns: those the anomaly threshold was
+        placed with, whatever embed.* says now, so that the flag means what it meant at training."""
+        anomaly = self.metadata.get("anomaly", {})
+        if anomaly.get("threshold") is None:
+            return score_samples, seed
+        stored = int(anomaly["score_samples"]), int(anomaly.get("seed", 0))
+        if stored != (score_samples, seed):
+            warnings.warn(f"scoring with the model's embed.score_samples={stored[0]} and embed.seed={stored[1]} "
+                          f"(its anomaly threshold was placed with them), not {score_samples} and {seed}", stacklevel=2)
+        return stored
 
     @property
     def id_columns(self) -> tuple[str, ...]:
@@ -46,9 +61,35 @@ def load_model_dir(directory: Path, device: str = "cpu") -> LoadedModel:
     return LoadedModel(vae, Schema.from_dict(metadata["schema"]), Path(directory), metadata)
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    directory: Path  # a local model directory
+    version: str  # models:/NAME/VERSION for a registered one, else sha256:<weights.pt> of the directory
+
+
+def resolve_ref(ref: str) -> ResolvedModel:
+    """MODEL resolved once: what a registry alias points at now, or a directory and its weights' hash."""
+    if ref.startswith("models:/"):
+        from pipeline.stores import check_store
+
+        check_store()  # before the slow imports: a dead server fails in seconds
+        from pipeline.registry import download_version
+
+        directory, mv = download_version(ref)
+        return ResolvedModel(directory, f"models:/{mv.name}/{mv.version}")
+    path = Path(ref)
+    if not path.exists():
+        raise PipelineError(f"model {ref} does not exist (a model directory from `vaepipe train`, or models:/NAME@ALIAS)")
+    weights = path / WEIGHTS  # if missing, loading the directory names what is wrong
+    return ResolvedModel(path, f"sha256:{file_sha256(weights)}" if weights.is_file() else "unknown")
+
+
 def resolve_model(ref: str, device: str = "cpu") -> LoadedModel:
     """MODEL on the command line: a model directory, or models:/NAME@ALIAS, models:/NAME/VERSION."""
     if ref.startswith("models:/"):
+        from pipeline.stores import check_store
+
+        check_store()  # before the slow imports: a dead server fails in seconds
         from pipeline.registry import download_model_dir
 
         return load_model_dir(download_model_dir(ref), device)

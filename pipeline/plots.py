@@ -34,13 +34,15 @@ def _save(fig: Figure, out_dir: Path, name: str) -> Path:
 
 
 def loss_curves(history: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """history.csv as a frame: train_/val_ elbo, recon, kl (nats/row) per epoch."""
+    """history.csv as a frame: train_/val_ elbo, recon, kl (nats/row) per epoch (and the refit's)."""
     fig = Figure(figsize=(12, 3.5), layout="constrained")
+    refit = history["phase"] == "refit" if "phase" in history else pd.Series(False, index=history.index)
+    curves = (("train", ~refit, "train"), ("val", ~refit, "val"), ("train", refit, "refit, all rows"))
     for ax, (term, title) in zip(fig.subplots(1, 3), LOSS_TERMS, strict=True):
-        for split in ("train", "val"):
-            col = f"{split}_{term}"
-            if col in history and history[col].notna().any():
-                ax.plot(history["epoch"], history[col], label=split, marker="." if len(history) < 30 else None)
+        for split, rows, label in curves:
+            col, part = f"{split}_{term}", history[rows]
+            if col in part and part[col].notna().any():
+                ax.plot(part["epoch"], part[col], label=label, marker="." if len(part) < 30 else None)
         ax.set(title=title, xlabel="epoch", ylabel="nats / row")
         ax.legend()
     return [_save(fig, Path(out_dir), "loss_curves.png")]

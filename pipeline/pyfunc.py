@@ -6,6 +6,7 @@ frame of DESIGN.md ("Embedding output"): ids, z_*, log_likelihood, anomaly.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,25 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
-from pipeline.config import EmbedParams
+from pipeline.config import EmbedParams, ValidateParams
+from pipeline.drift import column_drift, drift_summary
 from pipeline.embed import embed_frame
 from pipeline.model import LoadedModel, load_model_dir
 
+log = logging.getLogger(__name__)
+MIN_DRIFT_ROWS = 30  # smaller requests say too little about the distribution to warn on
 ARTIFACT_KEY = "model_dir"  # context.artifacts key of the model directory
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # logged as the model's code, not a pickle
 
 
 def embed_params(model: LoadedModel) -> EmbedParams:
     """The embed section the model was trained with (its anomaly threshold matches it)."""
     return EmbedParams(**model.metadata.get("params", {}).get("embed", {}))
+
+
+def validate_params(model: LoadedModel) -> ValidateParams:
+    """The validate section the model was trained with (its drift limits)."""
+    return ValidateParams(**model.metadata.get("params", {}).get("validate", {}))
 
 
 def pip_requirements() -> list[str]:
@@ -35,14 +45,22 @@ class VAEPyfunc(PythonModel):
     """Loads the model directory logged as artifact `model_dir`; predict embeds a DataFrame.
 
     The table contract is checked by the embed step: missing or extra columns raise a
-    PipelineError that names them.
+    PipelineError that names them. A request of MIN_DRIFT_ROWS rows or more whose columns drifted
+    from the training distribution (validate.drift limits) logs a warning naming them.
     """
 
     def load_context(self, context: Any) -> None:
         self.model = load_model_dir(Path(context.artifacts[ARTIFACT_KEY]))
         self.params = embed_params(self.model)
+        self.drift = validate_params(self.model)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
-        return embed_frame(self.model, model_input, self.params, where="predict input")
+        out = embed_frame(self.model, model_input, self.params, where="predict input")
+        if len(model_input) >= MIN_DRIFT_ROWS and self.drift.drift != "off":
+            drifted = drift_summary(column_drift(self.model.schema, model_input, self.drift))
+            if drifted:
+                log.warning("predict input of %d rows drifted from the training distribution: %s",
+                            len(model_input), drifted)
+        return out

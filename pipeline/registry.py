@@ -8,6 +8,7 @@ run with the model's params, training curves, metrics, plots and lineage tags. A
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -27,6 +28,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.types import ColSpec, DataType
+from mlflow.types import Schema as MlflowSchema
+from mlflow.types.schema import AnyType
 
 from pipeline import plots, stores
 from pipeline.config import Params
@@ -34,14 +38,16 @@ from pipeline.embed import embed_frame
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.evaluate import metrics_dict
 from pipeline.lineage import lineage_tags
+from pipeline.locks import promotion_lock
 from pipeline.model import LoadedModel, load_model_dir
-from pipeline.pyfunc import ARTIFACT_KEY, VAEPyfunc, embed_params, pip_requirements
-from pipeline.tables import iter_table_batches, read_table
+from pipeline.pyfunc import ARTIFACT_KEY, MODEL_CODE, embed_params, pip_requirements
+from pipeline.tables import file_sha256, iter_table_batches, read_table
 from pipeline.validate import validate_table
-from vae.store import CHECKPOINT, HISTORY
+from vae.store import CHECKPOINT, HISTORY, MANIFEST, WEIGHTS
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 HISTORY_METRICS = ("train_elbo", "train_recon", "train_kl", "val_elbo", "val_recon", "val_kl", "lr", "beta")
+REGISTRATION_TAG = "vaepipe.registration_key"  # run tag: registration_key of the model it logged
 EXAMPLE_ROWS = 5  # rows of the input example stored with the model (and used for its signature)
 _REF = re.compile(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))")
 
@@ -86,17 +92,37 @@ def register_model(
     history = _read_history(model.directory)
     frame = _table_frame(model, Path(table)) if table is not None else None
     name = params.register.model_name
-    stores.configure_mlflow(params.register.experiment)
-    with tempfile.TemporaryDirectory(prefix="vaepipe-register-") as tmp, \
-            mlflow.start_run(run_name=model.directory.name) as run:
-        _log_run(run.info.run_id, model, history, metrics, frame, Path(tmp))
-        info = _log_pyfunc(model, _stage(model.directory, Path(tmp)), name, _input_example(model, frame))
-    version = str(info.registered_model_version)
+    experiment_id = stores.configure_mlflow(params.register.experiment)
+    key = registration_key(model.directory)
     client = MlflowClient()
-    for key, value in _version_tags(model, metrics, run.info.run_id).items():
-        client.set_model_version_tag(name, version, key, value)
+    earlier = _version_of_earlier_run(client, experiment_id, name, key)
+    if earlier is not None:  # a retry after a failure past the version's creation: finish that one
+        version, run_id = str(earlier.version), str(earlier.run_id)
+    else:
+        with tempfile.TemporaryDirectory(prefix="vaepipe-register-") as tmp, \
+                mlflow.start_run(run_name=model.directory.name, tags={REGISTRATION_TAG: key}) as run:
+            _log_run(run.info.run_id, model, history, metrics, frame, Path(tmp))
+            info = _log_pyfunc(model, _stage(model.directory, Path(tmp)), name, _input_example(model, frame))
+        version, run_id = str(info.registered_model_version), run.info.run_id
+    for tag, value in _version_tags(model, metrics, run_id).items():
+        client.set_model_version_tag(name, version, tag, value)
     client.set_registered_model_alias(name, alias, version)
-    return RegisteredVersion(name, version, run.info.run_id, alias, f"models:/{name}/{version}")
+    return RegisteredVersion(name, version, run_id, alias, f"models:/{name}/{version}")
+
+
+def registration_key(directory: Path) -> str:
+    """sha256 of the model's manifest and weights: the same trained model, the same key."""
+    digest = hashlib.sha256()
+    for name in (MANIFEST, WEIGHTS):
+        digest.update(name.encode() + b"\0" + file_sha256(Path(directory) / name).encode())
+    return digest.hexdigest()
+
+
+def _version_of_earlier_run(client: MlflowClient, experiment_id: str, name: str, key: str) -> ModelVersion | None:
+    """The version a run tagged with key already registered under name (registration is idempotent)."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{REGISTRATION_TAG}` = '{key}'")
+    versions = [v for r in runs for v in client.search_model_versions(f"name = '{name}' and run_id = '{r.info.run_id}'")]
+    return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
 def _read_history(directory: Path) -> pd.DataFrame:
@@ -121,6 +147,7 @@ def _log_run(run_id: str, model: LoadedModel, history: pd.DataFrame, metrics: di
     mlflow.log_dict(config, "params.json")
     if metrics is not None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_scalar(v)})
+        mlflow.log_metrics({f"baseline_{k}": float(v) for k, v in (metrics.get("baselines") or {}).items()})
         mlflow.log_dict(metrics, "metrics.json")
     mlflow.set_tags(lineage_tags(model, config))
     plots.model_figures(model, history, tmp / "plots", metrics=metrics, table=frame)
@@ -136,11 +163,13 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _history_metrics(history: pd.DataFrame) -> list[Metric]:
+    """Per-epoch curves; the refit on all rows (train.refit) under `refit_` keys of its own."""
     now = int(time.time() * 1000)
+    phase = history["phase"] if "phase" in history else pd.Series("select", index=history.index)
     return [
-        Metric(key, float(value), now, int(epoch))
+        Metric(key if p != "refit" else f"refit_{key}", float(value), now, int(epoch))
         for key in HISTORY_METRICS if key in history
-        for epoch, value in zip(history["epoch"], history[key], strict=True) if pd.notna(value)
+        for epoch, value, p in zip(history["epoch"], history[key], phase, strict=True) if pd.notna(value)
     ]
 
 
@@ -162,20 +191,38 @@ def _input_example(model: LoadedModel, frame: pd.DataFrame | None) -> pd.DataFra
     return frame[[*model.id_columns, *model.schema.features]].head(EXAMPLE_ROWS).reset_index(drop=True)
 
 
-def _signature(model: LoadedModel, example: pd.DataFrame | None) -> ModelSignature | None:
-    """Outputs only: an input schema would make MLflow drop extra columns silently and bury a
-    missing one in a dump of the data; the embed step names both (Schema.check)."""
+def _signature(model: LoadedModel, example: pd.DataFrame | None) -> ModelSignature:
+    """Inputs: the id and feature columns with their types; outputs: the embedding frame's.
+
+    MLflow enforces the inputs at predict: a missing column is refused by name, extra columns
+    are dropped with a warning. The table contract (Schema.check) still guards every vaepipe step.
+    """
     if example is None:
-        return None
+        return ModelSignature(inputs=_schema_inputs(model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "integer columns cannot hold NaN": ids
-        outputs = infer_signature(example, embed_frame(model, example, embed_params(model))).outputs
-    return ModelSignature(inputs=None, outputs=outputs)
+        inferred = infer_signature(example, embed_frame(model, example, embed_params(model)))
+    return ModelSignature(inputs=inferred.inputs, outputs=inferred.outputs)
+
+
+def _schema_inputs(model: LoadedModel) -> MlflowSchema:
+    """Without an example: the features' training dtypes; the ids' types are unknown (any)."""
+    ids = [ColSpec(AnyType(), c) for c in model.id_columns]
+    features = [ColSpec(_mlflow_type(t), c) for c, t in zip(model.schema.features, model.schema.dtypes, strict=True)]
+    return MlflowSchema([*ids, *features])
+
+
+def _mlflow_type(dtype: str) -> DataType:
+    kinds = {"bool": DataType.boolean, "boolean": DataType.boolean, "int32": DataType.integer,
+             "float32": DataType.float}
+    if dtype in kinds:
+        return kinds[dtype]
+    return DataType.long if dtype.lower().startswith(("int", "uint")) else DataType.double
 
 
 def _log_pyfunc(model: LoadedModel, staged: Path, name: str, example: pd.DataFrame | None) -> Any:
     return mlflow.pyfunc.log_model(
-        name="model", python_model=VAEPyfunc(), artifacts={ARTIFACT_KEY: str(staged)},
+        name="model", python_model=str(MODEL_CODE), artifacts={ARTIFACT_KEY: str(staged)},
         input_example=example, signature=_signature(model, example), pip_requirements=pip_requirements(),
         registered_model_name=name,
     )
@@ -232,6 +279,11 @@ def resolve_version(ref: str) -> ModelVersion:
 
 def download_model_dir(ref: str) -> Path:
     """The model directory of a registered version, downloaded once into the store's cache."""
+    return download_version(ref)[0]
+
+
+def download_version(ref: str) -> tuple[Path, ModelVersion]:
+    """download_model_dir and the version it resolved (an alias is read once)."""
     stores.configure_tracking()
     mv = resolve_version(ref)
     key = re.sub(r"[^\w.-]", "_", f"{mv.version}-{(mv.source or '').rsplit('/', 1)[-1]}")
@@ -244,7 +296,7 @@ def download_model_dir(ref: str) -> Path:
             _publish(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return _model_dir_in(target, ref)
+    return _model_dir_in(target, ref), mv
 
 
 def _publish(tmp: Path, target: Path) -> None:
@@ -273,6 +325,12 @@ def promote(params: Params, data_path: Path, *, version: str | None = None) -> P
     stores.configure_tracking()
     name, data_path = params.register.model_name, Path(data_path)
     challenger = _challenger(name, version)
+    with promotion_lock(name):  # held from reading @champion to moving it (pipeline.locks)
+        return _gate(params, challenger, data_path)
+
+
+def _gate(params: Params, challenger: str, data_path: Path) -> Promotion:
+    name = params.register.model_name
     champion = _registered_aliases(MlflowClient(), name, f"models:/{name}").get(CHAMPION)
     if champion == challenger:
         return Promotion(False, challenger, champion, None, None, None,
@@ -355,10 +413,22 @@ def _tag(name: str, version: str, tags: dict[str, str]) -> None:
 
 
 def _crown(name: str, challenger: str, expected: str | None, tags: dict[str, str]) -> None:
-    """Set @champion unless it moved while the gate ran (another promote won)."""
+    """Set @champion unless it moved while the gate ran (cannot happen under promotion_lock)."""
     client = MlflowClient()
     now = _registered_aliases(client, name, f"models:/{name}").get(CHAMPION)
     if now != expected:
         raise PipelineError(f"@{CHAMPION} of {name} moved to version {now} while the gate ran; run promote again")
     _tag(name, challenger, {**tags, "promoted_at": tags["gated_at"]})
     client.set_registered_model_alias(name, CHAMPION, challenger)
+
+
+def current_champion(name: str) -> str | None:
+    """The version @champion of NAME points at; None when there is none (or no such model yet)."""
+    stores.configure_tracking()
+    try:
+        version = MlflowClient().get_registered_model(name).aliases.get(CHAMPION)
+    except MlflowException as exc:
+        if not _not_found(exc):
+            raise
+        return None
+    return None if version is None else str(version)

@@ -25,10 +25,25 @@ def _plural(word: str, n: int) -> str:
     return word if n == 1 else word + "s"
 
 
+SKETCH_LEVELS = 65  # quantiles 0, 1/64, ..., 1 per feature: the training distribution for drift
+
+
+def quantile_sketch(values: np.ndarray) -> tuple[tuple[float, ...], ...]:
+    """Per column of values (N, D), its SKETCH_LEVELS quantiles over observed cells."""
+    levels = np.linspace(0.0, 1.0, SKETCH_LEVELS)
+    return tuple(
+        tuple(float(v) for v in np.quantile(col[~np.isnan(col)], levels)) for col in values.T
+    )
+
+
 def _digest(body: dict[str, Any]) -> str:
     # sort_keys and fixed separators make the text canonical; floats print with repr (round trip)
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _listed(v: Any) -> Any:
+    return [_listed(x) for x in v] if isinstance(v, tuple | list) else v
 
 
 @dataclass(frozen=True)
@@ -41,22 +56,24 @@ class Schema:
     minimum: tuple[float, ...]
     maximum: tuple[float, ...]
     n_rows: int
+    # quantile_sketch of the training table; () in models trained before it existed (their hash
+    # then leaves it out, so they still load)
+    quantiles: tuple[tuple[float, ...], ...] = ()
     hash: str = ""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, list):
-                object.__setattr__(self, f.name, tuple(value))
+                object.__setattr__(self, f.name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
         if not self.hash:
             object.__setattr__(self, "hash", _digest(self._body()))
 
     def _body(self) -> dict[str, Any]:
-        return {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in asdict(self).items()
-            if k != "hash"
-        }
+        body = {k: _listed(v) for k, v in asdict(self).items() if k != "hash"}
+        if not self.quantiles:
+            del body["quantiles"]
+        return body
 
     @classmethod
     def from_frame(
@@ -80,6 +97,7 @@ class Schema:
             minimum=tuple(float(v) for v in np.nanmin(values, axis=0)),
             maximum=tuple(float(v) for v in np.nanmax(values, axis=0)),
             n_rows=int(len(df)),
+            quantiles=quantile_sketch(values),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,7 +107,7 @@ class Schema:
     def from_dict(cls, d: dict[str, Any], where: str = "schema") -> Schema:
         """Rebuild a stored schema; a hash that does not match its content is refused."""
         names = {f.name for f in fields(cls)}
-        unknown, missing = set(d) - names, names - set(d)
+        unknown, missing = set(d) - names, names - set(d) - {"quantiles"}
         if unknown or missing:
             raise PipelineError(
                 f"{where}: not a schema (missing keys {sorted(missing)}, unknown keys {sorted(unknown)})"

@@ -14,12 +14,14 @@ from typing import Any
 from pipeline import embed as embed_step
 from pipeline import evaluate as evaluate_step
 from pipeline import prepare as prepare_step
+from pipeline import stores
 from pipeline import train as train_step
 from pipeline import validate as validate_step
-from pipeline.config import Params
+from pipeline.config import OUTPUT_COLUMN, Params
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
-from pipeline.model import resolve_model
-from vae import EpochStats
+from pipeline.model import load_model_dir, resolve_model, resolve_ref
+from pipeline.tables import PARQUET_SUFFIXES, check_output
+from vae import EpochStats, VAEError, resolve_device
 
 
 def prepare_data(params: Params) -> dict[str, Path]:
@@ -33,10 +35,17 @@ def default_eval_table(params: Params) -> Path:
     return path
 
 
-def raise_if_failed(report: validate_step.ValidationReport, path: Path) -> None:
+def raise_if_failed(report: validate_step.ValidationReport, path: Path | str) -> None:
     if not report.success:
-        lines = [f"{c.name} ({c.column})" if c.column else c.name for c in report.failures()]
-        raise ValidationFailed(f"{path} failed validation: {'; '.join(lines[:5])}" + (" ..." if len(lines) > 5 else ""))
+        failures = report.failures()
+        drifted = [f"{c.column!r} ({c.brief})" for c in failures if c.name == "drift"]
+        others = [c for c in failures if c.name != "drift"]
+        parts = [f"drifted columns {', '.join(drifted)} (validate.drift)"] if drifted else []
+        parts += [c.line().removeprefix("FAIL ") if i == 0 and not drifted else (f"{c.name} ({c.column})" if c.column else c.name)
+                  for i, c in enumerate(others)]
+        head, rest = parts[0], parts[1:]
+        also = f"; also {'; '.join(rest[:4])}" + (" ..." if len(rest) > 4 else "") if rest else ""
+        raise ValidationFailed(f"{path} failed validation: {head}{also}")
 
 
 def validate_data(
@@ -50,11 +59,30 @@ def validate_data(
     return report
 
 
+def validate_against_champion(source: str, params: Params) -> validate_step.ValidationReport | None:
+    """data.source against @champion's table contract and training distribution (drift).
+
+    None when there is no champion yet: nothing to compare with.
+    """
+    from pipeline.registry import current_champion
+    from pipeline.tables import load_source
+
+    name = params.register.model_name
+    version = current_champion(name)
+    if version is None:
+        return None
+    schema = resolve_model(f"models:/{name}/{version}").schema
+    df = load_source(source, seed=params.data.seed)
+    return validate_step.validate_table(df, data=params.data, params=params.validate, against=schema,
+                                        where=f"{source} against {name} version {version} (@champion)")
+
+
 def train(
     path: Path, out: Path, params: Params, *, resume: bool = False, val_path: Path | None = None,
     validate: bool = True, validated: bool = False, on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> train_step.TrainSummary:
     """Validate the table (data.* and validate.* policies) unless the caller did, then fit into OUT."""
+    train_step.check_out_dir(Path(out), resume)  # before the minutes validation may take
     if validate:
         validate_data(path, params)
     return train_step.train_model(Path(path), Path(out), params, resume=resume, val_path=val_path,
@@ -70,15 +98,39 @@ def evaluate(model: str, path: Path, params: Params, json_path: Path | None = No
 
 def embed(model: str, input_path: Path, output: Path, params: Params,
           on_batch: Callable[[int], None] | None = None) -> int:
-    return embed_step.embed_file(resolve_model(model), Path(input_path), Path(output), params.embed, on_batch)
+    """INPUT file -> OUTPUT file, or INPUT folder -> OUTPUT folder of parts, in this process.
+
+    Refused before any work if OUTPUT would destroy INPUT.
+    """
+    input_path = Path(input_path)
+    if not input_path.is_dir():
+        check_output(Path(output), [input_path], PARQUET_SUFFIXES)
+    try:
+        device = str(resolve_device(params.embed.device, "embed.device"))
+    except VAEError as exc:
+        raise PipelineError(str(exc)) from None
+    resolved = resolve_ref(model)
+    loaded = load_model_dir(resolved.directory, device)
+    taken = [c for c in loaded.id_columns if OUTPUT_COLUMN.fullmatch(c)]
+    if taken:
+        raise PipelineError(f"model {model}: its id column {taken[0]!r} would be overwritten by embed's own "
+                            "output column; rename it in the table and retrain")
+    if input_path.is_dir():
+        return embed_step.embed_folder(loaded, input_path, Path(output), params.embed, resolved.version, on_batch,
+                                       drift=params.validate)
+    return embed_step.embed_file(loaded, input_path, Path(output), params.embed, on_batch,
+                                 {"model_version": resolved.version, "input_file": input_path.name},
+                                 drift=params.validate)
 
 
 def sample(model: str, n: int, output: Path, params: Params) -> int:
+    check_output(Path(output))
     return len(embed_step.sample_file(resolve_model(model), n, Path(output), params.embed.seed))
 
 
 def register(model_dir: Path, params: Params, *, alias: str = "challenger",
              metrics: dict[str, Any] | None = None, table: Path | None = None) -> Any:
+    stores.check_store()  # before the slow imports: a dead server fails in seconds
     from pipeline.registry import register_model
 
     return register_model(Path(model_dir), params, alias=alias, metrics=metrics, table=table)
@@ -87,6 +139,7 @@ def register(model_dir: Path, params: Params, *, alias: str = "challenger",
 def promote(params: Params, *, version: str | None = None, data: Path | None = None,
             refuse_raises: bool = True) -> dict[str, Any]:
     """The gate; a refusal raises GateRefused unless refuse_raises is False (then it is reported)."""
+    stores.check_store()
     from pipeline.registry import promote as gate
 
     try:
@@ -105,4 +158,6 @@ def new_run_dir(root: Path = Path("models/runs")) -> Path:
 
 def epoch_line(s: EpochStats, epochs: int) -> str:
     val = "" if s.val_elbo is None else f"  val ELBO {s.val_elbo:.3f}"
+    if s.phase == "refit":  # its length is the epoch count early stopping chose
+        return f"refit on all rows, epoch {s.epoch}  ELBO {s.train_elbo:.3f}  recon {s.train_recon:.3f}  KL {s.train_kl:.3f}"
     return f"epoch {s.epoch}/{epochs}  ELBO {s.train_elbo:.3f}  recon {s.train_recon:.3f}  KL {s.train_kl:.3f}{val}"

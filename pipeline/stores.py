@@ -6,17 +6,25 @@ in `<cwd>/mlflow/artifacts`; every path absolute, so pytest, DVC and Prefect sha
 
 from __future__ import annotations
 
+import http.client
 import os
+import ssl
+import time
 from pathlib import Path
+from urllib.parse import SplitResult, urlsplit
 
-import mlflow
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from pipeline.errors import StoreUnreachable
 
 STORE_DIR = "mlflow"  # under the cwd; holds data only, never a .py file (it would shadow mlflow)
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 CACHE_DIR = "cache"
+PROBE_DELAYS = (0.5, 1.0)  # seconds between the attempts to reach a store server: 3 attempts
+PROBE_TIMEOUT = 3.0  # seconds one attempt (connect, request, first answer) may take
+# MLflow's own HTTP retries (defaults: 7 tries up to 120 s each, ~4 minutes against a dead server),
+# bounded for the calls after the probe; a user's own setting wins
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def tracking_uri() -> str:
@@ -64,7 +72,9 @@ def configure_tracking() -> str:
     not set here: mlflow.set_registry_uri is process-global and outranks the tracking URI even
     of an explicit MlflowClient(tracking_uri=...), so a later store would still register into this one.
     """
-    uri = tracking_uri()
+    import mlflow
+
+    uri = check_store()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep CLI output to log lines
     db = sqlite_path(uri)
     if db is not None:
@@ -73,8 +83,77 @@ def configure_tracking() -> str:
     return uri
 
 
+def check_store() -> str:
+    """The tracking URI, after checking that it (and MLFLOW_REGISTRY_URI) answers; cheap, imports no MLflow.
+
+    Steps call it before their slow imports and work, so a dead server costs seconds, not minutes.
+    """
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        check_reachable(os.environ.get(variable, "").strip(), variable=variable)
+    return tracking_uri()  # after the probe: a failed one leaves no store folder behind
+
+
+def check_prefect_api() -> None:
+    """PREFECT_API_URL, when set, answers (else Prefect waits on it and fails with a RuntimeError)."""
+    check_reachable(os.environ.get("PREFECT_API_URL", "").strip(), "Prefect API", "PREFECT_API_URL")
+
+
+def _answers(parts: SplitResult) -> None:
+    """One HTTP request for {uri}/health; any HTTP answer passes (404 included: MLflow's own call names it)."""
+    if parts.scheme == "https":  # a liveness probe sends nothing secret: no certificate check here
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname or "", parts.port, timeout=PROBE_TIMEOUT, context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=PROBE_TIMEOUT)
+    try:
+        conn.request("GET", parts.path.rstrip("/") + "/health")
+        conn.getresponse().read(0)
+    finally:
+        conn.close()
+
+
+def check_reachable(uri: str, what: str = "MLflow store", variable: str = "MLFLOW_TRACKING_URI",
+                    delays: tuple[float, ...] = PROBE_DELAYS) -> None:
+    """Fail in seconds, not minutes, when an http(s) server refuses, drops or does not answer requests.
+
+    Raises StoreUnreachable naming the URI, the attempts and the time they took. Other URIs pass.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    started = time.monotonic()
+    for attempt in range(len(delays) + 1):
+        try:
+            _answers(parts)
+            return
+        except (OSError, http.client.HTTPException) as exc:
+            reason = _reason(exc)
+        if attempt < len(delays):
+            time.sleep(delays[attempt])
+    raise StoreUnreachable(
+        f"{what} {uri} is unreachable ({reason}; {len(delays) + 1} attempts in "
+        f"{time.monotonic() - started:.1f} s): start the server or point {variable} at a running one"
+    )
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {PROBE_TIMEOUT:g} s"
+    if isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError):
+        return "it closed the connection without answering"
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or exc.__class__.__name__
+
+
 def configure_mlflow(experiment: str) -> str:
     """Tracking (and registry) URI and the active experiment, created with our artifact location; its id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
     configure_tracking()
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(experiment)

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import glob
+import hashlib
 import os
+import queue
 import re
+import shutil
+import socket
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, output_error
+from vae import VAEError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv",)
@@ -22,6 +32,10 @@ SUFFIXES = PARQUET_SUFFIXES + CSV_SUFFIXES
 SKLEARN_SOURCES = ("breast_cancer", "diabetes", "wine")
 _SYNTHETIC = re.compile(r"synthetic:(\d+)x(\d+)")
 _T = TypeVar("_T")
+STREAM_BUFFER_BYTES = 1 << 20  # read buffer of a streamed Parquet column
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+_HEAP_BOUNDED = False
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # no dots or dashes in a name
 
 
 def _kind(path: Path) -> str:
@@ -48,6 +62,10 @@ def _guarded(path: Path, kind: str, work: Callable[[], _T]) -> _T:
         raise
     except MemoryError:
         raise
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start:exc.start + 1].hex()
+        raise PipelineError(f"{path} is not a readable {kind} table: not UTF-8 text (byte 0x{byte}); "
+                            "if it is text, save it as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
     except Exception as exc:  # pyarrow and pandas raise many unrelated types on bad bytes
         raise PipelineError(f"{path} is not a readable {kind} table: {_reason(exc)}") from None
 
@@ -59,6 +77,25 @@ def _check_file(path: Path) -> str:
     if not path.is_file():
         raise PipelineError(f"{path} is not a file; expected a {kind} table")
     return kind
+
+
+def _check_unique(path: Path, names: Sequence[str]) -> None:
+    seen: set[str] = set()
+    twice = [n for n in names if n in seen or seen.add(n)]  # type: ignore[func-returns-value]
+    if twice:
+        raise PipelineError(
+            f"{path}: column {twice[0]!r} appears more than once in the header; rename or drop the copies"
+        )
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The header as written: pandas would rename a repeated 'a' to 'a.1' and hide it."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        names = next(csv.reader(f), [])
+    _check_unique(path, names)
+    return names
 
 
 def _check_columns(path: Path, available: Sequence[str], columns: Sequence[str] | None) -> None:
@@ -79,12 +116,14 @@ def _read_parquet(path: Path, columns: Sequence[str] | None) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
+    _check_unique(path, pf.schema_arrow.names)
     _check_columns(path, pf.schema_arrow.names, columns)
     return pf.read(columns=list(columns) if columns else None).to_pandas()
 
 
 def _read_csv(path: Path, columns: Sequence[str] | None) -> pd.DataFrame:
     _check_csv_size(path)
+    _csv_header(path)
     header = pd.read_csv(path, nrows=0)
     _check_columns(path, list(header.columns), columns)
     df = pd.read_csv(path, usecols=list(columns) if columns else None)
@@ -105,6 +144,21 @@ def read_table(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame
     return _check_not_empty(path, df)
 
 
+def bound_heap_growth() -> None:
+    """Serve allocations of 1 MiB and more from mmap, returned to the system when freed.
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), so the per-batch
+    tensors of a long stream then land on the heap, which fragments and grows: measured 2 GiB
+    after a few 65536-row batches with scores, 0.75 GiB with this. Process-wide; a no-op off glibc.
+    """
+    global _HEAP_BOUNDED
+    if _HEAP_BOUNDED or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    _HEAP_BOUNDED = True
+
+
 def iter_table_batches(
     path: Path, batch_rows: int, columns: Sequence[str] | None = None
 ) -> Iterator[pd.DataFrame]:
@@ -121,6 +175,45 @@ def iter_table_batches(
     return _stream(path, kind, batches)
 
 
+def prefetch(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
+    """The items of an iterator, read ahead by a thread (Parquet decoding releases the GIL);
+    at most depth items wait in memory; an error of the reader is raised here, in order."""
+    ready: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(item: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, end))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((False, exc))
+
+    reader = threading.Thread(target=read, name="prefetch", daemon=True)
+    reader.start()
+    try:
+        while True:
+            ok, item = ready.get()
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        reader.join()
+
+
 def _stream(path: Path, kind: str, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     seen = 0
     while (batch := _guarded(path, kind, lambda: next(batches, None))) is not None:
@@ -135,7 +228,10 @@ def _parquet_batches(
 ) -> Iterator[pd.DataFrame]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    # pre_buffer (pyarrow's default) caches every column chunk it fetched until the file is closed:
+    # memory then grows with the file. Streamed reads keep about one row group decoded at a time.
+    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=STREAM_BUFFER_BYTES)
+    _check_unique(path, pf.schema_arrow.names)
     _check_columns(path, pf.schema_arrow.names, columns)
     cols = list(columns) if columns else None
     return (b.to_pandas() for b in pf.iter_batches(batch_size=batch_rows, columns=cols))
@@ -145,6 +241,7 @@ def _csv_batches(
     path: Path, batch_rows: int, columns: Sequence[str] | None
 ) -> Iterator[pd.DataFrame]:
     _check_csv_size(path)
+    _csv_header(path)
     header = pd.read_csv(path, nrows=0)
     _check_columns(path, list(header.columns), columns)
     cols = list(columns) if columns else None
@@ -152,8 +249,27 @@ def _csv_batches(
     return (chunk[cols] if cols else chunk for chunk in chunks)  # usecols keeps the file's order
 
 
+def newest_table(folder: Path) -> Path:
+    """The most recently modified Parquet/CSV file of a folder (ties: the last name)."""
+    tables = [p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES]
+    if not tables:
+        raise PipelineError(
+            f"data.source {str(folder)!r} is a folder without any table ({', '.join(SUFFIXES)}); "
+            "put the new table there or point data.source at a file"
+        )
+    return max(tables, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def resolve_source(source: str) -> str:
+    """data.source with a folder replaced by its newest table (scheduled retraining drops tables there)."""
+    if source.startswith(("sklearn:", "synthetic:")) or not Path(source).is_dir():
+        return source
+    return str(newest_table(Path(source)))
+
+
 def load_source(source: str, seed: int = 0) -> pd.DataFrame:
-    """data.source: sklearn:NAME, synthetic:ROWSxCOLS or a path to a Parquet/CSV table."""
+    """data.source: sklearn:NAME, synthetic:ROWSxCOLS, a Parquet/CSV table, or a folder (its newest table)."""
+    source = resolve_source(source)
     if source.startswith("sklearn:"):
         return _load_sklearn(source)
     if source.startswith("synthetic:"):
@@ -244,25 +360,141 @@ def split_features(
     return ids, features
 
 
-def to_tensor(features: pd.DataFrame) -> torch.Tensor:
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def float32_overflow(features: pd.DataFrame) -> tuple[str, int, float] | None:
+    """(column, row, value) of the first finite cell beyond float32's range, which would become inf."""
+    for name in features.columns:
+        if features[name].dtype.kind != "f" or features[name].dtype.itemsize <= 4:
+            continue
+        values = features[name].to_numpy(dtype=np.float64, na_value=np.nan)
+        big = np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)
+        if big.any():
+            row = int(np.flatnonzero(big)[0])
+            return str(name), row, float(values[row])
+    return None
+
+
+def to_tensor(features: pd.DataFrame, where: str = "table") -> torch.Tensor:
     """(rows, features) float32, a copy: pandas 3 hands out read-only views."""
+    over = float32_overflow(features)
+    if over is not None:
+        name, row, value = over
+        raise PipelineError(
+            f"{where}: column {name!r} row {row} holds {value:g}, beyond float32's range "
+            f"(+-{FLOAT32_MAX:.3g}) in which the model computes; rescale the column (e.g. other units)"
+        )
     return torch.from_numpy(features.to_numpy(dtype=np.float32, na_value=np.nan, copy=True))
+
+
+def check_output(path: Path, inputs: Sequence[Path] = (), suffixes: Sequence[str] | None = SUFFIXES) -> Path:
+    """Refuse an output path that is an input, an existing directory, or (suffixes) of an unwritten format."""
+    path = Path(path)
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise PipelineError(f"OUTPUT {path}: {folder} is a file, not a folder; choose another path")
+    for source in inputs:
+        same = path.exists() and Path(source).exists() and os.path.samefile(path, source)
+        if same or path.resolve() == Path(source).resolve():
+            raise PipelineError(f"OUTPUT {path} is the input {source}; writing it would destroy the input: choose another path")
+    if path.is_dir():
+        raise PipelineError(f"OUTPUT {path} is a directory; give a file name")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise PipelineError(
+            f"OUTPUT {path}: this command writes {' or '.join(suffixes)} files, not {path.suffix or '(no suffix)'!r}; "
+            f"name it e.g. {path.with_suffix(suffixes[0]).name}"
+        )
+    return path
+
+
+def _temp_prefix(path: Path) -> str:
+    """.NAME.vaepipe-PID-HOST-: names whose writer can be told dead after a kill (see sweep_stale)."""
+    return f".{path.name}.vaepipe-{os.getpid()}-{_HOST}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale(path: Path) -> list[Path]:
+    """Remove temporaries of path left by writers on this host that died (e.g. SIGKILL); returns them."""
+    path = Path(path)
+    removed = []
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.vaepipe-*.tmp"):
+        fields = entry.name[len(path.name) + 10 :].split("-")  # PID, HOST, random.tmp
+        if len(fields) < 3 or not fields[0].isdigit() or fields[1] != _HOST or _alive(int(fields[0])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling to write; renamed over path if the block succeeds, removed otherwise."""
+    """A temporary sibling to write; renamed over path if the block succeeds, removed otherwise.
+
+    An OS error of the file system (full disk, read-only, permissions) becomes a PipelineError naming path.
+    A writer killed outright (SIGKILL, power loss) cannot remove its temporary: the next writer
+    of the same path on this host does (sweep_stale), so nothing is left to clean by hand.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(path)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         tmp.chmod(0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
+    except (PipelineError, VAEError):
+        raise
+    except OSError as exc:
+        raise output_error(path, exc) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A temporary sibling folder to fill; it takes path's place (old contents removed) on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes 0700
+        if path.is_dir() and not path.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+            os.replace(path, old)  # a directory cannot be renamed over a non-empty one
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_table_atomic(df: pd.DataFrame, path: Path) -> Path:

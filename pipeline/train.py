@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ import torch
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.schema import Schema
-from pipeline.tables import read_table, split_features, to_tensor
+from pipeline.tables import file_sha256, read_table, split_features, to_tensor
 from vae import (
     VAE,
     EpochStats,
@@ -24,16 +24,21 @@ from vae import (
     anomaly_threshold,
     describe_table,
     fit,
+    fit_baselines,
     load_checkpoint,
     save_checkpoint,
     save_model,
     score_rows,
 )
+from vae import distributed as data_parallel
+from vae.precision import precision_gap, resolve_precision
 from vae.store import CHECKPOINT, MANIFEST, write_atomic
+from vae.train import FitResult
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"  # what a resumed run must match: params and data
 MAX_THRESHOLD_ROWS = 20_000  # rows scored to place the anomaly threshold
+PROBE_ROWS = 4096  # rows of the bf16-vs-fp32 probe
 
 
 @dataclass(frozen=True)
@@ -45,14 +50,7 @@ class TrainSummary:
     best_val_elbo: float | None
     anomaly_threshold: float | None
     seconds: float
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    refit_epochs: int = 0  # epochs of the refit on all rows (train.refit), after `epochs`
 
 
 def _load(path: Path, params: Params, schema: Schema | None = None) -> tuple[torch.Tensor, Schema]:
@@ -61,10 +59,12 @@ def _load(path: Path, params: Params, schema: Schema | None = None) -> tuple[tor
         schema.check(df, str(path))
         df = df[[*schema.id_columns, *schema.features]]
     _, features = split_features(df, params.data.id_columns, str(path))
-    return to_tensor(features), schema or Schema.from_frame(df, params.data.id_columns)
+    return to_tensor(features, str(path)), schema or Schema.from_frame(df, params.data.id_columns)
 
 
-def _check_out_dir(out: Path, resume: bool) -> None:
+def check_out_dir(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is a file; give the path of a new directory for the model")
     finished, interrupted = (out / MANIFEST).exists(), (out / CHECKPOINT).exists()
     if resume and finished:
         raise PipelineError(f"{out} already holds a finished model; nothing to resume")
@@ -87,7 +87,13 @@ def _run_record(params: Params, data_path: Path, val_path: Path | None) -> dict[
 
 
 def _check_resume(out: Path, record: dict[str, Any]) -> None:
-    saved = json.loads((out / RUN_FILE).read_text())
+    try:
+        saved = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"--resume into {out}: {out / RUN_FILE} is missing or unreadable "
+                            f"({exc.__class__.__name__}); delete {out} and train again") from None
+    if not isinstance(saved, dict):
+        raise PipelineError(f"--resume into {out}: {out / RUN_FILE} is not a vaepipe run record; delete {out} and train again")
     for key in ("params", "data", "val"):
         old, new = saved.get(key), record.get(key)
         if key != "params":
@@ -111,7 +117,8 @@ def train_model(
     validated: the caller validated DATA (recorded in the model's metadata for the registry).
     """
     data_path, out = Path(data_path), Path(out)
-    _check_out_dir(out, resume)
+    ranks = data_parallel.init(params.train.device)  # under torchrun: every rank trains, rank 0 writes
+    check_out_dir(out, resume)
     y, schema = _load(data_path, params)
     y_val = None if val_path is None else _load(Path(val_path), params, schema)[0]
     record = _run_record(params, data_path, val_path)
@@ -123,33 +130,67 @@ def train_model(
         vae = VAE(spec, params.model, seed=params.train.seed)
     except VAEError as exc:
         raise PipelineError(f"{data_path}: {exc}") from None
+    state = None
     if resume:
         _check_resume(out, record)
+        try:
+            state = load_checkpoint(out, vae)
+        except VAEError as exc:
+            raise PipelineError(str(exc)) from None
     created = not out.exists()
-    write_atomic(out / RUN_FILE, json.dumps(record, indent=2).encode())
+    data_parallel.barrier()  # every rank checked OUT before rank 0 writes into it
     try:
+        if ranks.is_main:
+            write_atomic(out / RUN_FILE, json.dumps(record, indent=2).encode())
         result = fit(
-            vae, y, params.train, y_val=y_val,
-            resume=load_checkpoint(out) if resume else None,
-            on_epoch=on_epoch, on_checkpoint=lambda state: save_checkpoint(out, state),
+            vae, y, params.train, y_val=y_val, resume=state,
+            on_epoch=on_epoch if ranks.is_main else None,
+            on_checkpoint=(lambda state: save_checkpoint(out, state)) if ranks.is_main else None,
         )
+        if not ranks.is_main:
+            return _after_rank_0(out, result)
         threshold = _anomaly_threshold(vae, y, params)
+        precision = _precision_record(vae, y, params)
     except VAEError as exc:
-        if created:
+        if created and ranks.is_main:
             shutil.rmtree(out, ignore_errors=True)  # nothing half-written
         raise PipelineError(f"{data_path}: {exc}") from None
+    except Exception:
+        if ranks.is_main and not resume and not (out / CHECKPOINT).exists():  # no epoch to resume from: leave nothing behind
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                (out / RUN_FILE).unlink(missing_ok=True)
+        raise
     metadata = {
         "schema": schema.to_dict(),
         "params": params.to_dict(),
         "data": record["data"],
         "validation": {"success": validated},
         "anomaly": {"quantile": params.embed.anomaly_quantile, "threshold": threshold,
-                    "score_samples": params.embed.score_samples},
+                    "score_samples": params.embed.score_samples, "seed": params.embed.seed},
+        "train_processes": ranks.world_size,
+        "precision": precision,
     }
-    save_model(out, vae, params.train, result.history, metadata)
-    best = [h.val_elbo for h in result.history if h.epoch == result.best_epoch]
-    return TrainSummary(out, len(result.history), result.best_epoch, result.stopped_early,
-                        best[0] if best else None, threshold, sum(h.seconds for h in result.history))
+    # the baselines see the rows the final model was fitted on (the validation table too after a refit)
+    rows = y if y_val is None or result.state.phase != "refit" else torch.cat([y, y_val])
+    save_model(out, vae, params.train, result.history, metadata, fit_baselines(rows, spec, params.model.latent_dim))
+    data_parallel.barrier()  # the other ranks return once the model directory is complete
+    chosen = result.state.selected_val if result.state.phase == "refit" else result.state.best_val
+    best_val = chosen if math.isfinite(chosen) else None  # the selection's, out of sample
+    refit = sum(h.phase == "refit" for h in result.history)
+    return TrainSummary(out, len(result.history) - refit, result.best_epoch, result.stopped_early,
+                        best_val, threshold, sum(h.seconds for h in result.history), refit)
+
+
+def _after_rank_0(out: Path, result: FitResult) -> TrainSummary:
+    """A rank other than 0: wait until rank 0 wrote the model directory, then report the same run."""
+    data_parallel.barrier()
+    chosen = result.state.selected_val if result.state.phase == "refit" else result.state.best_val
+    best_val = chosen if math.isfinite(chosen) else None  # the selection's, out of sample
+    refit = sum(h.phase == "refit" for h in result.history)
+    return TrainSummary(out, len(result.history) - refit, result.best_epoch, result.stopped_early,
+                        best_val, None, sum(h.seconds for h in result.history), refit)
 
 
 def _anomaly_threshold(vae: VAE, y: torch.Tensor, params: Params) -> float | None:
@@ -158,5 +199,17 @@ def _anomaly_threshold(vae: VAE, y: torch.Tensor, params: Params) -> float | Non
         return None
     if y.shape[0] > MAX_THRESHOLD_ROWS:
         y = y[torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(params.embed.seed))[:MAX_THRESHOLD_ROWS]]
-    scores = score_rows(vae, y, params.embed.score_samples, params.embed.seed)
+    scores = score_rows(vae, y, params.embed.score_samples, params.embed.seed, common_eps=True)
     return anomaly_threshold(scores.log_likelihood, params.embed.anomaly_quantile)
+
+
+def _precision_record(vae: VAE, y: torch.Tensor, params: Params) -> dict[str, Any]:
+    """The precision training ran in; under bf16, what it changes: the ELBO of up to PROBE_ROWS
+    training rows under bf16 minus fp32, same eps (nats per row)."""
+    used = resolve_precision(params.train.precision, next(vae.parameters()).device)
+    if used == "fp32":
+        return {"train": used}
+    gap = precision_gap(vae, y[:PROBE_ROWS], seed=params.train.seed)
+    log.info("bf16 minus fp32 ELBO on %d rows: %.4g nats/row (max |diff| %.3g)", gap.rows, gap.diff, gap.max_abs_diff)
+    return {"train": used, "probe_rows": gap.rows, "elbo_fp32": gap.elbo_fp32,
+            "elbo_bf16_minus_fp32": gap.diff, "max_abs_diff": gap.max_abs_diff}

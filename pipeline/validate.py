@@ -23,7 +23,7 @@ import pandas as pd
 
 from pipeline.config import DataParams, Params, ValidateParams
 from pipeline.schema import Schema
-from pipeline.tables import is_numeric_dtype, read_table
+from pipeline.tables import FLOAT32_MAX, is_numeric_dtype, read_table
 
 Severity = Literal["error", "warning"]
 MAX_ROWS_SHOWN = 5
@@ -38,6 +38,7 @@ class Check:
     severity: Severity
     message: str
     rows: tuple[int, ...] = ()  # up to MAX_ROWS_SHOWN offending row positions
+    brief: str = ""  # the measured effect in a few words, for one-line errors (drift)
 
     def line(self) -> str:
         tag = "PASS" if self.success else ("FAIL" if self.severity == "error" else "WARN")
@@ -134,6 +135,7 @@ def validate_table(
         *_gx_checks(df, numeric, data, params, against),
         _duplicate_check(df, numeric, params.max_duplicate_fraction),
         *_iid_checks(df, numeric, params),
+        *_drift_checks(df, numeric, params, against),
     ]
     success = not any(not c.success and c.severity == "error" for c in checks)
     return ValidationReport(success=success, checks=tuple(checks), n_rows=len(df), where=where)
@@ -159,17 +161,19 @@ def _quote(cols: Sequence[Any]) -> str:
 def _finite_checks(df: pd.DataFrame, numeric: Sequence[str]) -> list[Check]:
     checks = []
     for c in numeric:
-        inf = np.isinf(df[c].to_numpy(dtype=np.float64, na_value=np.nan))
-        if inf.any():
-            rows = tuple(int(i) for i in np.flatnonzero(inf)[:MAX_ROWS_SHOWN])
-            checks.append(
-                Check("finite", c, False, "error", f"{int(inf.sum())} infinite value{'s' if inf.sum() > 1 else ''}", rows)
-            )
+        values = df[c].to_numpy(dtype=np.float64, na_value=np.nan)
+        inf = np.isinf(values)
+        big = np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)  # finite here, inf in the model's float32
+        for bad, what in ((inf, "infinite value"), (big, f"value beyond float32's range (+-{FLOAT32_MAX:.3g})")):
+            if bad.any():
+                rows = tuple(int(i) for i in np.flatnonzero(bad)[:MAX_ROWS_SHOWN])
+                checks.append(Check("finite", c, False, "error", f"{int(bad.sum())} {what}{'s' if bad.sum() > 1 else ''}", rows))
     return checks or [Check("finite", None, True, "error", "no infinite values")]
 
 
 def _expect(expectation: Any, check: str, ok: str, fail: str = "") -> Any:
-    # ok/fail are message templates: {n} the unexpected count, {v} the observed value, {s} a plural s
+    # ok/fail are message templates: {n} the unexpected count, {p} its share, {v} the observed
+    # value, {s} a plural s
     expectation.meta = {"check": check, "ok": ok, "fail": fail}
     return expectation
 
@@ -205,11 +209,12 @@ def _expectations(
     if against is not None:
         ranges = zip(against.features, against.widened_range(params.range_tolerance), strict=True)
         for c, (lo, hi) in ((c, r) for c, r in ranges if c in numeric):
-            span = f"[{lo:.6g}, {hi:.6g}]"
-            between = gxe.ExpectColumnValuesToBeBetween(column=c, min_value=lo, max_value=hi, mostly=1.0)
-            out.append(_expect(between, "in_training_range", ok=f"within {span}",
-                               fail=f"{{n}} value{{s}} outside the training range widened to {span} "
-                                    "(validate.range_tolerance)"))
+            between = gxe.ExpectColumnValuesToBeBetween(column=c, min_value=lo, max_value=hi,
+                                                        mostly=1.0 - params.max_out_of_range_fraction)
+            text = (f"{{n}} value{{s}} ({{p}}) outside the training range widened to [{lo:.6g}, {hi:.6g}] "
+                    f"(validate.range_tolerance); at most {params.max_out_of_range_fraction:.2%} allowed "
+                    "(validate.max_out_of_range_fraction)")
+            out.append(_expect(between, "in_training_range", ok=text, fail=text))
     return out
 
 
@@ -268,7 +273,8 @@ def _gx_check(r: Any) -> Check:
         return Check("columns", None, False, "error", "; ".join(parts) or "columns do not match")
     template = meta["ok"] if r.success else meta["fail"]
     n, v = result.get("unexpected_count"), result.get("observed_value")
-    message = template.format(n=n, v=v, s="" if (n if n is not None else v) == 1 else "s")
+    p = f"{(result.get('unexpected_percent') or 0.0) / 100:.2%}"
+    message = template.format(n=n, v=v, p=p, s="" if (n if n is not None else v) == 1 else "s")
     return Check(meta["check"], column, bool(r.success), "error", message, _rows(result))
 
 
@@ -352,4 +358,24 @@ def _iid_checks(df: pd.DataFrame, numeric: Sequence[str], params: ValidateParams
             checks.append(
                 Check(s.name, c, not fired, severity, message + (f": {hint}" if fired else ""))
             )
+    return checks
+
+
+def _drift_checks(
+    df: pd.DataFrame, numeric: Sequence[str], params: ValidateParams, against: Schema | None
+) -> list[Check]:
+    """--against: each numeric feature against the model's training distribution."""
+    from pipeline.drift import column_drift
+
+    if against is None or params.drift == "off":
+        return []
+    severity: Severity = "error" if params.drift == "fail" else "warning"
+    limits = (f"limits {params.drift_max_shift_std} sd (validate.drift_max_shift_std), KS "
+              f"{params.drift_max_ks} (validate.drift_max_ks) at p<{params.drift_alpha:g}")
+    checks = []
+    for d in column_drift(against, df[list(numeric)], params):
+        hint = ": the table does not look like the training table" if d.drifted else ""
+        brief = f"{d.shift_std:+.2f} sd" + ("" if d.ks is None else f", KS {d.ks:.2f}")
+        checks.append(Check("drift", d.column, not d.drifted, severity, f"{d.describe()}; {limits}{hint}",
+                            brief=brief))
     return checks

@@ -23,3 +23,16 @@ os.environ.update(
 )
 os.environ.pop("PREFECT_API_URL", None)
 (_ROOT / "mlflow").mkdir(parents=True, exist_ok=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run where CUDA is, and are skipped elsewhere."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from dataclasses import dataclass, fields
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 from vae.errors import ConfigError
 
 Likelihood = Literal["gaussian", "bernoulli", "auto"]
-DecoderVariance = Literal["fixed", "shared", "per_feature", "heteroscedastic"]
+DecoderVariance = Literal["fixed", "shared", "per_feature", "heteroscedastic", "full", "lowrank"]
 Activation = Literal["relu", "silu", "tanh", "elu"]
 MissingPolicy = Literal["reject", "mask"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
+LrScaling = Literal["none", "sqrt", "linear"]
+Init = Literal["linear_gaussian", "random"]
 
 
 def _check_choice(section: str, key: str, value: object, options: Any) -> None:
@@ -28,13 +34,19 @@ def _check_positive(section: str, key: str, value: float, *, allow_zero: bool = 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    latent_dim: int = 8  # small enough to read, large enough for most sensor tables
+    latent_dim: int = 8  # small enough to read; measured on breast_cancer, bfi, leaf (benchmarks/quality.py)
     hidden_dims: tuple[int, ...] = (128, 128)  # () makes encoder and decoder affine (pPCA case)
     likelihood: Likelihood = "auto"  # binary {0,1} columns get a Bernoulli, the rest a Gaussian
-    decoder_variance: DecoderVariance = "per_feature"  # a fixed variance costs nats (notes/speed.md)
+    # full: the noise carries the correlations the latent misses; with the linear start the model
+    # begins at the full-covariance Gaussian, the baseline every model must meet
+    decoder_variance: DecoderVariance = "full"
     fixed_sigma: float = 1.0  # only for decoder_variance: fixed, in standardized units
     min_sigma: float = 1e-3  # floor: a continuous density on a repeated value can grow unboundedly
     activation: Activation = "relu"  # fastest on CPU; smooth activations are an option
+    noise_rank: int = 4  # decoder_variance lowrank: rank of the noise covariance beyond its diagonal
+    # a linear path beside each MLP (mu = MLP(x) + A x + b): training starts it at the closed-form
+    # linear-Gaussian fit, so the network only has to learn what that fit misses
+    linear_path: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
@@ -47,6 +59,8 @@ class ModelConfig:
         _check_choice("model", "activation", self.activation, Activation)
         _check_positive("model", "fixed_sigma", self.fixed_sigma)
         _check_positive("model", "min_sigma", self.min_sigma)
+        if self.noise_rank < 1:
+            raise ConfigError(f"model.noise_rank is {self.noise_rank!r}; it must be >= 1")
         if self.decoder_variance == "fixed" and self.fixed_sigma < self.min_sigma:
             raise ConfigError(
                 f"model.fixed_sigma is {self.fixed_sigma!r}, below model.min_sigma {self.min_sigma!r}"
@@ -55,23 +69,46 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 256  # fast on CPU; large enough for a stable Adam step
-    lr: float = 1e-3
+    epochs: int = 400
+    batch_size: int = 128  # fast on CPU; small enough for tables of a few hundred rows
+    lr: float = 3e-4  # fine-tuning from the linear start: 1e-3 leaves it sooner and worse (bfi)
     mc_samples: int = 1  # M reparameterized samples per row (Kingma & Welling 2014 use 1)
     beta: float = 1.0  # 1 is the ELBO; other values trade reconstruction against KL
     kl_warmup_steps: int = 0  # optimizer steps over which beta ramps linearly from 0
     val_fraction: float = 0.1  # rows held out for early stopping
-    early_stopping_patience: int = 20  # epochs without a better validation ELBO
+    early_stopping_patience: int = 40  # epochs without a better validation ELBO
     seed: int = 0
     device: DeviceName = "auto"
     num_threads: int = 1  # one thread is often faster than two on a 2-vCPU box; 0 = torch default
     grad_clip: float = 100.0  # clips the global gradient norm; guards against rare huge steps
     max_rollbacks: int = 3  # consecutive non-finite rollbacks before training gives up
     lr_backoff: float = 0.5  # learning-rate factor after each rollback
+    # linear_gaussian: start from the closed-form linear-Gaussian fit of the training rows (exact
+    # posterior, p(y) the baseline's), so no model scores below it on validation; random: as torch
+    init: Init = "linear_gaussian"
+    # after early stopping chose the epoch count on the validation split, train again on all rows
+    # (training + validation) from the closed-form start of all rows for that many epochs: the
+    # held-out rows are not lost to the final model (only with init linear_gaussian and val_fraction)
+    refit: bool = True
+    # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 runs the networks in bfloat16 (CPU too), the
+    # loss terms and log-densities stay fp32; `vae.precision_gap` measures what bf16 changes
+    precision: Precision = "auto"
+    # CUDA only: replay each full-size training step from a CUDA graph (forward, backward, clipping,
+    # fused Adam): one launch instead of hundreds; ignored on CPU
+    cuda_graph: bool = False
+    # large batches: lr * (batch_size / lr_base_batch) ** (1/2 | 1); sqrt is the rule for Adam
+    # (Malladi et al. 2022), none keeps train.lr whatever the batch
+    lr_scaling: LrScaling = "none"
+    lr_base_batch: int = 128
+
+    @property
+    def effective_lr(self) -> float:
+        """train.lr after the large-batch rule (train.lr_scaling)."""
+        power = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[self.lr_scaling]
+        return self.lr * (self.batch_size / self.lr_base_batch) ** power
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "mc_samples"):
+        for key in ("epochs", "batch_size", "mc_samples", "lr_base_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} is {getattr(self, key)!r}; it must be >= 1")
         _check_positive("train", "lr", self.lr)
@@ -86,17 +123,56 @@ class TrainConfig:
         if not 0 < self.lr_backoff < 1:
             raise ConfigError(f"train.lr_backoff is {self.lr_backoff!r}; it must be in (0, 1)")
         _check_choice("train", "device", self.device, DeviceName)
+        _check_choice("train", "init", self.init, Init)
+        _check_choice("train", "precision", self.precision, Precision)
+        _check_choice("train", "lr_scaling", self.lr_scaling, LrScaling)
+
+
+_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _typed(key: str, value: Any, kind: Any) -> Any:
+    """value as the annotation kind wants it, or ConfigError naming key and what it expected."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is Literal:
+        if value is False and "off" in args:  # YAML 1.1 reads a bare `off` as false
+            return "off"
+        if isinstance(value, str) and value in args:
+            return value
+        raise ConfigError(f"{key} is {value!r}; choose one of {', '.join(map(str, args))}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _typed(key, value, next(a for a in args if a is not type(None)))
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, list | tuple):
+            example = "[64, 64] or []" if args[0] is int else "[sample_id]"
+            raise ConfigError(f"{key} is {value!r}; expected a list, e.g. {key}={example}")
+        return tuple(_typed(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
+        return value
+    if kind is int and isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} is {value!r}; expected a finite number")
+        return float(value)
+    if kind in _KIND:
+        raise ConfigError(f"{key} is {value!r}; expected {_KIND[kind]}")
+    return value  # an annotation this checker does not know: the constructor checks it
 
 
 def config_from_dict(cls: Any, section: str, values: dict[str, Any]) -> Any:
-    """Build a config dataclass from a mapping, rejecting unknown keys by name."""
+    """Build a config dataclass from a mapping, rejecting unknown keys and wrong value types by name."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(
             f"unknown key {section}.{unknown[0]}; known keys: {', '.join(sorted(known))}"
         )
+    hints = typing.get_type_hints(cls)
+    typed = {k: _typed(f"{section}.{k}", v, hints[k]) for k, v in values.items()}
     try:
-        return cls(**values)
-    except TypeError as exc:  # wrong value types reach comparisons in __post_init__
+        return cls(**typed)
+    except TypeError as exc:  # an annotation _typed leaves to the constructor
         raise ConfigError(f"{section}: {exc}") from exc

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vae.model import VAE, Posterior
+from vae.precision import full_precision
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,16 @@ def kl_per_dim(post: Posterior) -> torch.Tensor:
     return 0.5 * (post.mu.pow(2) + post.logvar.exp() - post.logvar - 1.0)
 
 
-def reparameterize(post: Posterior, n_samples: int | None, generator: torch.Generator | None) -> torch.Tensor:
-    """z = mu + sigma * eps with eps ~ N(0, I); (M, B, K), or (B, K) for n_samples None."""
-    shape = post.mu.shape if n_samples is None else (n_samples, *post.mu.shape)
-    eps = torch.randn(shape, generator=generator, device=post.mu.device, dtype=post.mu.dtype)
+def reparameterize(
+    post: Posterior, n_samples: int | None, generator: torch.Generator | None, eps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """z = mu + sigma * eps with eps ~ N(0, I); (M, B, K), or (B, K) for n_samples None.
+
+    eps: the standard-normal draws, given (same shape as the result) or drawn from generator.
+    """
+    if eps is None:
+        shape = post.mu.shape if n_samples is None else (n_samples, *post.mu.shape)
+        eps = torch.randn(shape, generator=generator, device=post.mu.device, dtype=post.mu.dtype)
     return post.mu + (0.5 * post.logvar).exp() * eps
 
 
@@ -37,14 +44,25 @@ def loss_terms(
     mask: torch.Tensor | None,
     n_samples: int,
     generator: torch.Generator | None,
+    eps: torch.Tensor | None = None,
 ) -> LossTerms:
-    """Reconstruction and KL terms of the ELBO for standardized rows x (B, D)."""
+    """Reconstruction and KL terms of the ELBO for standardized rows x (B, D).
+
+    eps: (B, K) for n_samples 1, else (M, B, K); drawn from generator when None. Under bf16
+    autocast the networks run in bf16; their outputs, the densities and the KL are fp32.
+    """
     post = model.encode(x, mask)
     if n_samples == 1:  # (B, K): plain 2-D matmuls, measurably faster on CPU than a (1, B, K) batch
-        recon = model.log_px_z(x, model.decode(reparameterize(post, None, generator)), mask).sum(-1)
+        out = model.decode(reparameterize(post, None, generator, eps))
     else:
-        z = reparameterize(post, n_samples, generator)  # (M, B, K)
-        recon = model.log_px_z(x, model.decode(z), mask).sum(-1).mean(0)  # (M, B) -> (B,)
+        out = model.decode(reparameterize(post, n_samples, generator, eps))  # (M, B, K) -> (M, B, D)
+    if torch.is_autocast_enabled(x.device.type):
+        with full_precision(x.device.type):
+            recon = model.log_px_z(x, out, mask).sum(-1)
+    else:
+        recon = model.log_px_z(x, out, mask).sum(-1)
+    if n_samples > 1:
+        recon = recon.mean(0)  # (M, B) -> (B,)
     return LossTerms(recon=recon, kl=kl_per_dim(post).sum(-1))
 
 

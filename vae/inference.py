@@ -9,6 +9,7 @@ import torch
 
 from vae.errors import ConfigError
 from vae.model import VAE
+from vae.transfer import HostSink, device_batches
 
 
 @dataclass(frozen=True)
@@ -31,23 +32,25 @@ def embed(
     batch_rows: int = 4096,
     generator: torch.Generator | None = None,
 ) -> Embedding:
-    """Encode rows (N, D) in original units; results on the CPU."""
+    """Encode rows (N, D) in original units, on the model's device; results on the CPU.
+
+    On CUDA, rows on the host travel through pinned buffers, each batch's copy overlapping the
+    previous batch's encoding, and results come back without a wait per batch (vae.transfer).
+    """
     model.eval()
-    zs, logvars = [], []
-    for i in range(0, y.shape[0], batch_rows):
-        post = model.encode(*model.standardize(y[i : i + batch_rows].to(_device(model), torch.float32)))
+    device, n, k = _device(model), y.shape[0], model.latent_dim
+    zs = HostSink(n, (k,), torch.float32, device)
+    logvars = HostSink(n if with_variance else 0, (k,), torch.float32, device)
+    for start, rows in device_batches(y, batch_rows, device):
+        post = model.encode(*model.standardize(rows))
         z = post.mu
         if mode == "sample":
             eps = torch.randn(z.shape, generator=generator, device=z.device)
             z = z + (0.5 * post.logvar).exp() * eps
-        zs.append(z.cpu())
+        zs.put(start, z)
         if with_variance:
-            logvars.append(post.logvar.cpu())
-    k = model.latent_dim
-    return Embedding(
-        torch.cat(zs) if zs else torch.empty(0, k),
-        (torch.cat(logvars) if logvars else torch.empty(0, k)) if with_variance else None,
-    )
+            logvars.put(start, post.logvar)
+    return Embedding(zs.result(), logvars.result() if with_variance else None)
 
 
 @torch.inference_mode()

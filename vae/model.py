@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vae.config import ModelConfig
+from vae.noise import NoiseCovariance, gaussian_cells
 from vae.table import TableSpec
 
 _ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
@@ -36,45 +37,91 @@ class Posterior:
 class DecoderOut:
     loc: torch.Tensor  # (..., D) Gaussian means (standardized scale) or Bernoulli logits
     sigma: torch.Tensor  # (..., D) or broadcastable (D,) / (1,): Gaussian std, standardized scale
+    scale_tril: torch.Tensor | None = None  # (G, G) Cholesky factor of the Gaussian columns' noise
 
 
 class Encoder(nn.Module):
-    def __init__(self, n_in: int, hidden: tuple[int, ...], latent_dim: int, activation: str):
+    """mu, logvar = MLP(x) + (A x + b): the linear path starts at the closed-form posterior."""
+
+    def __init__(self, n_in: int, hidden: tuple[int, ...], latent_dim: int, activation: str, linear_path: bool):
         super().__init__()
         self.net = mlp([n_in, *hidden, 2 * latent_dim], activation)
+        self.linear = nn.Linear(n_in, 2 * latent_dim) if hidden and linear_path else None
 
     def forward(self, x: torch.Tensor) -> Posterior:
-        mu, logvar = self.net(x).float().chunk(2, dim=-1)
+        h = self.net(x) if self.linear is None else self.net(x) + self.linear(x)
+        mu, logvar = h.float().chunk(2, dim=-1)
         return Posterior(mu, logvar)
 
 
 class Decoder(nn.Module):
-    fixed_sigma: torch.Tensor
+    """Means MLP(z) + (C z + v); the noise per decoder_variance, in the likelihood's units.
 
-    def __init__(self, n_out: int, config: ModelConfig):
+    noise_scale (D,) maps the noise parameters to the standardized scale the density is computed
+    on: 1 with data.standardize; without it the noise lives in the table's units, parameterized
+    in multiples of `noise_unit` (the RMS column std) so that its parameters stay O(1):
+    noise_scale_j = noise_unit / s_j, and min_sigma, fixed_sigma (table units) divide by noise_unit.
+    """
+
+    fixed_sigma: torch.Tensor
+    noise_scale: torch.Tensor
+    gauss_index: torch.Tensor
+
+    def __init__(self, n_out: int, config: ModelConfig, noise_scale: torch.Tensor, gaussian: torch.Tensor,
+                 noise_unit: float = 1.0):
         super().__init__()
         self.mode = config.decoder_variance
-        self.min_sigma = config.min_sigma
+        self.min_sigma = config.min_sigma / noise_unit
         hetero = self.mode == "heteroscedastic"
         self.net = mlp([config.latent_dim, *config.hidden_dims, n_out * (2 if hetero else 1)], config.activation)
+        self.linear = nn.Linear(config.latent_dim, n_out) if config.hidden_dims and config.linear_path else None
         n_sigma = {"shared": 1, "per_feature": n_out}.get(self.mode, 0)
         # softplus(raw) + min_sigma = 1 at start: unit variance on the standardized scale
         start = math.log(math.expm1(max(1.0 - self.min_sigma, 1e-6)))
         self.raw_sigma = nn.Parameter(torch.full((n_sigma,), start)) if n_sigma else None
-        self.register_buffer("fixed_sigma", torch.tensor([config.fixed_sigma]), persistent=False)
+        n_gauss = int(gaussian.sum())
+        self.noise = (
+            NoiseCovariance(n_gauss, self.mode, config.noise_rank, self.min_sigma)
+            if self.mode in ("full", "lowrank") else None
+        )
+        self.register_buffer("fixed_sigma", torch.tensor([config.fixed_sigma / noise_unit]), persistent=False)
+        self.register_buffer("noise_scale", noise_scale, persistent=False)
+        self.unit_noise = bool((noise_scale == 1).all())
+        self.register_buffer("gauss_index", torch.nonzero(gaussian).flatten(), persistent=False)
 
     def forward(self, z: torch.Tensor) -> DecoderOut:
-        out = self.net(z).float()
+        out = self.net(z) if self.linear is None else _add_linear(self.net(z), self.linear(z), self.mode)
+        out = out.float()
+        if self.noise is not None:
+            tril = self.noise.cholesky()
+            if not self.unit_noise:
+                tril = self.noise_scale[self.gauss_index, None] * tril
+            return DecoderOut(out, self.noise_scale, tril)
         if self.mode == "heteroscedastic":
             loc, raw = out.chunk(2, dim=-1)
-            return DecoderOut(loc, F.softplus(raw) + self.min_sigma)
+            return DecoderOut(loc, self._scaled(F.softplus(raw) + self.min_sigma))
         if self.raw_sigma is None:
-            return DecoderOut(out, self.fixed_sigma)
-        return DecoderOut(out, F.softplus(self.raw_sigma) + self.min_sigma)
+            return DecoderOut(out, self._scaled(self.fixed_sigma))
+        return DecoderOut(out, self._scaled(F.softplus(self.raw_sigma) + self.min_sigma))
+
+    def _scaled(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma if self.unit_noise else sigma * self.noise_scale
+
+
+def _add_linear(net_out: torch.Tensor, linear_out: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode != "heteroscedastic":
+        return net_out + linear_out
+    loc, raw = net_out.chunk(2, dim=-1)
+    return torch.cat([loc + linear_out, raw], dim=-1)
 
 
 class VAE(nn.Module):
-    """Takes rows in the table's original units; scaling, masks and the Jacobian stay inside."""
+    """Takes rows in the table's original units; scaling, masks and the Jacobian stay inside.
+
+    Networks always see standardized cells x = (y - loc) / scale; data.standardize only chooses
+    the units the decoder noise is parameterized in (see Decoder), so p(y) is the same family
+    of densities in the table's units whether or not the encoder's inputs were scaled.
+    """
 
     loc: torch.Tensor  # (D,) buffers, saved in the state_dict
     scale: torch.Tensor
@@ -87,13 +134,17 @@ class VAE(nn.Module):
         self.spec, self.config = spec, config
         d = spec.n_features
         self.masked = spec.missing == "mask"
+        gauss = torch.tensor([k == "gaussian" for k in spec.kinds])
+        scale = torch.tensor(spec.scale, dtype=torch.float32)
+        # without standardization the noise is learned in the table's units (see Decoder)
+        unit = 1.0 if spec.standardized or not bool(gauss.any()) else float(scale[gauss].pow(2).mean().sqrt())
+        noise_scale = torch.ones(d) if spec.standardized else torch.where(gauss, unit / scale, 1.0)
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            self.encoder = Encoder(d * (2 if self.masked else 1), config.hidden_dims, config.latent_dim, config.activation)
-            self.decoder = Decoder(d, config)
-        gauss = torch.tensor([k == "gaussian" for k in spec.kinds])
-        scale = torch.tensor(spec.scale, dtype=torch.float32)
+            n_in = d * (2 if self.masked else 1)
+            self.encoder = Encoder(n_in, config.hidden_dims, config.latent_dim, config.activation, config.linear_path)
+            self.decoder = Decoder(d, config, noise_scale, gauss, unit)
         self.all_gaussian, self.all_bernoulli = bool(gauss.all()), not bool(gauss.any())
         self.register_buffer("loc", torch.tensor(spec.loc, dtype=torch.float32))
         self.register_buffer("scale", scale)
@@ -123,15 +174,33 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def log_px_z(self, x: torch.Tensor, out: DecoderOut, mask: torch.Tensor | None) -> torch.Tensor:
-        """Per-cell log p(y|z) in original units, (..., D); unobserved cells give 0."""
+        """Per-cell log p(y|z) in original units, (..., D); unobserved cells give 0.
+
+        With a full noise covariance the cells are the chain rule's factors log p(y_j | y_<j, z)
+        over the Gaussian columns in table order: they still add up to log p(y|z).
+        """
         if self.all_bernoulli:
             cell = x * out.loc - F.softplus(out.loc)
+        elif out.scale_tril is not None:
+            cell = self._correlated_cells(x, out, mask)
         else:
             # log N(x; m, s^2) = -1/2 (x - m)^2 / s^2 - log s - 1/2 log 2pi (constant in cell_const)
             cell = -0.5 * ((x - out.loc) / out.sigma) ** 2 - out.sigma.log() + self.cell_const
             if not self.all_gaussian:
                 cell = torch.where(self.gaussian, cell, x * out.loc - F.softplus(out.loc))
         return cell if mask is None else cell * mask
+
+    def _correlated_cells(self, x: torch.Tensor, out: DecoderOut, mask: torch.Tensor | None) -> torch.Tensor:
+        assert out.scale_tril is not None
+        if self.all_gaussian:
+            resid = x - out.loc  # (..., D)
+            return gaussian_cells(resid, out.scale_tril, mask) + self.cell_const
+        idx = self.decoder.gauss_index
+        resid = (x - out.loc).index_select(-1, idx)  # (..., G)
+        gmask = None if mask is None else mask.index_select(-1, idx)
+        gauss = gaussian_cells(resid, out.scale_tril, gmask) + self.cell_const[idx]
+        cell = x * out.loc - F.softplus(out.loc)  # Bernoulli everywhere, Gaussian columns replaced
+        return cell.index_copy(-1, idx, gauss.expand(*cell.shape[:-1], -1).contiguous())
 
     def mean_of(self, out: DecoderOut) -> torch.Tensor:
         """E[y|z] in original units: the Gaussian mean, or the Bernoulli probability."""
@@ -142,7 +211,12 @@ class VAE(nn.Module):
     def sample_from(self, out: DecoderOut, generator: torch.Generator | None) -> torch.Tensor:
         """A draw y ~ p(y|z) in original units."""
         noise = torch.randn(out.loc.shape, generator=generator, device=out.loc.device)
-        gauss = out.loc + out.sigma * noise
+        if out.scale_tril is None:
+            gauss = out.loc + out.sigma * noise
+        else:  # correlated noise L eps on the Gaussian columns
+            idx = self.decoder.gauss_index
+            corr = noise.index_select(-1, idx) @ out.scale_tril.T
+            gauss = out.loc.index_add(-1, idx, corr)
         if self.all_gaussian:
             return self.unstandardize(gauss)
         u = torch.rand(out.loc.shape, generator=generator, device=out.loc.device)

@@ -6,7 +6,9 @@ Layout of DIR:
   weights.pt      state_dict of the final (best) weights, loaded with weights_only=True
   history.csv     one row per epoch
   checkpoint.pt   TrainState of the last finished epoch (resume); kept after training
-Every file is written to a temporary name in DIR and renamed into place.
+  baselines.pt    closed-form baselines fitted on the training rows (vae.baselines), if any
+Every file is written to a temporary name in DIR and renamed into place. No file holds wall-clock
+time: identical runs give byte-identical directories (DVC hashes them).
 """
 
 from __future__ import annotations
@@ -23,14 +25,17 @@ from typing import Any
 
 import torch
 
-from vae.config import ModelConfig, TrainConfig
-from vae.errors import ModelDirError
+from vae.baselines import Baselines
+from vae.config import ModelConfig, TrainConfig, config_from_dict
+from vae.errors import ConfigError, ModelDirError
 from vae.model import VAE
 from vae.table import TableSpec
 from vae.train import EpochStats, TrainState
 
-FORMAT = 1
+FORMAT = 2  # 2: linear paths beside the MLPs; format 1 directories load without them
+READABLE = (1, 2)
 MANIFEST, WEIGHTS, HISTORY, CHECKPOINT = "model.json", "weights.pt", "history.csv", "checkpoint.pt"
+BASELINES = "baselines.pt"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -43,8 +48,10 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
+            exc.filename = str(path)  # a full disk or read-only folder: name the file meant, not the temporary
         raise
 
 
@@ -54,18 +61,48 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _load_torch(path: Path) -> Any:
+RESTORE = "restore the model directory (e.g. `dvc pull`) or train it again"
+RESTART = "delete the directory and train again without --resume"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    line = (lines[0] if lines else exc.__class__.__name__).split(". ")[0]
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
+def _load_torch(path: Path, todo: str = RESTORE) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ModelDirError(f"{path} is missing") from None
-    except Exception as exc:  # corrupt or foreign file
-        raise ModelDirError(f"{path} is not a readable vaepipe file: {exc}") from None
+        raise ModelDirError(f"{path} is missing; {todo}") from None
+    except Exception as exc:  # truncated, corrupt or foreign (pickled code is refused by weights_only)
+        raise ModelDirError(f"{path} is not a readable vaepipe file ({_first_line(exc)}); {todo}") from None
+
+
+def weights_mismatch(model: VAE, state: Any) -> str | None:
+    """Why state cannot be model's state_dict (one phrase), or None when every name and shape fits."""
+    expected = model.state_dict()
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return f"it holds a {type(state).__name__}, not a mapping of weight tensors"
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        return (f"it holds other weights ({len(missing)} missing, e.g. {(missing or ['-'])[0]!r}; "
+                f"{len(unexpected)} unexpected, e.g. {(unexpected or ['-'])[0]!r})")
+    for key, value in expected.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            return f"{key} has shape {list(state[key].shape)} where {MANIFEST} implies {list(value.shape)}"
+    return None
+
+
+TIMING_FIELDS = ("seconds",)  # wall-clock: reported live, never written to a file
 
 
 def history_csv(history: Sequence[EpochStats]) -> bytes:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=[f.name for f in fields(EpochStats)], lineterminator="\n")
+    names = [f.name for f in fields(EpochStats) if f.name not in TIMING_FIELDS]
+    writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in history:
         writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
@@ -73,11 +110,24 @@ def history_csv(history: Sequence[EpochStats]) -> bytes:
 
 
 def save_checkpoint(directory: Path, state: TrainState) -> None:
-    write_atomic(Path(directory) / CHECKPOINT, _torch_bytes(state.to_dict()))
+    """The state with its epochs' wall-clock seconds zeroed, so that identical runs write identical bytes."""
+    d = dict(state.to_dict())
+    d["history"] = [{**h, **dict.fromkeys(TIMING_FIELDS, 0.0)} for h in d["history"]]
+    write_atomic(Path(directory) / CHECKPOINT, _torch_bytes(d))
 
 
-def load_checkpoint(directory: Path) -> TrainState:
-    return TrainState.from_dict(_load_torch(Path(directory) / CHECKPOINT))
+def load_checkpoint(directory: Path, model: VAE | None = None) -> TrainState:
+    """The TrainState of an interrupted run; with model, also checked to fit that model."""
+    path = Path(directory) / CHECKPOINT
+    raw = _load_torch(path, RESTART)
+    names = {f.name for f in fields(TrainState)}
+    if not isinstance(raw, dict) or not set(raw) <= names or "model" not in raw:
+        raise ModelDirError(f"{path} is not a vaepipe training checkpoint; {RESTART}")
+    switching = not raw["model"] and raw.get("phase") == "refit"  # saved as the refit began: no weights yet
+    why = None if model is None or switching else weights_mismatch(model, raw["model"])
+    if why is not None:
+        raise ModelDirError(f"{path} does not fit this run's model: {why}; {RESTART}")
+    return TrainState.from_dict(raw)
 
 
 def save_model(
@@ -86,11 +136,14 @@ def save_model(
     train_config: TrainConfig | None = None,
     history: Sequence[EpochStats] = (),
     metadata: Mapping[str, Any] | None = None,
+    baselines: Baselines | None = None,
 ) -> None:
     """Write a finished model; the manifest goes last, so the directory is complete or not a model."""
     directory = Path(directory)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     write_atomic(directory / WEIGHTS, _torch_bytes(state))
+    if baselines is not None:
+        write_atomic(directory / BASELINES, _torch_bytes(baselines.to_dict()))
     write_atomic(directory / HISTORY, history_csv(history))
     manifest = {
         "format": FORMAT,
@@ -113,19 +166,51 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ModelDirError(f"{path} is unreadable: {exc}") from None
-    if manifest.get("format") != FORMAT:
-        raise ModelDirError(f"{path} has format {manifest.get('format')!r}; this vaepipe reads {FORMAT}")
+        raise ModelDirError(f"{path} is unreadable ({_first_line(exc)}); {RESTORE}") from None
+    if not isinstance(manifest, dict):
+        raise ModelDirError(f"{path} holds a JSON {type(manifest).__name__}, not a vaepipe manifest; {RESTORE}")
+    if manifest.get("format") not in READABLE:
+        raise ModelDirError(f"{path} has format {manifest.get('format')!r}; this vaepipe reads {READABLE}")
+    for key in ("model", "table"):
+        if not isinstance(manifest.get(key), dict):
+            raise ModelDirError(f"{path} has no {key!r} section (a JSON object); {RESTORE}")
     return manifest
+
+
+def load_baselines(directory: Path) -> Baselines | None:
+    """The baselines saved with a model, or None (a model saved without them)."""
+    path = Path(directory) / BASELINES
+    if not path.exists():
+        return None
+    raw = _load_torch(path)
+    try:
+        return Baselines.from_dict(raw)
+    except TypeError:  # a mapping with other names, or no mapping at all
+        raise ModelDirError(f"{path} is not a vaepipe baselines file; {RESTORE}") from None
+
+
+def _build(manifest: dict[str, Any], path: Path) -> VAE:
+    model_dict = dict(manifest["model"])
+    if manifest["format"] == 1:
+        model_dict.setdefault("linear_path", False)
+    try:
+        config = config_from_dict(ModelConfig, "model", model_dict)
+    except ConfigError as exc:
+        raise ModelDirError(f"{path}: {exc}; {RESTORE}") from None
+    try:
+        return VAE(TableSpec.from_dict(manifest["table"]), config)
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+        raise ModelDirError(f"{path}: its 'table' section is not valid ({_first_line(exc)}); {RESTORE}") from None
 
 
 def load_model(directory: Path, device: str | torch.device = "cpu") -> VAE:
     """Rebuild the VAE of a model directory; no pickled code is executed."""
     manifest = read_manifest(directory)
-    config = ModelConfig(**manifest["model"])
-    model = VAE(TableSpec.from_dict(manifest["table"]), config)
-    try:
-        model.load_state_dict(_load_torch(Path(directory) / WEIGHTS))
-    except RuntimeError as exc:
-        raise ModelDirError(f"{Path(directory) / WEIGHTS} does not match {MANIFEST}: {exc}") from None
+    model = _build(manifest, Path(directory) / MANIFEST)
+    path = Path(directory) / WEIGHTS
+    state = _load_torch(path)
+    why = weights_mismatch(model, state)
+    if why is not None:
+        raise ModelDirError(f"{path} does not match {MANIFEST}: {why}; was {MANIFEST} edited? {RESTORE}")
+    model.load_state_dict(state)
     return model.to(device).eval()

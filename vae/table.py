@@ -18,11 +18,14 @@ ColumnKind = Literal["gaussian", "bernoulli"]
 class TableSpec:
     names: tuple[str, ...]
     kinds: tuple[ColumnKind, ...]
-    loc: tuple[float, ...]  # subtracted before the network: column mean, or 0 (binary / no scaling)
-    scale: tuple[float, ...]  # divides after loc: column std, or 1
+    loc: tuple[float, ...]  # subtracted before the networks: column mean, or 0 (binary)
+    scale: tuple[float, ...]  # divides after loc: column std, or 1 (binary)
     minimum: tuple[float, ...]  # training range, observed cells only
     maximum: tuple[float, ...]
     missing: MissingPolicy = "reject"
+    # data.standardize: the decoder noise is learned on the standardized scale (True) or in the
+    # table's units (False); the networks see standardized cells either way
+    standardized: bool = True
 
     @property
     def n_features(self) -> int:
@@ -88,9 +91,8 @@ def describe_table(
             )
         kind: ColumnKind = "bernoulli" if likelihood == "bernoulli" or (likelihood == "auto" and binary) else "gaussian"
         kinds.append(kind)
-        gauss_scaled = kind == "gaussian" and standardize
-        loc.append(mean if gauss_scaled else 0.0)
-        scale.append(std if gauss_scaled else 1.0)
+        loc.append(mean if kind == "gaussian" else 0.0)
+        scale.append(std if kind == "gaussian" else 1.0)
         lo.append(float(col.min()))
         hi.append(float(col.max()))
-    return TableSpec(tuple(names), tuple(kinds), tuple(loc), tuple(scale), tuple(lo), tuple(hi), missing)
+    return TableSpec(tuple(names), tuple(kinds), tuple(loc), tuple(scale), tuple(lo), tuple(hi), missing, standardize)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -13,18 +12,22 @@ from typing import Any
 
 import torch
 
+from vae import distributed as data_parallel
 from vae.config import DeviceName, TrainConfig
 from vae.elbo import LossTerms, kl_weight, loss_terms
 from vae.errors import ConfigError, DataError, TrainingDivergedError
+from vae.init import has_linear_start, init_linear_gaussian
 from vae.model import VAE
+from vae.precision import resolve_precision
+from vae.step import StepRunner, make_optimizer
 from vae.table import check_values
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: DeviceName) -> torch.device:
+def resolve_device(name: DeviceName, key: str = "train.device") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
+        raise ConfigError(f"{key} is 'cuda' but no CUDA device is available; use auto or cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -43,6 +46,7 @@ class EpochStats:
     val_recon: float | None
     val_kl: float | None
     seconds: float
+    phase: str = "select"  # select: training rows, early stopping on validation; refit: all rows
 
 
 @dataclass
@@ -61,6 +65,11 @@ class TrainState:
     optimizer: dict[str, Any] = field(default_factory=dict)
     generator: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    phase: str = "select"  # "refit" once the selection is over and train.refit retrains on all rows
+    selected_epoch: int = 0  # the epoch count early stopping chose (the refit's length)
+    stopped_early: bool = False
+    selected_val: float = float("-inf")  # the selection's best validation ELBO and its weights: the
+    selected_model: dict[str, torch.Tensor] = field(default_factory=dict)  # refit must not end below them
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -113,17 +122,18 @@ class _Trainer:
     def __init__(self, model: VAE, cfg: TrainConfig, device: torch.device, state: TrainState):
         self.model, self.cfg, self.device, self.state = model, cfg, device, state
         self.params = list(model.parameters())
-        self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.opt = make_optimizer(self.params, cfg, device)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        self.amp = device.type == "cuda"  # bf16 autocast on GPU; loss terms are computed in fp32
+        self.precision = resolve_precision(cfg.precision, device)
         if state.model:
             model.load_state_dict(state.model)
             self.opt.load_state_dict(state.optimizer)
             self.gen.set_state(_tensor(state.generator))
         else:
-            state.lr = cfg.lr
+            state.lr = cfg.effective_lr
         for group in self.opt.param_groups:
             group["lr"] = state.lr
+        self.runner = StepRunner(model, self.opt, cfg, device, self.precision)
 
     def snapshot(self) -> None:
         s = self.state
@@ -135,52 +145,37 @@ class _Trainer:
         s = self.state
         self.model.load_state_dict(s.model)
         self.opt.load_state_dict(s.optimizer)
+        self.runner.drop_graph()  # Adam's state tensors are new ones
         self.gen.set_state(_tensor(s.generator))
         s.lr *= self.cfg.lr_backoff
         for group in self.opt.param_groups:
             group["lr"] = s.lr
 
-    def clip_gradients(self, loss: torch.Tensor) -> bool:
-        """Clip the global gradient norm to train.grad_clip in place (clip_grad_norm_'s math);
-        False if the loss or a gradient is non-finite."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        # the norm and loss read on the host; scaling only when needed (a factor of 1 is a no-op):
-        # a third of the CPU time of clip_grad_norm_, which is several per cent of a small step
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-        if not math.isfinite(norm + float(loss.detach())):
-            return False
-        if norm + 1e-6 > self.cfg.grad_clip:
-            coef = self.cfg.grad_clip / (norm + 1e-6)
-            for g in grads:
-                g.mul_(coef)
-        return True
-
     def run_epoch(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, float] | None:
-        """One pass over a fresh permutation; None if a loss or gradient was non-finite."""
-        cfg, model, opt = self.cfg, self.model, self.opt
-        n, step = x.shape[0], self.state.step
+        """One pass over a fresh permutation; None if a loss or gradient was non-finite.
+
+        Nothing is read back to the host until the epoch's end: eps are drawn per batch outside
+        the step (the draws of the eager loop, in the same order), clipping and the finite check
+        stay on the device.
+        """
+        cfg, n, step, k = self.cfg, x.shape[0], self.state.step, self.model.latent_dim
         perm = torch.randperm(n, generator=self.gen, device=self.device)
         xs, ms = x[perm], None if mask is None else mask[perm]
-        recon: list[torch.Tensor] = []  # (B,) per step, summed once per epoch
-        kl: list[torch.Tensor] = []
-        beta = kl_weight(step, cfg.beta, cfg.kl_warmup_steps)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-        for i in range(0, n, cfg.batch_size):
-            beta = kl_weight(step, cfg.beta, cfg.kl_warmup_steps)
-            with autocast:
-                t = loss_terms(model, xs[i : i + cfg.batch_size], None if ms is None else ms[i : i + cfg.batch_size], cfg.mc_samples, self.gen)
-            loss = -(t.recon - beta * t.kl).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if not self.clip_gradients(loss):
-                log.warning("non-finite loss or gradient at step %d (lr %.3g)", step, self.state.lr)
-                return None
-            opt.step()
-            step += 1
-            recon.append(t.recon.detach())
-            kl.append(t.kl.detach())
-        self.state.step = step
-        return torch.stack([torch.cat(recon).sum(), torch.cat(kl).sum()]) / n, beta
+        starts = range(0, n, cfg.batch_size)
+        betas = [kl_weight(step + i, cfg.beta, cfg.kl_warmup_steps) for i in range(len(starts))]
+        step_fn, gen, device = self.runner.step, self.gen, self.device
+        self.runner.sums.zero_()
+        for beta, a in zip(betas, starts, strict=True):
+            xb = xs[a : a + cfg.batch_size]
+            shape = (xb.shape[0], k) if cfg.mc_samples == 1 else (cfg.mc_samples, xb.shape[0], k)
+            eps = torch.randn(shape, generator=gen, device=device)  # (B, K) or (M, B, K)
+            step_fn(xb, None if ms is None else ms[a : a + cfg.batch_size], eps, beta)
+        recon, kl, check = self.runner.sums.tolist()  # the epoch's one read
+        if not math.isfinite(check):
+            log.warning("non-finite loss or gradient in epoch %d (lr %.3g)", self.state.epoch + 1, self.state.lr)
+            return None
+        self.state.step = step + len(starts)
+        return torch.tensor([recon, kl]) / n, betas[-1]
 
 
 def fit(
@@ -196,27 +191,98 @@ def fit(
     """Maximize the ELBO of rows y (N, D, original units) with Adam; see TrainConfig.
 
     Without y_val, train.val_fraction of y is held out for early stopping on validation ELBO,
-    which starts counting once the KL warm-up is over. The model ends with the best weights.
+    which starts counting once the KL warm-up is over. The model ends with the best weights, or,
+    with train.refit, with those of a second run on all rows (y and the validation rows) for the
+    chosen epoch count.
     """
     check_values(y, model.spec.names, model.spec.missing)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     model.to(device).train()
+    y_all = y
     if y_val is None and cfg.val_fraction > 0:
         train_idx, val_idx = _split(y.shape[0], cfg)
         y, y_val = y[train_idx], y[val_idx]
-    if y_val is not None:
+    elif y_val is not None:
         check_values(y_val, model.spec.names, model.spec.missing)
-    x, mask = model.standardize(y.to(device, torch.float32))
-    val = None if y_val is None else model.standardize(y_val.to(device, torch.float32))
+        y_all = torch.cat([y, y_val.to(y)])
+    linear_start = cfg.init == "linear_gaussian" and has_linear_start(model)
+    if cfg.init == "linear_gaussian" and not linear_start:
+        log.warning("train.init linear_gaussian needs an affine model or model.linear_path: starting "
+                    "from torch's random weights (and without train.refit)")
+    refit = cfg.refit and linear_start and y_val is not None
+    cfg = data_parallel.per_rank(cfg)  # under torchrun: batch_size / world_size rows a step on each rank
+    x, mask = model.standardize(data_parallel.shard(y).to(device, torch.float32))  # this rank's rows
+    val = None if y_val is None else model.standardize(y_val.to(device, torch.float32))  # all of them
 
     state = resume if resume is not None else TrainState()
-    trainer = _Trainer(model, cfg, device, state)
-    if not state.model:
-        trainer.snapshot()
-    rollbacks, stopped = 0, False
-    while state.epoch < cfg.epochs and not state.finished:
+    if state.phase == "select":
+        if not state.model and linear_start:
+            init_linear_gaussian(model, y)  # from all training rows: the same start however many ranks
+        trainer = _Trainer(model, cfg, device, state)
+        data_parallel.attach(trainer, cfg.seed, state.step)  # rank 0's weights; gradients averaged each step
+        if not state.model:
+            trainer.snapshot()
+            if val is not None:  # the start is a candidate: training never ends below it on validation
+                _track_best(trainer, val, warm=False)
+        _loop(trainer, x, mask, val, cfg.epochs, on_epoch, on_checkpoint)
+        state.stopped_early, state.selected_epoch = state.finished, state.best_epoch
+        del x, mask  # the refit's table replaces these on the device
+        if refit:
+            state = _start_refit(state)
+            if on_checkpoint is not None:
+                on_checkpoint(state)
+    if state.phase == "refit":
+        if not state.model:
+            init_linear_gaussian(model, y_all)
+        x_all, mask_all = model.standardize(data_parallel.shard(y_all).to(device, torch.float32))
+        trainer = _Trainer(model, cfg, device, state)
+        data_parallel.attach(trainer, cfg.seed, state.step)
+        if not state.model:
+            trainer.snapshot()
+            assert val is not None, "a refit has validation rows"
+            _track_best(trainer, val, warm=False)
+        _loop(trainer, x_all, mask_all, val, state.selected_epoch, on_epoch, on_checkpoint)
+        _keep_selection_unless_refit_holds(state)
+    state.finished = True
+    model.load_state_dict(state.best_model or state.model)
+    model.eval()
+    history = tuple(EpochStats(**h) for h in state.history)
+    return FitResult(history, state.selected_epoch if state.phase == "refit" else state.best_epoch,
+                     state.stopped_early, state)
+
+
+def _start_refit(state: TrainState) -> TrainState:
+    """A fresh run on all rows for the chosen number of epochs; the selection's record is kept."""
+    return TrainState(history=state.history, phase="refit", selected_epoch=state.best_epoch,
+                      stopped_early=state.stopped_early, selected_val=state.best_val,
+                      selected_model=state.best_model or state.model)
+
+
+def _keep_selection_unless_refit_holds(state: TrainState) -> None:
+    """The refit keeps its best epoch by the ELBO of the validation rows, which it trains on, so a
+    noisy last epoch is not the result; if even that is below the selection's out-of-sample
+    validation ELBO, the refit went wrong (a spike, a collapse) and the selected weights stay."""
+    if state.best_val < state.selected_val:
+        log.warning("the refit on all rows ended below the selected model on the validation rows "
+                    "(%.4g < %.4g nats/row): keeping the selected weights", state.best_val, state.selected_val)
+        state.best_model = state.selected_model
+
+
+def _loop(
+    trainer: _Trainer,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    val: tuple[torch.Tensor, torch.Tensor | None] | None,
+    epochs: int,
+    on_epoch: Callable[[EpochStats], None] | None,
+    on_checkpoint: Callable[[TrainState], None] | None,
+) -> None:
+    """Epochs until `epochs` or early stopping; a non-finite epoch rolls back and lowers the lr."""
+    state, cfg = trainer.state, trainer.cfg
+    rollbacks = 0
+    while state.epoch < epochs and not state.finished:
         t0 = time.perf_counter()
         out = trainer.run_epoch(x, mask)
         if out is None:
@@ -233,17 +299,28 @@ def fit(
             continue
         rollbacks = 0
         means, beta = out
-        stats = _finish_epoch(trainer, val, beta, means, time.perf_counter() - t0)
-        stopped = state.finished
+        stats = _finish_epoch(trainer, val, beta, data_parallel.average(means, x.shape[0]), time.perf_counter() - t0)
+        state.finished = data_parallel.agree(state.finished, x.device)  # rank 0's early stop on every rank
         if on_epoch is not None:
             on_epoch(stats)
         if on_checkpoint is not None:
             on_checkpoint(state)
-    state.finished = True
-    model.load_state_dict(state.best_model or state.model)
+
+
+def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None], warm: bool) -> LossTerms:
+    """Keep the weights with the best validation ELBO; count patience once the warm-up is over."""
+    state, cfg, model = trainer.state, trainer.cfg, trainer.model
     model.eval()
-    history = tuple(EpochStats(**h) for h in state.history)
-    return FitResult(history, state.best_epoch or state.epoch, stopped, state)
+    v = _mean_terms(model, val[0], val[1], cfg, cfg.seed + 1)  # same eps every epoch
+    model.train()
+    if float(v.elbo) > state.best_val:
+        state.best_val, state.best_epoch, state.bad_epochs = float(v.elbo), state.epoch, 0
+        state.best_model = _clone(model.state_dict())
+    elif warm:
+        state.bad_epochs += 1
+        if state.bad_epochs >= cfg.early_stopping_patience:
+            state.finished = True
+    return v
 
 
 def _finish_epoch(
@@ -254,25 +331,15 @@ def _finish_epoch(
     seconds: float,
 ) -> EpochStats:
     """Validate, track the best weights, decide on early stopping, snapshot."""
-    state, cfg, model = trainer.state, trainer.cfg, trainer.model
+    state, cfg = trainer.state, trainer.cfg
     state.epoch += 1
-    recon, kl = (float(v) for v in means.cpu())
+    recon, kl = (float(t) for t in means.cpu())
     v: LossTerms | None = None
-    if val is not None:
-        model.eval()
-        v = _mean_terms(model, val[0], val[1], cfg, cfg.seed + 1)  # same eps every epoch
-        model.train()
-    warm = state.step >= cfg.kl_warmup_steps
-    if v is None:  # nothing held out: the last epoch's weights are the result
-        state.best_epoch = state.epoch
-    elif not warm or float(v.elbo) > state.best_val:
-        state.best_val = float(v.elbo) if warm else float("-inf")
-        state.best_epoch, state.bad_epochs = state.epoch, 0
-        state.best_model = _clone(model.state_dict())
-    else:
-        state.bad_epochs += 1
-        if state.bad_epochs >= cfg.early_stopping_patience:
-            state.finished = True
+    if val is None:  # nothing held out (or the refit): the last epoch's weights are the result
+        if state.phase == "select":
+            state.best_epoch = state.epoch
+    else:  # the refit tracks its best epoch but never stops early: it runs the chosen count
+        v = _track_best(trainer, val, warm=state.phase == "select" and state.step >= cfg.kl_warmup_steps)
     stats = EpochStats(
         epoch=state.epoch, step=state.step, beta=beta, lr=state.lr,
         train_elbo=recon - kl, train_recon=recon, train_kl=kl,
@@ -280,6 +347,7 @@ def _finish_epoch(
         val_recon=None if v is None else float(v.recon),
         val_kl=None if v is None else float(v.kl),
         seconds=seconds,
+        phase=state.phase,
     )
     state.history.append(asdict(stats))
     trainer.snapshot()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,11 +27,15 @@ from pipeline.model import load_model_dir
 from pipeline.registry import download_model_dir, lineage_tags, promote, register_model
 from pipeline.tables import synthetic_table, write_table_atomic
 from pipeline.train import train_model
+from tests.pipeline.servers import free_port, server, server_env
 
 NAME = "measurement-vae"
 SETTINGS = [
     "data.id_columns=[row_id]", "model.latent_dim=2", "model.hidden_dims=[16]", "train.num_threads=1",
     "train.batch_size=32", "train.lr=0.01", "evaluate.iw_samples=50", "embed.score_samples=20",
+    # from a random start, so that a model trained for more epochs is the better one (the gate's
+    # tests need a worse and a better challenger; the closed-form start makes every model good)
+    "train.init=random",
 ]
 
 
@@ -75,10 +82,20 @@ def champion(name: str = NAME) -> str | None:
 # ---------------------------------------------------------------- register
 
 
-def test_register_logs_the_run_and_creates_version_1_as_challenger(store: Store) -> None:
+def test_register_logs_the_run_and_creates_version_1_as_challenger(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
     metrics = {"log_likelihood": -12.5, "elbo": -13.0, "log_likelihood_stderr": None,
                "per_feature_reconstruction": {f"x{j}": -2.0 - j for j in range(6)}}
-    v = register_model(store.model(10), store.params(), metrics=metrics, table=store.test)
+    mlflow_log = logging.getLogger("mlflow")  # MLflow's loggers do not propagate to the root
+    mlflow_log.addHandler(caplog.handler)
+    try:
+        v = register_model(store.model(10), store.params(), metrics=metrics, table=store.test)
+    finally:
+        mlflow_log.removeHandler(caplog.handler)
+    assert any(r.name.startswith("mlflow.pyfunc") for r in caplog.records), caplog.text  # it hears MLflow
+    # logged from code: MLflow's "serialized using CloudPickle ... arbitrary code" warning is not given
+    assert not [r for r in caplog.records if "CloudPickle" in r.getMessage()], caplog.text
     client = MlflowClient()
     assert (v.name, v.version, v.alias, v.model_uri) == (NAME, "1", "challenger", f"models:/{NAME}/1")
     assert "MLFLOW_REGISTRY_URI" not in os.environ  # a process-global registry would outlive this store
@@ -221,14 +238,89 @@ def test_champion_loads_and_embeds_in_a_fresh_process(store: Store) -> None:
     assert out["anomaly"] == "bool"
 
 
+def test_signature_lists_typed_inputs_and_outputs_and_no_pickle_is_logged(store: Store) -> None:
+    info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
+    inputs = {c["name"]: c["type"] for c in info.signature.inputs.to_dict()}
+    assert inputs == {"row_id": "long", **{f"x{j}": "double" for j in range(6)}}
+    assert info.signature.inputs.input_names() == ["row_id", *(f"x{j}" for j in range(6))]
+    assert info.signature.outputs.input_names() == ["row_id", "z_0", "z_1", "log_likelihood", "anomaly"]
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
+    assert (local / "pyfunc_model.py").exists() and not list(local.glob("*.pkl"))
+    assert "model_code_path" in (local / "MLmodel").read_text()
+
+
+def test_predict_names_a_missing_column_and_ignores_an_extra_one(store: Store) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"missing inputs \['x3'\]"):
+        model.predict(store.test_frame.drop(columns=["x3"]))
+    expected = model.predict(store.test_frame)
+    pd.testing.assert_frame_equal(model.predict(store.test_frame.assign(extra=1.0)), expected)
+
+
+def test_predict_warns_about_drifted_columns(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    frame = store.test_frame
+    with caplog.at_level("WARNING", logger="pipeline.pyfunc"):
+        model.predict(frame)
+        assert not [r for r in caplog.records if "drifted" in r.getMessage()]
+        model.predict(frame.assign(x4=frame["x4"] + 3 * frame["x4"].std()))
+    [warning] = [r.getMessage() for r in caplog.records if "drifted" in r.getMessage()]
+    assert "'x4' (+" in warning and "'x1'" not in warning
+
+
 @pytest.mark.parametrize(("change", "says"), [
     (lambda df: df.drop(columns=["x3"]), "missing column 'x3'"),
     (lambda df: df.assign(extra=1.0), "extra column 'extra'"),
 ])
-def test_predict_names_missing_and_extra_columns(store: Store, change, says: str) -> None:
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+def test_the_table_contract_names_missing_and_extra_columns(store: Store, change, says: str) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").unwrap_python_model()
     with pytest.raises(PipelineError, match=says):
-        model.predict(change(store.test_frame))
+        model.predict(None, change(store.test_frame))
+
+
+@pytest.fixture(scope="module")
+def served(store: Store) -> Iterator[str]:
+    """`mlflow models serve` of the champion on a free port (its own process, like a user's)."""
+    port = free_port()
+    args = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with server(args, f"http://127.0.0.1:{port}/ping", store.root / "serve.log",
+                server_env(MLFLOW_TRACKING_URI=store.uri), store.root):
+        yield f"http://127.0.0.1:{port}"
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def request_from_signature(rows: pd.DataFrame, drop: str | None = None) -> dict:
+    """What a client written from MLflow's documentation sends: the signature's columns, in order."""
+    names = mlflow.models.get_model_info(f"models:/{NAME}@champion").signature.inputs.input_names()
+    names = [n for n in names if n != drop]
+    return {"dataframe_split": {"columns": names, "data": rows[names].values.tolist()}}
+
+
+@pytest.mark.slow
+def test_served_champion_answers_a_request_built_from_its_signature(store: Store, served: str) -> None:
+    url, rows = served, store.test_frame.head(7)
+    status, body = post(url, request_from_signature(rows))
+    assert status == 200, body
+    out = pd.DataFrame(body["predictions"])
+    assert list(out.columns) == ["row_id", "z_0", "z_1", "log_likelihood", "anomaly"]
+    assert out["row_id"].tolist() == rows["row_id"].tolist()
+
+
+@pytest.mark.slow
+def test_served_champion_names_a_missing_column(store: Store, served: str) -> None:
+    url, rows = served, store.test_frame.head(7)
+    status, body = post(url, request_from_signature(rows, drop="x2"))
+    assert status == 400 and "x2" in body["message"] and "missing" in body["message"]
 
 
 # ---------------------------------------------------------------- stores and plots

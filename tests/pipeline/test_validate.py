@@ -179,12 +179,13 @@ def test_against_schema_reports_out_of_range_rows(clean: pd.DataFrame, schema: S
     lo, hi = schema.widened_range(STRICT.range_tolerance)[2]
     clean.loc[[3, 250], "x2"] = [hi + 1.0, lo - 1.0]
     clean.loc[9, "x2"] = hi - 1e-9  # inside the widened range: fine
-    report = run(clean, against=schema)
+    lenient = run(clean, against=schema)  # 2 of 300 values: within max_out_of_range_fraction 1%
+    [range_check] = [c for c in lenient.checks if c.name == "in_training_range" and c.column == "x2"]
+    assert lenient.success and range_check.message.startswith("2 values (0.67%) outside the training range")
+    report = run(clean, against=schema, params=replace(STRICT, max_out_of_range_fraction=0.005))
     assert failed(report) == {("in_training_range", "x2")}
     check = report.failures()[0]
-    assert check.rows == (3, 250) and check.message.startswith(
-        "2 values outside the training range"
-    )
+    assert check.rows == (3, 250) and "at most 0.50% allowed (validate.max_out_of_range_fraction)" in check.message
 
 
 def test_validate_path_writes_a_json_report(tmp_path: Path, clean: pd.DataFrame) -> None:

@@ -74,21 +74,36 @@ def ppca_heldout_loglik(train: torch.Tensor, test: torch.Tensor, k: int, standar
     return float(fitted.log_prob(scaling(test)).mean() + scaling.log_jacobian)
 
 
-def affine_vae_marginal(model: torch.nn.Module) -> PPCA:
-    """The exact p(y) of an affine shared-variance VAE without standardization: N(v, C C^T + s^2 I)."""
-    assert bool((model.loc == 0).all() and (model.scale == 1).all()), "use affine_vae_loglik"
+@dataclass(frozen=True)
+class Gaussian:
+    mean: torch.Tensor  # (D,)
+    cov: torch.Tensor  # (D, D)
+    noise: torch.Tensor  # (D, D) the part of cov that is decoder noise
+
+    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        return MultivariateNormal(self.mean, self.cov).log_prob(y.double())
+
+
+def affine_vae_marginal(model: torch.nn.Module) -> Gaussian:
+    """The exact p(y), original units, of an affine Gaussian VAE (hidden_dims []).
+
+    On the model's standardized scale x = (y - loc) / scale, x = C z + v + noise with
+    noise ~ N(0, Psi) (diagonal, or L L^T for full/lowrank): p(x) = N(v, C C^T + Psi).
+    """
+    d = model.spec.n_features
     linear = model.decoder.net[0]
-    sigma = model.decode(torch.zeros(1, model.latent_dim)).sigma.detach().double().reshape(())
-    return PPCA(linear.bias.detach().double(), linear.weight.detach().double(), sigma**2)
+    c, v = linear.weight.detach().double()[:d], linear.bias.detach().double()[:d]
+    with torch.no_grad():
+        out = model.decode(torch.zeros(1, model.latent_dim))
+    if out.scale_tril is not None:
+        psi = (out.scale_tril @ out.scale_tril.T).double()
+    else:
+        psi = torch.diag(out.sigma.detach().double().reshape(-1).expand(d) ** 2)
+    s, loc = model.scale.double(), model.loc.double()
+    noise = s[:, None] * psi * s[None, :]
+    return Gaussian(loc + s * v, s[:, None] * (c @ c.T) * s[None, :] + noise, noise)
 
 
 def affine_vae_loglik(model: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """Exact log p(y) per row, original units, of an affine shared-variance VAE's decoder.
-
-    p(x) = N(v, C C^T + s^2 I) on the model's standardized scale x = (y - loc) / scale.
-    """
-    linear = model.decoder.net[0]
-    sigma = model.decode(torch.zeros(1, model.latent_dim)).sigma.detach().double().reshape(())
-    marginal = PPCA(linear.bias.detach().double(), linear.weight.detach().double(), sigma**2)
-    scaling = Scaling(model.loc.double(), model.scale.double())
-    return marginal.log_prob(scaling(y)) + scaling.log_jacobian
+    """Exact log p(y) per row, original units, of an affine Gaussian VAE's decoder."""
+    return affine_vae_marginal(model).log_prob(y)

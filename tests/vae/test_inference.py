@@ -64,7 +64,7 @@ def test_sample_matches_the_models_marginal_and_the_ppca_closed_form(ppca_plain)
     rows = vae.sample(model, n, generator=_gen(1), batch_rows=10_000).double()
     assert rows.shape == (n, 10)
     mean, cov = rows.mean(0), torch.cov(rows.T)
-    # (1) the sampler draws from the trained model's own marginal N(v, C C^T + s^2 I), exactly
+    # (1) the sampler draws from the trained model's own marginal N(v, C C^T + Psi), exactly
     own = affine_vae_marginal(model)
     sd = own.cov.diagonal().sqrt()
     assert ((mean - own.mean).abs() < 5 * sd / math.sqrt(n)).all()
@@ -79,7 +79,7 @@ def test_sample_matches_the_models_marginal_and_the_ppca_closed_form(ppca_plain)
     # noise=False gives E[y|z] = C z + v: covariance C C^T of rank 2
     means = vae.sample(model, n, generator=_gen(2), noise=False).double()
     assert torch.linalg.matrix_rank(torch.cov(means.T), rtol=1e-4) == 2
-    torch.testing.assert_close(torch.cov(means.T).diagonal() + own.sigma2, cov.diagonal(), rtol=0.05, atol=0)
+    torch.testing.assert_close(torch.cov(means.T).diagonal() + own.noise.diagonal(), cov.diagonal(), rtol=0.05, atol=0)
 
 
 @pytest.mark.parametrize("which", ["ppca_plain", "ppca_scaled"])

@@ -112,10 +112,16 @@ def test_gaussian_log_px_z_is_normal_log_prob_in_original_units(mode):
 def test_log_px_z_without_standardization_is_plain_normal():
     y = torch.randn(64, 2, generator=_gen(5)) * 3 + 1
     model = _model(y, standardize=False, decoder_variance="per_feature")
-    x, mask = model.standardize(y)
-    torch.testing.assert_close(x, y)
+    with torch.no_grad():
+        model.decoder.raw_sigma.copy_(torch.tensor([0.3, -1.0]))
+    x, mask = model.standardize(y)  # the networks see standardized cells either way
+    torch.testing.assert_close(x, (y - y.mean(0)) / y.std(0, unbiased=False), rtol=1e-5, atol=1e-5)
     out = model.decode(torch.randn(y.shape[0], 2, generator=_gen(6)))
-    expected = Normal(out.loc, out.sigma).log_prob(y)
+    # the learned noise is in the table's units, in multiples of the RMS column std
+    unit = model.scale.pow(2).mean().sqrt()
+    raw_sigma = unit * torch.nn.functional.softplus(model.decoder.raw_sigma) + model.config.min_sigma
+    torch.testing.assert_close(model.scale * out.sigma, raw_sigma)
+    expected = Normal(model.loc + model.scale * out.loc, raw_sigma).log_prob(y)
     torch.testing.assert_close(model.log_px_z(x, out, mask), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -207,7 +213,8 @@ def test_loss_terms_recon_is_expected_log_density_of_affine_decoder():
     s = model.decode(post.mu).sigma.detach().double()
     mu, var = post.mu.detach().double(), post.logvar.detach().double().exp()
     sq = (x.double() - mu @ c.T - v) ** 2 + var @ (c**2).T  # (B, D)
-    expected = (-0.5 * sq / s**2 - s.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    jacobian = model.scale.double().log()  # densities are reported in the table's units
+    expected = (-0.5 * sq / s**2 - s.log() - 0.5 * math.log(2 * math.pi) - jacobian).sum(-1)
     n = 20_000
     with torch.no_grad():
         terms = loss_terms(model, x, mask, n, _gen(14))
@@ -232,41 +239,45 @@ def test_one_sample_path_equals_the_batched_path():
     torch.testing.assert_close(reparameterize(post, None, _gen(20)), z[0])
 
 
-def _exact_posterior_model(standardize: bool) -> tuple[vae.VAE, PPCA, torch.Tensor]:
+def _exact_posterior_model(standardize: bool) -> tuple[vae.VAE, PPCA, torch.Tensor, torch.Tensor]:
     """An affine VAE set by hand to a pPCA model and its exact posterior (W has orthogonal columns).
 
     Then log p(y|z) + log p(z) - log q(z|y) = log p(y) for every z: ELBO = IWAE_K = log p(y).
-    The pPCA lives on the model's standardized scale x = (y - loc) / scale; rows y are drawn from it.
+    The pPCA lives in the units the noise is learned in, u = r x with x = (y - loc) / scale the
+    networks' scale and r = 1 (standardized) or scale / RMS(scale) (table units, in multiples of the
+    RMS column std); rows y are drawn from it.
     """
     g = _gen(15)
     d, k = 5, 2
     units = torch.tensor([0.01, 1.0, 30.0, 500.0, 2.0])
     model = _model(torch.randn(100, d, generator=g) * units + 3 * units, standardize=standardize,
                    hidden_dims=(), latent_dim=k, decoder_variance="shared", likelihood="gaussian")
+    scale = model.scale.double()
+    r = torch.ones(d, dtype=torch.float64) if standardize else scale / scale.pow(2).mean().sqrt()
     q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
-    ppca = PPCA(torch.randn(d, generator=g, dtype=torch.float64), q * torch.tensor([2.0, 0.7], dtype=torch.float64),
-                torch.tensor(0.25, dtype=torch.float64))
+    ppca = PPCA(torch.randn(d, generator=g, dtype=torch.float64) * r, q * torch.tensor([2.0, 0.7], dtype=torch.float64) * r.mean(),
+                torch.tensor(0.25, dtype=torch.float64) * r.mean() ** 2)
     m_diag = (ppca.w**2).sum(0) + ppca.sigma2  # M = W^T W + s^2 I is diagonal
-    a = ppca.w.T / m_diag[:, None]  # E[z|x] = M^{-1} W^T (x - v)
+    a = ppca.w.T / m_diag[:, None]  # E[z|u] = M^{-1} W^T (u - v), u = r x
     with torch.no_grad():
-        model.decoder.net[0].weight.copy_(ppca.w)
-        model.decoder.net[0].bias.copy_(ppca.mean)
-        model.decoder.raw_sigma.copy_(torch.log(torch.expm1(ppca.sigma2.sqrt() - model.config.min_sigma)))
+        model.decoder.net[0].weight.copy_(ppca.w / r[:, None])
+        model.decoder.net[0].bias.copy_(ppca.mean / r)
+        model.decoder.raw_sigma.copy_(torch.log(torch.expm1(ppca.sigma2.sqrt() - model.decoder.min_sigma)))
         enc = model.encoder.net[0]
         enc.weight.zero_()
-        enc.weight[:k].copy_(a)
+        enc.weight[:k].copy_(a * r[None, :])
         enc.bias[:k].copy_(-a @ ppca.mean)
         enc.bias[k:].copy_((ppca.sigma2 / m_diag).log())  # Cov[z|x] = s^2 M^{-1}
-    x = MultivariateNormal(ppca.mean, ppca.cov).sample((300,))
-    y = (x * model.scale + model.loc).float()
-    return model, ppca, y
+    u = MultivariateNormal(ppca.mean, ppca.cov).sample((300,))
+    y = (u / r * model.scale + model.loc).float()
+    return model, ppca, y, r
 
 
 @pytest.mark.parametrize("standardize", [False, True])
 def test_iwae_and_elbo_equal_exact_log_likelihood_under_exact_posterior(standardize):
-    model, ppca, y = _exact_posterior_model(standardize)
+    model, ppca, y, r = _exact_posterior_model(standardize)
     loc, scale = model.loc.double(), model.scale.double()
-    exact = ppca.log_prob((y.double() - loc) / scale) - scale.log().sum()  # Jacobian: original units
+    exact = ppca.log_prob((y.double() - loc) / scale * r) - (scale / r).log().sum()  # Jacobian: original units
     scores = vae.score_rows(model, y, iw_samples=50, seed=0)
     torch.testing.assert_close(scores.log_likelihood, exact, rtol=0, atol=2e-3)
     assert float(scores.stderr.max()) < 2e-3  # all importance weights equal

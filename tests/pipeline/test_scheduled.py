@@ -1,0 +1,161 @@
+"""Scheduled retraining for real: `prefect server start`, `vaepipe serve`, `prefect deployment run`.
+
+One project copy (git + DVC, a local DVC remote), one Prefect server and one served deployment
+for the module; the tests run in file order and build on each other: a good table makes version 1
+the champion, a small table registers version 2 and the gate keeps version 1, a drifted table fails
+validation naming its drifted columns and registers nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.tables import synthetic_table
+from tests.pipeline.servers import free_port, server, server_env
+
+pytestmark = pytest.mark.slow  # starts a Prefect server and a runner (runs in `make test`)
+ROOT = Path(__file__).resolve().parents[2]
+NAME = "measurement-vae"
+COLS = 8
+FAST = {"model": {"hidden_dims": [16], "latent_dim": 2},
+        "train": {"epochs": 15, "kl_warmup_steps": 0, "early_stopping_patience": 15},
+        "evaluate": {"iw_samples": 20}, "embed": {"score_samples": 10}}
+
+
+@dataclass
+class Project:
+    repo: Path
+    api: str
+    env: dict[str, str]
+    log: Path
+    drops: int = 0
+
+    def drop(self, df: pd.DataFrame) -> None:
+        """A new table arrives in data.source (the newest one is trained on)."""
+        self.drops += 1
+        path = self.repo / "drops" / f"batch-{self.drops}.parquet"
+        df.to_parquet(path, index=False)
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + self.drops))
+
+    def run(self) -> tuple[int, dict]:
+        """`prefect deployment run --watch`; its exit code and the finished flow run."""
+        done = subprocess.run(["prefect", "deployment", "run", "vaepipe-train/retrain", "--watch",
+                               "--watch-timeout", "240"], env=self.env, cwd=self.repo,
+                              capture_output=True, text=True, timeout=300)
+        found = re.search(r"UUID: ([0-9a-f-]{36})", done.stdout)
+        assert found, f"{done.stdout}\n{done.stderr}"
+        with urllib.request.urlopen(f"{self.api}/flow_runs/{found[1]}", timeout=10) as r:
+            return done.returncode, json.loads(r.read())
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.env["MLFLOW_TRACKING_URI"])
+
+    def versions(self) -> list[str]:
+        return sorted(str(v.version) for v in self.client().search_model_versions(f"name = '{NAME}'"))
+
+    def champion(self) -> str:
+        return str(self.client().get_registered_model(NAME).aliases["champion"])
+
+    def lock_md5(self, stage: str, path: str) -> str:
+        lock = yaml.safe_load((self.repo / "dvc.lock").read_text())["stages"][stage]
+        return next(o["md5"] for o in lock["outs"] if o["path"] == path)
+
+
+def _copy_project(repo: Path, remote: Path, env: dict[str, str]) -> None:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, repo / f)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    # half the rows held out: the gate then compares on enough rows to tell a 30-row fit from a 400-row one
+    params["data"].update(source="drops", id_columns=["row_id"], test_fraction=0.5)
+    for section, values in FAST.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "drops").mkdir()
+    for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(remote)],
+                 ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    root = tmp_path_factory.mktemp("scheduled").resolve()
+    repo, remote = root / "repo", root / "dvc-remote"
+    repo.mkdir()
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    base = server_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
+    _copy_project(repo, remote, base)
+    server_args = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    with server(server_args, f"{api}/health", root / "server.log", {**base, "PREFECT_HOME": str(root / "server")}, root):
+        env = {**base, "PREFECT_API_URL": api, "PREFECT_HOME": str(root / "client"), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+               "PREFECT_LOGGING_LEVEL": "INFO"}
+        serve_args = [sys.executable, "-m", "pipeline", "serve", "--cron", "0 3 * * *"]
+        with server(serve_args, f"{api}/deployments/name/vaepipe-train/retrain", root / "serve.log", env, repo):
+            yield Project(repo, api, env, root / "serve.log")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def test_deployment_is_served_on_its_cron(project: Project) -> None:
+    with urllib.request.urlopen(f"{project.api}/deployments/name/vaepipe-train/retrain", timeout=10) as r:
+        deployment = json.loads(r.read())
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+    assert deployment["parameters"]["dvc"] is True
+
+
+def test_a_triggered_run_registers_a_champion_and_versions_it_with_dvc(project: Project) -> None:
+    project.drop(synthetic_table(400, COLS, seed=1))
+    code, run = project.run()
+    assert code == 0 and run["state"]["type"] == "COMPLETED", project.log.read_text()[-3000:]
+    assert project.versions() == ["1"] and project.champion() == "1"
+    model_md5 = project.lock_md5("train", "models/vae")
+    assert (project.repo / ".dvc" / "cache" / "files" / "md5" / model_md5[:2] / model_md5[2:]).exists()
+    assert json.loads((project.repo / "reports" / "registered.json").read_text())["version"] == "1"
+    assert any((project.repo.parent / "dvc-remote").rglob("*.dir")), "dvc push sent the model to the remote"
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project.repo, env=project.env,
+                            capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout  # dvc.lock matches the workspace
+
+
+def test_a_run_on_clearly_worse_data_leaves_the_champion(project: Project) -> None:
+    before = project.lock_md5("prepare", "data/prepared")
+    project.drop(synthetic_table(30, COLS, seed=3))  # 13 training rows for 8 columns: a worse fit
+    code, run = project.run()
+    assert code == 0 and run["state"]["type"] == "COMPLETED", project.log.read_text()[-3000:]
+    assert project.versions() == ["1", "2"] and project.champion() == "1"
+    assert project.client().get_model_version(NAME, "2").tags["gate_result"] == "refused"
+    assert project.lock_md5("prepare", "data/prepared") != before  # this run's data is versioned too
+
+
+def test_a_run_on_drifted_data_fails_validation_and_registers_nothing(project: Project) -> None:
+    lock = (project.repo / "dvc.lock").read_text()
+    drifted = synthetic_table(400, COLS, seed=4)
+    for col, sd in (("x1", 1.0), ("x3", -1.5)):
+        drifted[col] += sd * drifted[col].std()
+    project.drop(drifted)
+    code, run = project.run()
+    assert code == 1 and run["state"]["type"] == "FAILED"
+    message = run["state"]["message"]
+    # shifts in the champion's training sd, about the +1 and -1.5 table sd drawn here
+    assert re.search(r"drifted columns 'x1' \(\+1\.\d\d sd, KS [\d.]+\), 'x3' \(-1\.\d\d sd", message), message
+    assert not any(f"'x{j}'" in message for j in (0, 2, 4, 5, 6, 7))
+    assert project.versions() == ["1", "2"] and project.champion() == "1"
+    assert (project.repo / "dvc.lock").read_text() == lock

@@ -1,0 +1,125 @@
+"""One optimizer step with nothing read back to the host: the loop can run ahead of the device.
+
+Gradient clipping and the finite check are device tensors; per-epoch sums of the ELBO terms and
+of (gradient norm + loss), non-finite if any step's was, accumulate in `sums`, read once per epoch. On CUDA with
+train.cuda_graph, full-size steps (forward, backward, clipping, Adam) replay from one CUDA graph.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+
+from vae.config import TrainConfig
+from vae.elbo import loss_terms
+from vae.model import VAE
+from vae.precision import Resolved, autocast
+
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS handles, lazy state)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam: fused (one kernel for all tensors) on CUDA, capturable when steps replay from a CUDA
+    graph. On the CPU the foreach variant: bit for bit the default's numbers, a third less time
+    per step (measured 1.07 vs 1.6 ms for the 64-128-128-8 VAE, one thread). Fused is faster still
+    there (0.42 ms) but rounds differently, which moves training trajectories off the default's."""
+    if device.type == "cuda":
+        return torch.optim.Adam(params, lr=cfg.effective_lr, fused=True, capturable=cfg.cuda_graph)
+    return torch.optim.Adam(params, lr=cfg.effective_lr, foreach=True)
+
+
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_'s math without a host read: scale by min(1, max_norm / (norm + 1e-6)).
+
+    Returns the norm (NaN or inf when a gradient is). A factor of exactly 1 leaves a gradient as
+    it was, bit for bit: below max_norm nothing changes, as with a host-side test.
+    """
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
+class StepRunner:
+    """Optimizer steps of one fit() call; `sums` (3,): recon sum, KL sum, sum of (grad norm + loss),
+    the last finite unless a step's loss or gradient was not."""
+
+    def __init__(self, model: VAE, opt: torch.optim.Adam, cfg: TrainConfig, device: torch.device, precision: Resolved):
+        self.model, self.opt, self.cfg, self.device, self.precision = model, opt, cfg, device, precision
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.use_graph = device.type == "cuda" and cfg.cuda_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: tuple[torch.Tensor, ...] = ()
+        # data parallel: averages every gradient (and the loss) over ranks before clipping
+        self.reduce: Callable[[list[torch.nn.Parameter], torch.Tensor], torch.Tensor] | None = None
+
+    def reduce_with(self, reduce: Callable[[list[torch.nn.Parameter], torch.Tensor], torch.Tensor]) -> None:
+        """Average gradients over ranks each step; steps run eagerly (no CUDA graph holds a collective)."""
+        self.reduce, self.use_graph = reduce, False
+        self.drop_graph()
+
+    def step(self, x: torch.Tensor, mask: torch.Tensor | None, eps: torch.Tensor, beta: float) -> None:
+        """x (B, D), mask (B, D) or None, eps (B, K) or (M, B, K) on the device; beta the KL weight."""
+        if not self.use_graph or x.shape[0] != self.cfg.batch_size:  # the last, shorter batch runs eagerly
+            self.opt.zero_grad(set_to_none=True)
+            self._compute(x, mask, eps, beta, cache=True)
+            return
+        if self.graph is None:
+            self._capture(x, mask, eps, beta)
+        self.static[0].copy_(x)
+        self.static[1].copy_(eps)
+        self.static[2].fill_(beta)  # a kernel argument, no host-device copy
+        if mask is not None:
+            self.static[3].copy_(mask)
+        assert self.graph is not None
+        self.graph.replay()
+
+    def drop_graph(self) -> None:
+        """After the optimizer's state tensors were replaced (rollback): capture again."""
+        self.graph, self.static = None, ()
+
+    def _compute(self, x: torch.Tensor, mask: torch.Tensor | None, eps: torch.Tensor, beta: float | torch.Tensor,
+                 cache: bool) -> None:
+        with autocast(self.device, self.precision, cache):
+            t = loss_terms(self.model, x, mask, self.cfg.mc_samples, None, eps=eps)
+        loss = -(t.recon - beta * t.kl).mean()
+        loss.backward()
+        if self.reduce is not None:
+            loss = self.reduce(self.params, loss)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = clip_grad_norm(grads, self.cfg.grad_clip)
+        self.opt.step()
+        # a non-finite loss or gradient norm makes the third sum non-finite: the epoch's finite check
+        self.sums += torch.stack([t.recon.detach().sum(), t.kl.detach().sum(), norm + loss.detach()])
+
+    def _capture(self, x: torch.Tensor, mask: torch.Tensor | None, eps: torch.Tensor, beta: float) -> None:
+        """Warm up on a side stream, put weights, Adam's state and sums back, capture one step."""
+        beta_t = torch.full((), beta, device=self.device)
+        self.static = (x.clone(), eps.clone(), beta_t, *(() if mask is None else (mask.clone(),)))
+        static_mask = self.static[3] if mask is not None else None
+        saved = (copy.deepcopy(self.model.state_dict()), self.sums.clone())
+        fresh = {p for p in self.params if not self.opt.state.get(p)}
+        old_state = {p: {k: v.clone() for k, v in self.opt.state[p].items()} for p in self.params if p not in fresh}
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self.opt.zero_grad(set_to_none=True)
+                self._compute(self.static[0], static_mask, self.static[1], self.static[2], cache=False)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.no_grad():  # in place: the graph keeps these addresses
+            self.model.load_state_dict(saved[0])
+            self.sums.copy_(saved[1])
+            for p in self.params:
+                for key, value in self.opt.state[p].items():
+                    if p in fresh:
+                        value.zero_()  # Adam's initial state (step, moments) is all zeros
+                    else:
+                        value.copy_(old_state[p][key])
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._compute(self.static[0], static_mask, self.static[1], self.static[2], cache=False)
+        self.graph = graph
