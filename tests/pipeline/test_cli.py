@@ -67,7 +67,7 @@ def test_metrics_carry_the_closed_form_baselines_of_the_training_table(model_dir
     code, out, _ = run(capsys, "evaluate", str(model_dir), str(tmp_path / "test.parquet"), *FAST_ARGS)
     assert code == 0
     baselines = json.loads(out)["baselines"]
-    test = torch.from_numpy(test_df.drop(columns="sample_id").to_numpy(np.float64))
+    test = torch.from_numpy(test_df.drop(columns="sample_id").to_numpy(np.float64, copy=True))
     t = torch.from_numpy(train)
     mean, cov = t.mean(0), torch.cov(t.T, correction=0)
     full = MultivariateNormal(mean, cov).log_prob(test).mean()
@@ -214,7 +214,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, capsys, table_pat
 
     import torch
 
-    args = [*FAST_ARGS, "--set", "train.epochs=150", "--set", "train.batch_size=16",
+    args = [*FAST_ARGS, "--set", "train.epochs=60", "--set", "train.batch_size=16",
             "--set", "train.early_stopping_patience=1000"]
     killed, full = tmp_path / "killed", tmp_path / "full"
     exe = os.path.join(os.path.dirname(sys.executable), "vaepipe")
