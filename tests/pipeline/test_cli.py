@@ -61,7 +61,7 @@ def test_train_evaluate_embed_sample(model_dir, tmp_path, capsys):
 
 
 def test_metrics_carry_the_closed_form_baselines_of_the_training_table(model_dir, tmp_path, capsys):
-    train = clean_table(seed=1).drop(columns="sample_id").to_numpy(np.float64)
+    train = clean_table(seed=1).drop(columns="sample_id").to_numpy(np.float64, copy=True)
     test_df = clean_table(n=120, seed=2)
     test_df.to_parquet(tmp_path / "test.parquet", index=False)
     code, out, _ = run(capsys, "evaluate", str(model_dir), str(tmp_path / "test.parquet"), *FAST_ARGS)
