@@ -35,6 +35,7 @@ from pipeline.cli import main
 from pipeline.schema import Schema
 from pipeline.stores import HTTP_DEFAULTS
 from tests.pipeline.helpers import clean_table
+from tests.pipeline.servers import free_port
 
 FAST = ["train.epochs=2", "train.batch_size=64", "model.hidden_dims=[8]", "model.latent_dim=2",
         "evaluate.iw_samples=5", "embed.score_samples=5", "data.id_columns=[sample_id]"]
@@ -148,14 +149,8 @@ def _snapshot(*roots: Path) -> dict[str, str]:
     return out
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dead_store(w: Work, variable: str = "MLFLOW_TRACKING_URI") -> str:
-    w.env[variable] = f"http://127.0.0.1:{_closed_port()}" + ("/api" if variable == "PREFECT_API_URL" else "")
+    w.env[variable] = f"http://127.0.0.1:{free_port()}" + ("/api" if variable == "PREFECT_API_URL" else "")
     return "unreachable"
 
 

@@ -27,22 +27,17 @@ from mlflow import MlflowClient
 
 from pipeline.cli import main
 from tests.pipeline.helpers import FAST, clean_table
+from tests.pipeline.servers import free_port
 
 NAME = "remote-vae"
 ARGS = [a for s in [*FAST, "train.epochs=2", "data.id_columns=[sample_id]", f"register.model_name={NAME}"]
         for a in ("--set", s)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

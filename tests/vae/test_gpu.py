@@ -8,16 +8,14 @@ import pytest
 import torch
 
 import vae
-from vae.model import DecoderOut
+from tests.vae.helpers import curved_rows, inject_nan
 from vae.train import TrainState, _Trainer
 
 pytestmark = pytest.mark.gpu
 
 
 def _rows(n: int = 2000, d: int = 16, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 3, generator=g)
-    return torch.tanh(z @ torch.randn(3, d, generator=g)) * 3 + 0.1 * torch.randn(n, d, generator=g)
+    return curved_rows(n, d, k=3, seed=seed)
 
 
 def _model(y: torch.Tensor, **config) -> vae.VAE:
@@ -86,17 +84,7 @@ def test_cuda_runs_repeat_and_resume_within_tolerance(tmp_path, graph):
 def test_non_finite_epoch_rolls_back_on_cuda(monkeypatch):
     y = _rows()
     model = _model(y, decoder_variance="lowrank", noise_rank=2)
-    original, calls = model.decoder.forward, [0]
-
-    def flaky(z: torch.Tensor) -> DecoderOut:
-        out = original(z)
-        if model.decoder.training:
-            calls[0] += 1
-            if calls[0] == 15:  # step 2 of epoch 2 (13 steps an epoch)
-                return DecoderOut(out.loc * float("nan"), out.sigma, out.scale_tril)
-        return out
-
-    monkeypatch.setattr(model.decoder, "forward", flaky)
+    inject_nan(monkeypatch, model, lambda call: call == 15)  # step 2 of epoch 2 (13 steps an epoch)
     result = vae.fit(model, y, _cfg(epochs=3, lr_backoff=0.5))
     assert [h.lr for h in result.history] == [1e-3, 5e-4, 5e-4]
     assert all(torch.isfinite(p).all() for p in model.parameters())

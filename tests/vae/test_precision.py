@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import vae
-from vae.model import DecoderOut
+from tests.vae.helpers import curved_rows as _rows
+from tests.vae.helpers import inject_nan
 from vae.noise import nan_if_failed
 from vae.precision import autocast, precision_gap, resolve_precision
 
@@ -19,10 +20,6 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def _rows(n: int = 300, d: int = 6, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 2, generator=g)
-    return torch.tanh(z @ torch.randn(2, d, generator=g)) * 3 + 0.1 * torch.randn(n, d, generator=g)
 
 
 def _model(y: torch.Tensor, **config) -> vae.VAE:
@@ -123,17 +120,7 @@ def test_non_finite_step_in_a_lowrank_model_rolls_back(monkeypatch):
     """NaN weights reach the noise's Cholesky factor later in the epoch: a rollback, no exception."""
     y = _rows()
     model = _model(y, decoder_variance="lowrank", noise_rank=2)
-    original, calls = model.decoder.forward, [0]
-
-    def flaky(z: torch.Tensor) -> DecoderOut:
-        out = original(z)
-        if model.decoder.training:
-            calls[0] += 1
-            if calls[0] == 6:  # step 2 of epoch 2 (4 steps an epoch)
-                return DecoderOut(out.loc * float("nan"), out.sigma, out.scale_tril)
-        return out
-
-    monkeypatch.setattr(model.decoder, "forward", flaky)
+    inject_nan(monkeypatch, model, lambda call: call == 6)  # step 2 of epoch 2 (4 steps an epoch)
     result = vae.fit(model, y, _cfg(epochs=3, lr_backoff=0.5))
     assert [h.lr for h in result.history] == [3e-3, 1.5e-3, 1.5e-3]
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 
 import pytest
 import torch
 
 import vae
-from vae.model import DecoderOut
+from tests.vae.helpers import curved_rows as _rows
+from tests.vae.helpers import inject_nan
 
 
 @pytest.fixture(autouse=True)
@@ -18,10 +18,6 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def _rows(n: int = 300, d: int = 6, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 2, generator=g)
-    return torch.tanh(z @ torch.randn(2, d, generator=g)) * 3 + 0.1 * torch.randn(n, d, generator=g)
 
 
 def _model(y: torch.Tensor, init_seed: int = 0, **config) -> vae.VAE:
@@ -139,26 +135,11 @@ def test_early_stopping_waits_for_the_end_of_warmup():
     assert any(max(vals[: i + 1]) > max(vals[i + 1 : i + 6]) for i in range(warm_epoch - 6))
 
 
-def _inject_nan(monkeypatch, model: vae.VAE, fails: Callable[[int], bool]) -> None:
-    """Make the decoder return NaN means on the training calls (1-based) where fails(call)."""
-    original, seen = model.decoder.forward, [0]
-
-    def flaky(z: torch.Tensor) -> DecoderOut:
-        out = original(z)
-        if model.decoder.training:
-            seen[0] += 1
-            if fails(seen[0]):
-                return DecoderOut(out.loc * float("nan"), out.sigma)  # NaN with a gradient path
-        return out
-
-    monkeypatch.setattr(model.decoder, "forward", flaky)
-
-
 def test_one_non_finite_step_rolls_back_and_lowers_lr(monkeypatch, caplog):
     y = _rows()
     cfg = _cfg(epochs=6, val_fraction=0.0, lr_backoff=0.5)
     model = _model(y)
-    _inject_nan(monkeypatch, model, lambda call: call == 14)  # 5 steps per epoch: step 4 of epoch 3
+    inject_nan(monkeypatch, model, lambda call: call == 14)  # 5 steps per epoch: step 4 of epoch 3
     with caplog.at_level(logging.WARNING, logger="vae.train"):
         result = vae.fit(model, y, cfg)
     assert [h.epoch for h in result.history] == list(range(1, 7))
@@ -177,7 +158,7 @@ def test_persistent_non_finite_raises_and_leaves_the_last_good_weights(monkeypat
     vae.fit(good, y, dataclasses.replace(cfg, epochs=2))
     model = _model(y)
     # from epoch 3 on (5 steps per epoch) every attempt fails at its 3rd step, after 2 good ones
-    _inject_nan(monkeypatch, model, lambda call: call > 10 and (call - 11) % 3 == 2)
+    inject_nan(monkeypatch, model, lambda call: call > 10 and (call - 11) % 3 == 2)
     with pytest.raises(vae.TrainingDivergedError, match=r"non-finite.*epoch 3.*2 rollbacks.*train\.lr"):
         vae.fit(model, y, cfg)
     assert all(torch.isfinite(p).all() for p in model.parameters())
