@@ -47,6 +47,11 @@ class ModelConfig:
     # a linear path beside each MLP (mu = MLP(x) + A x + b): training starts it at the closed-form
     # linear-Gaussian fit, so the network only has to learn what that fit misses
     linear_path: bool = True
+    # full / lowrank (the diagonal kinds ignore it): per-column noise scales that depend on z,
+    # Sigma(z) = D(z) Sigma D(z) with D(z) = diag(exp(h(z))) from a decoder head; training opens
+    # the head once the means have converged (see vae.train), so the noise cannot take over what
+    # the latent should explain
+    noise_by_z: bool = True  # measured: +0.4 to +1.9 nats/row on concrete, quakes, college (tuning tables)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
@@ -69,7 +74,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 400
+    epochs: int = 800  # with model.noise_by_z the first stage takes at most half
     batch_size: int = 128  # fast on CPU; small enough for tables of a few hundred rows
     lr: float = 3e-4  # fine-tuning from the linear start: 1e-3 leaves it sooner and worse (bfi)
     mc_samples: int = 1  # M reparameterized samples per row (Kingma & Welling 2014 use 1)

@@ -129,6 +129,10 @@ def _init_decoder(model: VAE, y: torch.Tensor, fit: LinearGaussian) -> None:
         last.bias.zero_()
     layer.weight[:d].copy_(weight)
     layer.bias[:d].copy_(bias)
+    if dec.by_z:  # D(z) = I at the start, and the head closed until training opens it
+        last.weight[d:].zero_()
+        last.bias[d:].zero_()
+        dec.noise_gate.zero_()
     sigma_u = fit.noise_units.diagonal().sqrt()  # (G,) parameter units
     mode, floor = dec.mode, dec.min_sigma
     raw = inverse_softplus((sigma_u - floor).clamp_min(1e-3 * floor))

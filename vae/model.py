@@ -38,6 +38,7 @@ class DecoderOut:
     loc: torch.Tensor  # (..., D) Gaussian means (standardized scale) or Bernoulli logits
     sigma: torch.Tensor  # (..., D) or broadcastable (D,) / (1,): Gaussian std, standardized scale
     scale_tril: torch.Tensor | None = None  # (G, G) Cholesky factor of the Gaussian columns' noise
+    log_scale: torch.Tensor | None = None  # (..., G) model.noise_by_z: noise L L^T scaled to D L L^T D, D = exp
 
 
 class Encoder(nn.Module):
@@ -66,6 +67,7 @@ class Decoder(nn.Module):
     fixed_sigma: torch.Tensor
     noise_scale: torch.Tensor
     gauss_index: torch.Tensor
+    noise_gate: torch.Tensor  # model.noise_by_z only
 
     def __init__(self, n_out: int, config: ModelConfig, noise_scale: torch.Tensor, gaussian: torch.Tensor,
                  noise_unit: float = 1.0):
@@ -73,13 +75,18 @@ class Decoder(nn.Module):
         self.mode = config.decoder_variance
         self.min_sigma = config.min_sigma / noise_unit
         hetero = self.mode == "heteroscedastic"
-        self.net = mlp([config.latent_dim, *config.hidden_dims, n_out * (2 if hetero else 1)], config.activation)
+        n_gauss = int(gaussian.sum())
+        self.n_out = n_out
+        self.by_z = config.noise_by_z and self.mode in ("full", "lowrank") and n_gauss > 0
+        n_head = n_out if hetero else n_gauss if self.by_z else 0  # noise outputs after the means
+        self.net = mlp([config.latent_dim, *config.hidden_dims, n_out + n_head], config.activation)
         self.linear = nn.Linear(config.latent_dim, n_out) if config.hidden_dims and config.linear_path else None
         n_sigma = {"shared": 1, "per_feature": n_out}.get(self.mode, 0)
         # softplus(raw) + min_sigma = 1 at start: unit variance on the standardized scale
         start = math.log(math.expm1(max(1.0 - self.min_sigma, 1e-6)))
         self.raw_sigma = nn.Parameter(torch.full((n_sigma,), start)) if n_sigma else None
-        n_gauss = int(gaussian.sum())
+        if self.by_z:  # 0 until training opens the head; saved with the weights
+            self.register_buffer("noise_gate", torch.zeros(()))
         self.noise = (
             NoiseCovariance(n_gauss, self.mode, config.noise_rank, self.min_sigma)
             if self.mode in ("full", "lowrank") else None
@@ -90,13 +97,18 @@ class Decoder(nn.Module):
         self.register_buffer("gauss_index", torch.nonzero(gaussian).flatten(), persistent=False)
 
     def forward(self, z: torch.Tensor) -> DecoderOut:
-        out = self.net(z) if self.linear is None else _add_linear(self.net(z), self.linear(z), self.mode)
+        out = self.net(z)
+        if self.linear is not None:  # the linear path adds to the means only
+            out = torch.cat([out[..., : self.n_out] + self.linear(z), out[..., self.n_out :]], dim=-1)
         out = out.float()
         if self.noise is not None:
             tril = self.noise.cholesky()
             if not self.unit_noise:
                 tril = self.noise_scale[self.gauss_index, None] * tril
-            return DecoderOut(out, self.noise_scale, tril)
+            if not self.by_z:
+                return DecoderOut(out, self.noise_scale, tril)
+            loc, log_scale = out.split([self.n_out, out.shape[-1] - self.n_out], dim=-1)
+            return DecoderOut(loc, self.noise_scale, tril, log_scale * self.noise_gate)
         if self.mode == "heteroscedastic":
             loc, raw = out.chunk(2, dim=-1)
             return DecoderOut(loc, self._scaled(F.softplus(raw) + self.min_sigma))
@@ -106,13 +118,6 @@ class Decoder(nn.Module):
 
     def _scaled(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma if self.unit_noise else sigma * self.noise_scale
-
-
-def _add_linear(net_out: torch.Tensor, linear_out: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode != "heteroscedastic":
-        return net_out + linear_out
-    loc, raw = net_out.chunk(2, dim=-1)
-    return torch.cat([loc + linear_out, raw], dim=-1)
 
 
 class VAE(nn.Module):
@@ -194,11 +199,11 @@ class VAE(nn.Module):
         assert out.scale_tril is not None
         if self.all_gaussian:
             resid = x - out.loc  # (..., D)
-            return gaussian_cells(resid, out.scale_tril, mask) + self.cell_const
+            return gaussian_cells(resid, out.scale_tril, mask, out.log_scale) + self.cell_const
         idx = self.decoder.gauss_index
         resid = (x - out.loc).index_select(-1, idx)  # (..., G)
         gmask = None if mask is None else mask.index_select(-1, idx)
-        gauss = gaussian_cells(resid, out.scale_tril, gmask) + self.cell_const[idx]
+        gauss = gaussian_cells(resid, out.scale_tril, gmask, out.log_scale) + self.cell_const[idx]
         cell = x * out.loc - F.softplus(out.loc)  # Bernoulli everywhere, Gaussian columns replaced
         return cell.index_copy(-1, idx, gauss.expand(*cell.shape[:-1], -1).contiguous())
 
@@ -216,6 +221,8 @@ class VAE(nn.Module):
         else:  # correlated noise L eps on the Gaussian columns
             idx = self.decoder.gauss_index
             corr = noise.index_select(-1, idx) @ out.scale_tril.T
+            if out.log_scale is not None:
+                corr = corr * out.log_scale.exp()
             gauss = out.loc.index_add(-1, idx, corr)
         if self.all_gaussian:
             return self.unstandardize(gauss)

@@ -67,13 +67,19 @@ def nan_if_failed(tril: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
     return tril + bad[..., None, None]
 
 
-def gaussian_cells(resid: torch.Tensor, tril: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Chain-rule factors of log N(r; 0, L L^T) without the -1/2 log 2pi, (..., G).
+def gaussian_cells(resid: torch.Tensor, tril: torch.Tensor, mask: torch.Tensor | None,
+                   log_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Chain-rule factors of log N(r; 0, D L L^T D) without the -1/2 log 2pi, (..., G).
+
+    D = diag(exp(log_scale)) per row, or I: N(r; 0, D S D) = N(D^{-1} r; 0, S) / det D, and the
+    observed block of D S D is D_o S_oo D_o, so a mask works the same on the scaled residual.
 
     u = L^{-1} r by a triangular solve; cell_j = -u_j^2 / 2 - log L_jj, summing to the joint.
     With a mask (B, G) each row uses the Cholesky factor of its observed block, embedded as
     M Sigma M + (I - M) (missing cells then give 0): the marginal of the observed cells.
     """
+    if log_scale is not None:
+        return gaussian_cells(resid * (-log_scale).exp(), tril, mask) - log_scale
     if mask is None:
         u = torch.linalg.solve_triangular(tril.T, resid, upper=True, left=False)
         return -0.5 * u.pow(2) - tril.diagonal().log()

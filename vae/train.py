@@ -70,6 +70,7 @@ class TrainState:
     stopped_early: bool = False
     selected_val: float = float("-inf")  # the selection's best validation ELBO and its weights: the
     selected_model: dict[str, torch.Tensor] = field(default_factory=dict)  # refit must not end below them
+    noise_open_epoch: int = 0  # model.noise_by_z: the epoch after which the selection opened the head
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -257,7 +258,8 @@ def _start_refit(state: TrainState) -> TrainState:
     """A fresh run on all rows for the chosen number of epochs; the selection's record is kept."""
     return TrainState(history=state.history, phase="refit", selected_epoch=state.best_epoch,
                       stopped_early=state.stopped_early, selected_val=state.best_val,
-                      selected_model=state.best_model or state.model)
+                      selected_model=state.best_model or state.model,
+                      noise_open_epoch=state.noise_open_epoch if state.noise_open_epoch < state.best_epoch else 0)
 
 
 def _keep_selection_unless_refit_holds(state: TrainState) -> None:
@@ -323,6 +325,24 @@ def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None]
     return v
 
 
+def _open_noise_head(trainer: _Trainer) -> None:
+    """model.noise_by_z trains in two stages: the means and the shared noise first; when early
+    stopping would end that stage, the z-dependent scales open and training goes on with fresh
+    patience (the refit opens them after the same epoch). The first stage takes at most half of
+    train.epochs."""
+    state, dec = trainer.state, trainer.model.decoder
+    if not dec.by_z or bool(dec.noise_gate > 0):
+        return
+    if state.phase == "refit":
+        opening = state.noise_open_epoch > 0 and state.epoch == state.noise_open_epoch
+    else:
+        opening = state.finished or state.epoch == trainer.cfg.epochs // 2
+        if opening:
+            state.finished, state.bad_epochs, state.noise_open_epoch = False, 0, state.epoch
+    if opening:
+        dec.noise_gate.fill_(1.0)
+
+
 def _finish_epoch(
     trainer: _Trainer,
     val: tuple[torch.Tensor, torch.Tensor | None] | None,
@@ -333,6 +353,7 @@ def _finish_epoch(
     """Validate, track the best weights, decide on early stopping, snapshot."""
     state, cfg = trainer.state, trainer.cfg
     state.epoch += 1
+    lr = state.lr  # the epoch's; what follows may change it for the next
     recon, kl = (float(t) for t in means.cpu())
     v: LossTerms | None = None
     if val is None:  # nothing held out (or the refit): the last epoch's weights are the result
@@ -340,8 +361,9 @@ def _finish_epoch(
             state.best_epoch = state.epoch
     else:  # the refit tracks its best epoch but never stops early: it runs the chosen count
         v = _track_best(trainer, val, warm=state.phase == "select" and state.step >= cfg.kl_warmup_steps)
+    _open_noise_head(trainer)
     stats = EpochStats(
-        epoch=state.epoch, step=state.step, beta=beta, lr=state.lr,
+        epoch=state.epoch, step=state.step, beta=beta, lr=lr,
         train_elbo=recon - kl, train_recon=recon, train_kl=kl,
         val_elbo=None if v is None else float(v.elbo),
         val_recon=None if v is None else float(v.recon),

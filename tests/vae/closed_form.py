@@ -91,6 +91,7 @@ def affine_vae_marginal(model: torch.nn.Module) -> Gaussian:
     noise ~ N(0, Psi) (diagonal, or L L^T for full/lowrank): p(x) = N(v, C C^T + Psi).
     """
     d = model.spec.n_features
+    assert not (model.decoder.by_z and float(model.decoder.noise_gate)), "noise scaled by z: not Gaussian"
     linear = model.decoder.net[0]
     c, v = linear.weight.detach().double()[:d], linear.bias.detach().double()[:d]
     with torch.no_grad():

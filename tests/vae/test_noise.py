@@ -26,11 +26,15 @@ def _table(n: int = 48, binary: bool = False) -> torch.Tensor:
     return y
 
 
-def _model(y: torch.Tensor, mode: str, standardize: bool = True, missing: str = "refuse") -> vae.VAE:
+def _model(y: torch.Tensor, mode: str, standardize: bool = True, missing: str = "refuse", by_z: bool = False) -> vae.VAE:
     spec = vae.describe_table(y, likelihood="auto", standardize=standardize, missing=missing)
     torch.manual_seed(3)
-    model = vae.VAE(spec, vae.ModelConfig(latent_dim=2, hidden_dims=(8,), decoder_variance=mode, noise_rank=2))
+    model = vae.VAE(spec, vae.ModelConfig(latent_dim=2, hidden_dims=(8,), decoder_variance=mode, noise_rank=2,
+                                          noise_by_z=by_z))
     with torch.no_grad():  # a noise far from its start: correlated, uneven
+        if by_z:  # scales from 0.1 to 10 that vary with z
+            model.decoder.noise_gate.fill_(1.0)
+            model.decoder.net[-1].weight.mul_(3.0)
         noise = model.decoder.noise
         assert noise is not None
         noise.raw_diag.copy_(torch.randn(noise.raw_diag.shape, generator=_gen(1)))
@@ -46,7 +50,8 @@ def _expected(model: vae.VAE, y: torch.Tensor, out) -> torch.Tensor:
     gauss = model.gaussian
     s, loc = model.scale.double()[gauss], model.loc.double()[gauss]
     tril = out.scale_tril.double()
-    cov = s[:, None] * (tril @ tril.T) * s[None, :]
+    scale = s if out.log_scale is None else s * out.log_scale.double().exp()  # (G,) or (..., G)
+    cov = scale[..., :, None] * (tril @ tril.T) * scale[..., None, :]
     mean = loc + s * out.loc.double()[..., gauss]
     total = MultivariateNormal(mean, cov).log_prob(y.double()[:, gauss])
     if bool((~gauss).any()):
@@ -57,24 +62,29 @@ def _expected(model: vae.VAE, y: torch.Tensor, out) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["full", "lowrank"])
 @pytest.mark.parametrize("binary", [False, True])
 @pytest.mark.parametrize("standardize", [True, False])
-def test_cells_add_up_to_the_multivariate_normal_in_original_units(mode, binary, standardize):
+@pytest.mark.parametrize("by_z", [False, True])
+def test_cells_add_up_to_the_multivariate_normal_in_original_units(mode, binary, standardize, by_z):
     y = _table(binary=binary)
-    model = _model(y, mode, standardize)
+    model = _model(y, mode, standardize, by_z=by_z)
     x, mask = model.standardize(y)
     out = model.decode(torch.randn(3, y.shape[0], 2, generator=_gen(4)))
     assert out.scale_tril is not None and out.scale_tril.shape == (4, 4)
+    if by_z:
+        assert out.log_scale is not None and out.log_scale.shape == (3, y.shape[0], 4)
+        assert float(out.log_scale.detach().abs().max()) > 1.0
     got = model.log_px_z(x, out, mask)
     assert got.shape == (3, y.shape[0], y.shape[1])
     torch.testing.assert_close(got.double().sum(-1), _expected(model, y, out), rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["full", "lowrank"])
-def test_masked_cells_are_the_marginal_of_the_observed_cells(mode):
+@pytest.mark.parametrize("by_z", [False, True])
+def test_masked_cells_are_the_marginal_of_the_observed_cells(mode, by_z):
     y = _table(binary=True)
     holes = torch.rand(y.shape, generator=_gen(5)) < 0.3
     holes[:, 0] = False  # every row keeps a cell
     y_nan = torch.where(holes, torch.nan, y)
-    model = _model(y, mode, missing="mask")
+    model = _model(y, mode, missing="mask", by_z=by_z)
     x, mask = model.standardize(y_nan)
     assert mask is not None
     out = model.decode(torch.randn(y.shape[0], 2, generator=_gen(6)))
@@ -83,8 +93,9 @@ def test_masked_cells_are_the_marginal_of_the_observed_cells(mode):
     gauss = model.gaussian
     s, loc = model.scale.double(), model.loc.double()
     tril = out.scale_tril.double()
-    cov = s[gauss][:, None] * (tril @ tril.T) * s[gauss][None, :]
     for row in range(y.shape[0]):
+        sd = s[gauss] if out.log_scale is None else s[gauss] * out.log_scale[row].double().exp()
+        cov = sd[:, None] * (tril @ tril.T) * sd[None, :]
         seen = ~holes[row]
         g = seen[gauss]  # observed Gaussian cells of this row
         mean = (loc + s * out.loc.double()[row])[gauss][g]
@@ -108,3 +119,19 @@ def test_samples_have_the_noise_covariance(mode):
     corr = torch.corrcoef(draws.T)
     sd = marginal.cov.diagonal().sqrt()
     torch.testing.assert_close(corr, marginal.cov / (sd[:, None] * sd[None, :]), rtol=0, atol=0.01)
+
+
+@pytest.mark.parametrize("mode", ["full", "lowrank"])
+def test_draws_at_one_z_have_the_scaled_noise_covariance(mode):
+    """model.noise_by_z: y | z ~ N(mean(z), D(z) Sigma D(z)), in original units."""
+    y = _table()
+    model = _model(y, mode, by_z=True)
+    with torch.no_grad():
+        out = model.decode(torch.randn(1, 2, generator=_gen(7)).expand(100_000, 2))
+        draws = model.sample_from(out, _gen(8)).double()
+    s = model.scale.double() * out.log_scale[0].double().exp()
+    tril = out.scale_tril.double()
+    cov = s[:, None] * (tril @ tril.T) * s[None, :]
+    sd = cov.diagonal().sqrt()
+    torch.testing.assert_close(draws.std(0), sd, rtol=0.02, atol=0)
+    torch.testing.assert_close(torch.corrcoef(draws.T), cov / (sd[:, None] * sd[None, :]), rtol=0, atol=0.02)

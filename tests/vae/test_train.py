@@ -98,9 +98,10 @@ def test_training_improves_the_elbo_and_follows_the_warmup_ramp():
 
 
 def _overfit_setup() -> tuple[torch.Tensor, vae.VAE]:
-    """80 rows of pure noise and a wide MLP: validation ELBO peaks within a few epochs."""
+    """80 rows of pure noise and a wide MLP: validation ELBO peaks within a few epochs. One stage
+    (model.noise_by_z's two are tested in test_noise_by_z.py)."""
     y = torch.randn(80, 10, generator=torch.Generator().manual_seed(0))
-    return y, _model(y, latent_dim=4, hidden_dims=(128, 128))
+    return y, _model(y, latent_dim=4, hidden_dims=(128, 128), noise_by_z=False)
 
 
 def test_early_stopping_restores_the_best_weights():
@@ -154,9 +155,9 @@ def test_one_non_finite_step_rolls_back_and_lowers_lr(monkeypatch, caplog):
 def test_persistent_non_finite_raises_and_leaves_the_last_good_weights(monkeypatch):
     y = _rows()
     cfg = _cfg(epochs=6, val_fraction=0.0, max_rollbacks=2)
-    good = _model(y)
+    good = _model(y, noise_by_z=False)  # one stage: a 2-epoch run opens no head after epoch 1
     vae.fit(good, y, dataclasses.replace(cfg, epochs=2))
-    model = _model(y)
+    model = _model(y, noise_by_z=False)
     # from epoch 3 on (5 steps per epoch) every attempt fails at its 3rd step, after 2 good ones
     inject_nan(monkeypatch, model, lambda call: call > 10 and (call - 11) % 3 == 2)
     with pytest.raises(vae.TrainingDivergedError, match=r"non-finite.*epoch 3.*2 rollbacks.*train\.lr"):
