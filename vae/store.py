@@ -193,6 +193,7 @@ def _build(manifest: dict[str, Any], path: Path) -> VAE:
     model_dict = dict(manifest["model"])
     if manifest["format"] == 1:
         model_dict.setdefault("linear_path", False)
+    model_dict.setdefault("noise_by_z", False)  # models saved before the key existed had no head
     try:
         config = config_from_dict(ModelConfig, "model", model_dict)
     except ConfigError as exc:

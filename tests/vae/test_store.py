@@ -152,3 +152,16 @@ def test_write_atomic_cleans_up_when_the_write_fails(tmp_path, monkeypatch):
     monkeypatch.undo()
     store.write_atomic(target, b"data")
     assert target.read_bytes() == b"data"
+
+
+def test_a_model_saved_before_noise_by_z_existed_loads_without_the_head(tmp_path):
+    y = torch.randn(60, 3, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    old = vae.VAE(vae.describe_table(y), vae.ModelConfig(latent_dim=1, hidden_dims=(4,), noise_by_z=False))
+    store.save_model(tmp_path, old, vae.TrainConfig(epochs=1), ())
+    manifest = json.loads((tmp_path / store.MANIFEST).read_text())
+    del manifest["model"]["noise_by_z"]  # as written before the key existed
+    (tmp_path / store.MANIFEST).write_text(json.dumps(manifest))
+    loaded = vae.load_model(tmp_path)
+    assert not loaded.config.noise_by_z and not loaded.decoder.by_z
+    assert vae.evaluate(loaded, y, iw_samples=5) == vae.evaluate(old, y, iw_samples=5)
