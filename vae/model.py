@@ -76,10 +76,10 @@ class Decoder(nn.Module):
         self.min_sigma = config.min_sigma / noise_unit
         hetero = self.mode == "heteroscedastic"
         n_gauss = int(gaussian.sum())
-        self.n_out = n_out
         self.by_z = config.noise_by_z and self.mode in ("full", "lowrank") and n_gauss > 0
-        n_head = n_out if hetero else n_gauss if self.by_z else 0  # noise outputs after the means
-        self.net = mlp([config.latent_dim, *config.hidden_dims, n_out + n_head], config.activation)
+        # noise outputs of the network after the means: s(z) (heteroscedastic) or log D(z) (by_z)
+        self.n_out, self.n_head = n_out, n_out if hetero else n_gauss if self.by_z else 0
+        self.net = mlp([config.latent_dim, *config.hidden_dims, n_out + self.n_head], config.activation)
         self.linear = nn.Linear(config.latent_dim, n_out) if config.hidden_dims and config.linear_path else None
         n_sigma = {"shared": 1, "per_feature": n_out}.get(self.mode, 0)
         # softplus(raw) + min_sigma = 1 at start: unit variance on the standardized scale
@@ -98,7 +98,9 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> DecoderOut:
         out = self.net(z)
-        if self.linear is not None:  # the linear path adds to the means only
+        if self.linear is not None and not self.n_head:
+            out = out + self.linear(z)
+        elif self.linear is not None:  # the linear path adds to the means only
             out = torch.cat([out[..., : self.n_out] + self.linear(z), out[..., self.n_out :]], dim=-1)
         out = out.float()
         if self.noise is not None:
@@ -107,7 +109,7 @@ class Decoder(nn.Module):
                 tril = self.noise_scale[self.gauss_index, None] * tril
             if not self.by_z:
                 return DecoderOut(out, self.noise_scale, tril)
-            loc, log_scale = out.split([self.n_out, out.shape[-1] - self.n_out], dim=-1)
+            loc, log_scale = out.split([self.n_out, self.n_head], dim=-1)
             return DecoderOut(loc, self.noise_scale, tril, log_scale * self.noise_gate)
         if self.mode == "heteroscedastic":
             loc, raw = out.chunk(2, dim=-1)

@@ -331,12 +331,12 @@ def _open_noise_head(trainer: _Trainer) -> None:
     patience (the refit opens them after the same epoch). The first stage takes at most half of
     train.epochs."""
     state, dec = trainer.state, trainer.model.decoder
-    if not dec.by_z or bool(dec.noise_gate > 0):
+    if not dec.by_z:
         return
-    if state.phase == "refit":
-        opening = state.noise_open_epoch > 0 and state.epoch == state.noise_open_epoch
-    else:
-        opening = state.finished or state.epoch == trainer.cfg.epochs // 2
+    if state.phase == "refit":  # noise_open_epoch is the selection's (0: it never opened)
+        opening = state.epoch == state.noise_open_epoch
+    else:  # noise_open_epoch is 0 until the head opens
+        opening = not state.noise_open_epoch and (state.finished or state.epoch == trainer.cfg.epochs // 2)
         if opening:
             state.finished, state.bad_epochs, state.noise_open_epoch = False, 0, state.epoch
     if opening:
@@ -353,7 +353,6 @@ def _finish_epoch(
     """Validate, track the best weights, decide on early stopping, snapshot."""
     state, cfg = trainer.state, trainer.cfg
     state.epoch += 1
-    lr = state.lr  # the epoch's; what follows may change it for the next
     recon, kl = (float(t) for t in means.cpu())
     v: LossTerms | None = None
     if val is None:  # nothing held out (or the refit): the last epoch's weights are the result
@@ -363,7 +362,7 @@ def _finish_epoch(
         v = _track_best(trainer, val, warm=state.phase == "select" and state.step >= cfg.kl_warmup_steps)
     _open_noise_head(trainer)
     stats = EpochStats(
-        epoch=state.epoch, step=state.step, beta=beta, lr=lr,
+        epoch=state.epoch, step=state.step, beta=beta, lr=state.lr,
         train_elbo=recon - kl, train_recon=recon, train_kl=kl,
         val_elbo=None if v is None else float(v.elbo),
         val_recon=None if v is None else float(v.recon),

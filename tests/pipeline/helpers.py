@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
+
+from pipeline.cli import main
 
 FAST = [
     "train.epochs=15", "train.batch_size=64", "train.kl_warmup_steps=0", "train.num_threads=1",
     "model.hidden_dims=[16]", "model.latent_dim=2", "evaluate.iw_samples=20", "embed.score_samples=10",
 ]
+IDS = ["--set", "data.id_columns=[sample_id]"]  # clean_table's id column
+FAST_ARGS = [a for s in FAST for a in ("--set", s)] + IDS  # FAST as CLI arguments
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """The CLI in this process: (exit code, stdout, stderr)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def clean_table(n: int = 300, d: int = 5, seed: int = 0) -> pd.DataFrame:

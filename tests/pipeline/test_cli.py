@@ -15,17 +15,8 @@ from torch.distributions import MultivariateNormal, Normal
 
 from pipeline.cli import main
 from pipeline.config import ValidateParams
-from tests.pipeline.helpers import FAST, clean_table
+from tests.pipeline.helpers import FAST_ARGS, IDS, clean_table, run
 from tests.vae.closed_form import ppca_heldout_loglik
-
-IDS = ["--set", "data.id_columns=[sample_id]"]
-FAST_ARGS = [a for s in FAST for a in ("--set", s)] + IDS
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from pipeline.cli import main
-from tests.pipeline.helpers import FAST, clean_table
+from tests.pipeline.helpers import FAST_ARGS, IDS, clean_table, run
 from tests.pipeline.servers import free_port
-
-IDS = ["--set", "data.id_columns=[sample_id]"]
-ARGS = [a for s in FAST for a in ("--set", s)] + IDS
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -48,7 +38,7 @@ def test_a_folder_source_takes_its_newest_table(tmp_path, monkeypatch, capsys):
 
 def test_run_trains_registers_and_crowns_through_the_cli(prefect_harness, store, capsys):
     clean_table(seed=4).to_parquet(store / "table.parquet", index=False)
-    code, out, _ = run(capsys, "run", "--out", str(store / "m"), *ARGS,
+    code, out, _ = run(capsys, "run", "--out", str(store / "m"), *FAST_ARGS,
                        "--set", f"data.source={store / 'table.parquet'}")
     assert code == 0
     result = json.loads(out)
@@ -61,11 +51,11 @@ def test_promote_refused_by_the_gate_exits_1_and_moves_nothing(store, capsys):
     rows.iloc[:300].to_parquet(store / "train.parquet", index=False)
     rows.iloc[300:].to_parquet(store / "test.parquet", index=False)
     for seed in (0, 1):
-        assert run(capsys, "train", str(store / "train.parquet"), "--out", str(store / f"m{seed}"), *ARGS,
+        assert run(capsys, "train", str(store / "train.parquet"), "--out", str(store / f"m{seed}"), *FAST_ARGS,
                    "--set", f"train.seed={seed}")[0] == 0
-    assert run(capsys, "register", str(store / "m0"), "--promote", "--data", str(store / "test.parquet"), *ARGS)[0] == 0
-    assert run(capsys, "register", str(store / "m1"), *ARGS)[0] == 0
-    code, _, err = run(capsys, "promote", "--data", str(store / "test.parquet"), *ARGS,
+    assert run(capsys, "register", str(store / "m0"), "--promote", "--data", str(store / "test.parquet"), *FAST_ARGS)[0] == 0
+    assert run(capsys, "register", str(store / "m1"), *FAST_ARGS)[0] == 0
+    code, _, err = run(capsys, "promote", "--data", str(store / "test.parquet"), *FAST_ARGS,
                        "--set", "register.min_improvement=1000")
     assert code == 1 and err.startswith("vaepipe: error: promotion refused") and len(err.strip().splitlines()) == 1
     assert "@champion stays on version 1" in err
