@@ -110,13 +110,23 @@ class Decoder(nn.Module):
             if not self.by_z:
                 return DecoderOut(out, self.noise_scale, tril)
             loc, log_scale = out.split([self.n_out, self.n_head], dim=-1)
-            return DecoderOut(loc, self.noise_scale, tril, log_scale * self.noise_gate)
+            return DecoderOut(loc, self.noise_scale, tril, self._floored(log_scale * self.noise_gate, tril))
         if self.mode == "heteroscedastic":
             loc, raw = out.chunk(2, dim=-1)
             return DecoderOut(loc, self._scaled(F.softplus(raw) + self.min_sigma))
         if self.raw_sigma is None:
             return DecoderOut(out, self._scaled(self.fixed_sigma))
         return DecoderOut(out, self._scaled(F.softplus(self.raw_sigma) + self.min_sigma))
+
+    def _floored(self, log_scale: torch.Tensor, tril: torch.Tensor) -> torch.Tensor:
+        """log D(z) bounded below so that every conditional std of D L L^T D, D_jj L_jj (the
+        Cholesky factor of D S D is D L), stays at least min_sigma like L_jj's own floor: a
+        density on rounded values can otherwise grow without bound. L_jj >= min_sigma, so the
+        bound is <= 0 and a closed head (log D = 0) is left exactly as it is."""
+        floor = self.min_sigma / tril.diagonal()  # likelihood units: both carry noise_scale
+        if not self.unit_noise:
+            floor = floor * self.noise_scale[self.gauss_index]
+        return torch.maximum(log_scale, floor.log())
 
     def _scaled(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma if self.unit_noise else sigma * self.noise_scale

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.distributions import Bernoulli, MultivariateNormal
@@ -135,3 +137,26 @@ def test_draws_at_one_z_have_the_scaled_noise_covariance(mode):
     sd = cov.diagonal().sqrt()
     torch.testing.assert_close(draws.std(0), sd, rtol=0.02, atol=0)
     torch.testing.assert_close(torch.corrcoef(draws.T), cov / (sd[:, None] * sd[None, :]), rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize("mode", ["full", "lowrank"])
+@pytest.mark.parametrize("standardize", [True, False])
+def test_scales_by_z_keep_every_conditional_std_above_min_sigma(mode, standardize):
+    """A head that asks for D(z) -> 0 meets the same floor as the shared noise: each conditional std
+    of D Sigma D, D_jj L_jj, stays at least model.min_sigma (table units), so a row on its mean
+    gets a finite, bounded density; a closed head is left at D = I exactly."""
+    y = _table()
+    model = _model(y, mode, standardize=standardize, by_z=True)
+    with torch.no_grad():
+        model.decoder.net[-1].bias[model.decoder.n_out:].fill_(-50.0)
+        out = model.decode(torch.randn(16, 2, generator=_gen(9)))
+        floor = torch.log(model.decoder.min_sigma * model.decoder.noise_scale)  # likelihood units
+        cond = out.log_scale + out.scale_tril.diagonal().log()  # log D_jj L_jj
+        assert bool((cond >= floor - 1e-5).all())
+        assert bool((out.log_scale < 0).any())  # the head still scales down, to the floor
+        x = out.loc  # rows on their means: residual 0
+        cells = model.log_px_z(x, out, None)
+        bound = -0.5 * math.log(2 * math.pi) - floor - model.scale.log()  # -log(min std), table units
+        assert bool(torch.isfinite(cells).all()) and bool((cells <= bound + 1e-4).all())
+        model.decoder.noise_gate.zero_()
+        assert bool((model.decode(torch.randn(4, 2)).log_scale == 0).all())
