@@ -9,6 +9,9 @@ from tests.pipeline.helpers import clean_table
 
 @pytest.fixture(scope="session")
 def prefect_harness():
+    # prefect.main configures logging (a dictConfig of the root logger) when imported: import it
+    # here, before a test's log capture attaches, not inside a test whose caplog it would drop
+    import prefect.main  # noqa: F401
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=90):
