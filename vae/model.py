@@ -123,9 +123,9 @@ class Decoder(nn.Module):
         Cholesky factor of D S D is D L), stays at least min_sigma like L_jj's own floor: a
         density on rounded values can otherwise grow without bound. L_jj >= min_sigma, so the
         bound is <= 0 and a closed head (log D = 0) is left exactly as it is."""
-        floor = self.min_sigma / tril.diagonal()  # likelihood units: both carry noise_scale
+        floor = self.min_sigma / tril.diagonal()  # tril carries noise_scale, min_sigma does not
         if not self.unit_noise:
-            floor = floor * self.noise_scale[self.gauss_index]
+            floor = floor * self.noise_scale[self.gauss_index]  # both in likelihood units
         return torch.maximum(log_scale, floor.log())
 
     def _scaled(self, sigma: torch.Tensor) -> torch.Tensor:
