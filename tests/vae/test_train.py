@@ -18,8 +18,6 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-
-
 def _model(y: torch.Tensor, init_seed: int = 0, **config) -> vae.VAE:
     torch.manual_seed(init_seed)
     return vae.VAE(vae.describe_table(y), vae.ModelConfig(**{"latent_dim": 2, "hidden_dims": (16,), **config}))
