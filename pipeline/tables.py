@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
 import hashlib
 import os
 import queue
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -25,6 +23,7 @@ import torch
 
 from pipeline.errors import PipelineError, output_error
 from vae import VAEError
+from vae.atomic import sweep_stale, temp_prefix
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv",)
@@ -35,7 +34,6 @@ _T = TypeVar("_T")
 STREAM_BUFFER_BYTES = 1 << 20  # read buffer of a streamed Parquet column
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 _HEAP_BOUNDED = False
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # no dots or dashes in a name
 
 
 def _kind(path: Path) -> str:
@@ -408,37 +406,6 @@ def check_output(path: Path, inputs: Sequence[Path] = (), suffixes: Sequence[str
     return path
 
 
-def _temp_prefix(path: Path) -> str:
-    """.NAME.vaepipe-PID-HOST-: names whose writer can be told dead after a kill (see sweep_stale)."""
-    return f".{path.name}.vaepipe-{os.getpid()}-{_HOST}-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def sweep_stale(path: Path) -> list[Path]:
-    """Remove temporaries of path left by writers on this host that died (e.g. SIGKILL); returns them."""
-    path = Path(path)
-    removed = []
-    for entry in path.parent.glob(f".{glob.escape(path.name)}.vaepipe-*.tmp"):
-        fields = entry.name[len(path.name) + 10 :].split("-")  # PID, HOST, random.tmp
-        if len(fields) < 3 or not fields[0].isdigit() or fields[1] != _HOST or _alive(int(fields[0])):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -460,7 +427,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(path)
-        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         yield tmp
@@ -481,12 +448,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes 0700
         if path.is_dir() and not path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
             os.replace(path, old)  # a directory cannot be renamed over a non-empty one
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

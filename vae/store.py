@@ -7,7 +7,8 @@ Layout of DIR:
   history.csv     one row per epoch
   checkpoint.pt   TrainState of the last finished epoch (resume); kept after training
   baselines.pt    closed-form baselines fitted on the training rows (vae.baselines), if any
-Every file is written to a temporary name in DIR and renamed into place. No file holds wall-clock
+Every file is written to a temporary name in DIR and renamed into place (vae.atomic; a killed
+writer's temporary is removed by the next write of that file). No file holds wall-clock
 time: identical runs give byte-identical directories (DVC hashes them).
 """
 
@@ -16,8 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from vae.atomic import write_atomic
 from vae.baselines import Baselines
 from vae.config import ModelConfig, TrainConfig, config_from_dict
 from vae.errors import ConfigError, ModelDirError
@@ -36,23 +36,6 @@ FORMAT = 2  # 2: linear paths beside the MLPs; format 1 directories load without
 READABLE = (1, 2)
 MANIFEST, WEIGHTS, HISTORY, CHECKPOINT = "model.json", "weights.pt", "history.csv", "checkpoint.pt"
 BASELINES = "baselines.pt"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes so that readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
-            exc.filename = str(path)  # a full disk or read-only folder: name the file meant, not the temporary
-        raise
 
 
 def _torch_bytes(obj: Any) -> bytes:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import vae
-from vae import store
+from vae import atomic, store
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +167,22 @@ def test_a_model_saved_before_noise_by_z_existed_loads_without_the_head(tmp_path
     loaded = vae.load_model(tmp_path)
     assert not loaded.config.noise_by_z and not loaded.decoder.by_z
     assert vae.evaluate(loaded, y, iw_samples=5) == vae.evaluate(old, y, iw_samples=5)
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    """SIGKILL between the temporary and the rename (what torchrun's SIGTERM does to a rank mid-checkpoint)."""
+    target = tmp_path / store.CHECKPOINT
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time; from vae import atomic\n"
+        "os.fsync = lambda fd: (print('writing', flush=True), time.sleep(600))\n"
+        f"atomic.write_atomic(atomic.Path({str(target)!r}), b'never lands')")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+    writer.kill()
+    writer.wait()
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(f".{store.CHECKPOINT}.vaepipe-{writer.pid}-")
+    live = tmp_path / f"{atomic.temp_prefix(target)}x.tmp"  # a writer that still runs (this process)
+    live.write_bytes(b"")
+    store.write_atomic(target, b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([store.CHECKPOINT, live.name])

@@ -1,0 +1,74 @@
+"""Atomic writes whose temporaries a later writer can clean up after a kill (standard library only).
+
+A temporary of PATH is named `.NAME.vaepipe-PID-HOST-XXXXXXXX.tmp` beside it. A writer that
+dies outright (SIGKILL, SIGTERM without a handler, power loss) cannot remove its temporary;
+the next writer of the same path on the same host sees that PID is gone and removes it
+(sweep_stale), so an interrupted run leaves nothing to clean by hand.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # no dots or dashes in a name
+
+
+def temp_prefix(path: Path) -> str:
+    """.NAME.vaepipe-PID-HOST-: the prefix of this process's temporaries of path."""
+    return f".{Path(path).name}.vaepipe-{os.getpid()}-{HOST}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    try:  # a zombie (killed, not yet reaped: a container's PID 1 may never reap) wrote nothing more
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (macOS) or gone meanwhile
+        return True
+    return stat.rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
+
+
+def sweep_stale(path: Path) -> list[Path]:
+    """Remove temporaries of path left by writers on this host that died; returns them."""
+    path = Path(path)
+    removed = []
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.vaepipe-*.tmp"):
+        fields = entry.name[len(path.name) + 10 :].split("-")  # PID, HOST, random.tmp
+        if len(fields) < 3 or not fields[0].isdigit() or fields[1] != HOST or _alive(int(fields[0])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
+            exc.filename = str(path)  # a full disk or read-only folder: name the file meant, not the temporary
+        raise
