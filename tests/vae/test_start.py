@@ -145,9 +145,19 @@ def test_masked_ppca_iwae_is_the_gaussian_marginal_of_the_observed_cells():
         MultivariateNormal(marginal.mean[~h], marginal.cov[~h][:, ~h]).log_prob(row[~h].double())
         for row, h in zip(test, test_holes, strict=True)
     ])
-    # q is exact for no mask pattern here, so IWAE needs many draws (K = 1000 is still 0.03 low)
-    ev = vae.evaluate(model, test, iw_samples=5000, seed=1)
-    assert abs(ev.log_likelihood - float(exact.mean())) < 4 * ev.log_likelihood_stderr + 5e-3, (ev, float(exact.mean()))
+    # IWAE is a lower bound in expectation whose gap shrinks with K; its standard error does not
+    # bound that gap. On complete rows q is close to exact; on rows with holes it is not, and the
+    # gap closes slowly (measured: 0.07 nats/row at K = 100, 0.02 at 5000). A density that got the
+    # observed block wrong (a missing cell counted, a constant lost) is off by 0.5 nats/row or more.
+    rows = vae.score_rows(model, test, iw_samples=5000, seed=1)
+    ev = vae.summarize(rows, 5000)
+    few = vae.score_rows(model, test, iw_samples=100, seed=1)
+    gap, gap_few = rows.log_likelihood - exact, few.log_likelihood - exact
+    complete = ~test_holes.any(1)
+    se = float(rows.stderr[complete].pow(2).sum().sqrt()) / int(complete.sum())
+    assert abs(float(gap[complete].mean())) < 4 * se + 5e-3, float(gap[complete].mean())
+    assert -0.05 < float(gap[~complete].mean()) < 4 * ev.log_likelihood_stderr, float(gap[~complete].mean())
+    assert float(gap_few[~complete].mean()) < float(gap[~complete].mean())  # the bound tightens with K
     # nats per row: the columns' figures add up to the reconstruction term; missing cells count 0
     assert sum(ev.per_feature_reconstruction) == pytest.approx(ev.reconstruction, abs=1e-6)
     rows = vae.score_rows(model, test, iw_samples=4, seed=1)
