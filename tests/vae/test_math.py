@@ -9,7 +9,7 @@ import torch
 from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
 
 import vae
-from tests.vae.closed_form import PPCA
+from tests.vae.closed_form import PPCA, affine_vae_marginal
 from vae.elbo import kl_per_dim, kl_weight, loss_terms, reparameterize
 from vae.model import Posterior
 
@@ -224,6 +224,30 @@ def test_loss_terms_recon_is_expected_log_density_of_affine_decoder():
     assert ((terms.recon.double() - expected).abs() < 5 * stderr + 1e-4).all()
     torch.testing.assert_close(terms.kl, kl_per_dim(post).sum(-1))
     torch.testing.assert_close(terms.elbo, terms.recon - terms.kl)
+
+
+def test_sampled_kl_is_the_log_ratio_at_the_drawn_z_and_exact_at_the_exact_posterior():
+    """sampled_kl: log q(z|y) - log p(z) from eps; its mean is the analytic KL, and at the exact
+    posterior (the linear start of pPCA) every draw's ELBO is log p(y): no Monte Carlo noise."""
+    g = _gen(15)
+    y = torch.randn(300, 2, generator=g) @ torch.randn(2, 5, generator=g) + 0.3 * torch.randn(300, 5, generator=g)
+    model = _model(y, hidden_dims=(), decoder_variance="shared", standardize=False)
+    vae.init_linear_gaussian(model, y)
+    x, mask = model.standardize(y)
+    with torch.no_grad():
+        post = model.encode(x, mask)
+        eps = torch.randn(4000, *post.mu.shape, generator=_gen(16))
+        sampled = loss_terms(model, x, mask, 4000, None, eps=eps, sampled_kl=True)
+        one = loss_terms(model, x, mask, 1, None, eps=eps[0], sampled_kl=True)
+        q, prior = Normal(post.mu, (0.5 * post.logvar).exp()), Normal(0.0, 1.0)
+        z = post.mu + (0.5 * post.logvar).exp() * eps[0]
+    torch.testing.assert_close(one.kl, (q.log_prob(z) - prior.log_prob(z)).sum(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sampled.kl, kl_per_dim(post).sum(-1), rtol=0, atol=0.05)
+    exact = affine_vae_marginal(model).log_prob(y)  # the model's own closed-form marginal
+    torch.testing.assert_close(one.elbo.double(), exact, rtol=0, atol=1e-3)
+    with torch.no_grad():
+        analytic = loss_terms(model, x, mask, 1, None, eps=eps[0])
+    assert float((analytic.elbo.double() - exact).abs().max()) > 0.1  # the analytic-KL estimate is noisy there
 
 
 def test_one_sample_path_equals_the_batched_path():
