@@ -134,7 +134,7 @@ def _init_decoder(model: VAE, y: torch.Tensor, fit: LinearGaussian) -> None:
         last.bias[d:].zero_()
         dec.noise_gate.zero_()
     sigma_u = fit.noise_units.diagonal().sqrt()  # (G,) parameter units
-    mode, floor = dec.mode, dec.min_sigma
+    mode, floor = dec.mode, dec.sigma_floor.double().cpu()[idx]  # (G,) parameter units
     raw = inverse_softplus((sigma_u - floor).clamp_min(1e-3 * floor))
     if mode == "heteroscedastic":
         last.weight[d:].zero_()

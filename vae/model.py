@@ -15,6 +15,23 @@ from vae.table import TableSpec
 
 _ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
 LOG_2PI = math.log(2 * math.pi)
+SQRT_12 = math.sqrt(12.0)
+
+
+def resolution_floor(spec: TableSpec) -> torch.Tensor:
+    """(D,) the least noise std of each column on the standardized scale: h_j / sqrt(12) / s_j.
+
+    A value recorded on a grid of step h_j (rounded, counted, a few levels) carries a rounding
+    error of std h_j / sqrt(12) at least, whatever else is known of the row. Without this floor
+    the noise of a column that is constant within a cluster of training rows (a pixel always 0)
+    shrinks to model.min_sigma, and a held-out row one step off scores -1e5 nats: the floor caps
+    the density at a value (log p <= 0.32 - log h_j per cell) and the cost of such a row. Columns
+    of all-distinct values, binary columns and models saved before it have none.
+    """
+    if len(spec.resolution) != spec.n_features:
+        return torch.zeros(spec.n_features)
+    step = torch.tensor(spec.resolution, dtype=torch.float64)
+    return (step / SQRT_12 / torch.tensor(spec.scale, dtype=torch.float64)).float()
 
 
 def mlp(sizes: list[int], activation: str) -> nn.Sequential:
@@ -62,18 +79,26 @@ class Decoder(nn.Module):
     on: 1 with data.standardize; without it the noise lives in the table's units, parameterized
     in multiples of `noise_unit` (the RMS column std) so that its parameters stay O(1):
     noise_scale_j = noise_unit / s_j, and min_sigma, fixed_sigma (table units) divide by noise_unit.
+    Every noise std is at least its column's floor: model.min_sigma or the column's recording
+    resolution (`resolution`, (D,) standardized scale; see resolution_floor), whichever is larger.
     """
 
     fixed_sigma: torch.Tensor
+    sigma_floor: torch.Tensor
     noise_scale: torch.Tensor
     gauss_index: torch.Tensor
     noise_gate: torch.Tensor  # model.noise_by_z only
 
     def __init__(self, n_out: int, config: ModelConfig, noise_scale: torch.Tensor, gaussian: torch.Tensor,
-                 noise_unit: float = 1.0):
+                 noise_unit: float = 1.0, resolution: torch.Tensor | None = None):
         super().__init__()
         self.mode = config.decoder_variance
         self.min_sigma = config.min_sigma / noise_unit
+        floor = torch.full((n_out,), self.min_sigma)  # in the noise's parameter units
+        if resolution is not None:
+            floor = torch.maximum(floor, resolution / noise_scale)
+        # a per-column floor only where a resolution lifts it: else the scalar, as before
+        self.floored = bool((floor > self.min_sigma).any())
         hetero = self.mode == "heteroscedastic"
         n_gauss = int(gaussian.sum())
         self.by_z = config.noise_by_z and self.mode in ("full", "lowrank") and n_gauss > 0
@@ -88,9 +113,10 @@ class Decoder(nn.Module):
         if self.by_z:  # 0 until training opens the head; saved with the weights
             self.register_buffer("noise_gate", torch.zeros(()))
         self.noise = (
-            NoiseCovariance(n_gauss, self.mode, config.noise_rank, self.min_sigma)
+            NoiseCovariance(n_gauss, self.mode, config.noise_rank, floor[gaussian])
             if self.mode in ("full", "lowrank") else None
         )
+        self.register_buffer("sigma_floor", floor, persistent=False)
         self.register_buffer("fixed_sigma", torch.tensor([config.fixed_sigma / noise_unit]), persistent=False)
         self.register_buffer("noise_scale", noise_scale, persistent=False)
         self.unit_noise = bool((noise_scale == 1).all())
@@ -109,17 +135,24 @@ class Decoder(nn.Module):
                 return DecoderOut(out, self.noise_scale, tril)
             loc, log_scale = out.split([self.n_out, self.n_head], dim=-1)
             # each conditional std of D Sigma D is D_jj L_jj (its Cholesky factor is D L): floor it
-            # at min_sigma, as L_jj is, or a density on rounded values grows without bound.
-            # noise_scale multiplies both sides alike; L_jj >= min_sigma makes the bound <= 0, so
-            # a closed head (log D = 0) is left exactly as it is
-            floor = (self.min_sigma / base.diagonal()).log()
+            # as L_jj is, or a density on rounded values grows without bound. noise_scale
+            # multiplies both sides alike; L_jj >= its floor makes the bound <= 0, so a closed
+            # head (log D = 0) is left exactly as it is
+            floor = (self.noise.floor / base.diagonal()).log()
             return DecoderOut(loc, self.noise_scale, tril, torch.maximum(log_scale * self.noise_gate, floor))
         if self.mode == "heteroscedastic":
             loc, raw = out.chunk(2, dim=-1)
-            return DecoderOut(loc, self._scaled(F.softplus(raw) + self.min_sigma))
-        if self.raw_sigma is None:
-            return DecoderOut(out, self._scaled(self.fixed_sigma))
-        return DecoderOut(out, self._scaled(F.softplus(self.raw_sigma) + self.min_sigma))
+            return DecoderOut(loc, self._scaled(F.softplus(raw) + self._floor()))
+        if self.mode == "per_feature" and self.raw_sigma is not None:
+            return DecoderOut(out, self._scaled(F.softplus(self.raw_sigma) + self._floor()))
+        # fixed, shared: one std for every column, lifted to a column's floor where that is higher
+        sigma = self.fixed_sigma if self.raw_sigma is None else F.softplus(self.raw_sigma) + self.min_sigma
+        return DecoderOut(out, self._scaled(torch.maximum(sigma, self.sigma_floor) if self.floored else sigma))
+
+    def _floor(self) -> torch.Tensor | float:
+        """What a per-column softplus(raw) is added to (so that no column's gradient stops at its
+        floor): (D,) per-column floors, or the scalar min_sigma."""
+        return self.sigma_floor if self.floored else self.min_sigma
 
     def _scaled(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma if self.unit_noise else sigma * self.noise_scale
@@ -154,7 +187,7 @@ class VAE(nn.Module):
                 torch.manual_seed(seed)
             n_in = d * (2 if self.masked else 1)
             self.encoder = Encoder(n_in, config.hidden_dims, config.latent_dim, config.activation, config.linear_path)
-            self.decoder = Decoder(d, config, noise_scale, gauss, unit)
+            self.decoder = Decoder(d, config, noise_scale, gauss, unit, torch.where(gauss, resolution_floor(spec), 0.0))
         self.all_gaussian, self.all_bernoulli = bool(gauss.all()), not bool(gauss.any())
         self.register_buffer("loc", torch.tensor(spec.loc, dtype=torch.float32))
         self.register_buffer("scale", scale)

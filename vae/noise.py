@@ -1,14 +1,13 @@
 """Correlated decoder noise: one covariance over the Gaussian columns, shared over z.
 
-`full`: Sigma = L L^T with L lower-triangular (positive diagonal, floored at min_sigma).
+`full`: Sigma = L L^T with L lower-triangular (positive diagonal, each L_jj floored: model.min_sigma
+or the column's recording resolution, see vae.model.resolution_floor).
 `lowrank`: Sigma = diag(d^2) + W W^T with W of rank noise_rank; factored by Cholesky too, so that
 both give per-cell factors by the chain rule. With an affine decoder these contain the
 full-covariance Gaussian and factor analysis.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -23,18 +22,22 @@ def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
 
 
 class NoiseCovariance(nn.Module):
-    def __init__(self, n: int, mode: str, rank: int, min_sigma: float):
+    floor: torch.Tensor
+
+    def __init__(self, n: int, mode: str, rank: int, floor: torch.Tensor):
+        """floor (n,): the least conditional std L_jj of each column, in the parameters' units."""
         super().__init__()
-        self.mode, self.min_sigma = mode, min_sigma
-        start = math.log(math.expm1(max(1.0 - min_sigma, 1e-6)))  # unit variance at start
-        self.raw_diag = nn.Parameter(torch.full((n,), start))
+        self.mode = mode
+        self.register_buffer("floor", floor.float(), persistent=False)
+        start = (1.0 - floor.double()).clamp_min(1e-6).expm1().log().float()  # unit variance at start
+        self.raw_diag = nn.Parameter(start)
         if mode == "full":
             self.lower = nn.Parameter(torch.zeros(n, n))  # its strictly lower triangle is used
         else:  # a zero factor would get no gradient: start small and random
             self.factor = nn.Parameter(0.01 * torch.randn(n, rank))
 
     def diag(self) -> torch.Tensor:
-        return F.softplus(self.raw_diag) + self.min_sigma
+        return F.softplus(self.raw_diag) + self.floor
 
     def cholesky(self) -> torch.Tensor:
         """L (n, n), lower-triangular, with L L^T the noise covariance (likelihood units); fp32
@@ -56,8 +59,8 @@ class NoiseCovariance(nn.Module):
             assert factor is not None
             self.factor.copy_(factor.to(self.factor.dtype))
             diag = cov.diagonal().double().sqrt()
-        floor = self.min_sigma * (1 + 1e-3)
-        self.raw_diag.copy_(inverse_softplus((diag - self.min_sigma).clamp_min(floor - self.min_sigma)).to(self.raw_diag.dtype))
+        floor = self.floor.double()
+        self.raw_diag.copy_(inverse_softplus((diag - floor).clamp_min(1e-3 * floor)).to(self.raw_diag.dtype))
 
 
 def nan_if_failed(tril: torch.Tensor, info: torch.Tensor) -> torch.Tensor:

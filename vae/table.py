@@ -26,6 +26,10 @@ class TableSpec:
     # data.standardize: the decoder noise is learned on the standardized scale (True) or in the
     # table's units (False); the networks see standardized cells either way
     standardized: bool = True
+    # the resolution each Gaussian column was recorded at (original units; 0 where none shows and
+    # for binary columns, () for models saved before it was kept): the decoder's noise never
+    # claims a value more precisely than it was recorded (see recording_step, vae.model.resolution_floor)
+    resolution: tuple[float, ...] = ()
 
     @property
     def n_features(self) -> int:
@@ -58,6 +62,22 @@ def check_values(y: torch.Tensor, names: Sequence[str], missing: MissingPolicy) 
         raise DataError(f"column {_name(names, col)} row {row} holds {value}; values must be finite{hint}")
 
 
+def recording_step(col: torch.Tensor) -> float:
+    """The resolution a column was recorded at (float64, observed cells), 0 if none shows.
+
+    A column whose values repeat was recorded on a finite grid (rounded, counted, a few levels):
+    its resolution is the smallest gap between distinct values (1 for integers, 0.01 for two
+    decimals, the closest two levels). A column of all-distinct values shows none: 0.
+    """
+    values = torch.unique(col)
+    if values.numel() == col.numel():
+        return 0.0
+    gaps = values.diff()
+    tol = 1e-9 * float(values.abs().max())  # values that differ by float noise are one value
+    gaps = gaps[gaps > tol]
+    return float(gaps.min()) if gaps.numel() else 0.0
+
+
 def describe_table(
     y: torch.Tensor,
     names: Sequence[str] | None = None,
@@ -74,7 +94,7 @@ def describe_table(
     y64 = y.detach().to("cpu", torch.float64)
     observed = ~torch.isnan(y64)
     kinds: list[ColumnKind] = []
-    loc, scale, lo, hi = [], [], [], []
+    loc, scale, lo, hi, step = [], [], [], [], []
     for j, name in enumerate(names):
         col = y64[observed[:, j], j]
         if col.numel() == 0:
@@ -95,4 +115,6 @@ def describe_table(
         scale.append(std if kind == "gaussian" else 1.0)
         lo.append(float(col.min()))
         hi.append(float(col.max()))
-    return TableSpec(tuple(names), tuple(kinds), tuple(loc), tuple(scale), tuple(lo), tuple(hi), missing, standardize)
+        step.append(recording_step(col) if kind == "gaussian" else 0.0)
+    return TableSpec(tuple(names), tuple(kinds), tuple(loc), tuple(scale), tuple(lo), tuple(hi), missing, standardize,
+                     tuple(step))

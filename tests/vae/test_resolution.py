@@ -1,0 +1,121 @@
+"""The recording resolution of a column floors its noise: no density spike on rounded values,
+and a held-out row one grid step off costs nats, not a hundred thousand (closed forms)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import vae
+from vae.table import recording_step
+
+MODES = ("fixed", "shared", "per_feature", "heteroscedastic", "full", "lowrank")
+
+
+def _gen(seed: int) -> torch.Tensor:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_recording_step_is_the_grid_of_repeated_values():
+    g = _gen(0)
+    counts = torch.randint(0, 17, (500,), generator=g).double()
+    assert recording_step(counts) == 1.0
+    assert recording_step(torch.round(torch.randn(500, generator=g, dtype=torch.float64) * 300) / 100) == pytest.approx(0.01)
+    levels = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64).log()[torch.randint(0, 3, (200,), generator=g)]
+    assert recording_step(levels) == pytest.approx(math.log(2.0))  # levels off any grid: the closest two
+    assert recording_step(torch.randn(500, generator=g, dtype=torch.float64)) == 0.0  # all distinct: none
+    assert recording_step(torch.tensor([0.1 + 0.2, 0.3, 0.3, 0.7], dtype=torch.float64)) == pytest.approx(0.4)  # float noise is one value
+
+
+def _rounded_table(n: int = 400) -> torch.Tensor:
+    """Pixel-like counts (a column that is 0 in most rows), a 0.01 grid, a continuous column."""
+    g = _gen(1)
+    pixel = torch.where(torch.rand(n, generator=g) < 0.8, 0.0, torch.randint(1, 17, (n,), generator=g).float())
+    grid = torch.round(torch.randn(n, generator=g) * 50) / 100 + 3
+    return torch.stack([pixel, grid, torch.randn(n, generator=g) * 7], dim=1)
+
+
+def _collapsed(model: vae.VAE) -> vae.VAE:
+    """Every noise parameter at its smallest: the std each column is left with is its floor."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "raw" in name:
+                p.fill_(-30.0)
+        dec = model.decoder
+        if dec.mode == "heteroscedastic" or dec.by_z:  # the noise head's outputs: -30
+            last = dec.net[-1]
+            last.weight[dec.n_out :].zero_()
+            last.bias[dec.n_out :].fill_(-30.0)
+        if dec.by_z:
+            dec.noise_gate.fill_(1.0)
+        if dec.noise is not None and dec.mode == "full":
+            dec.noise.lower.zero_()
+        if dec.noise is not None and dec.mode == "lowrank":
+            dec.noise.factor.zero_()
+    return model
+
+
+def _conditional_std(model: vae.VAE, z: torch.Tensor) -> torch.Tensor:
+    """(B, D) std of each cell given z and the cells before it, in the table's units."""
+    out = model.decode(z)
+    if out.scale_tril is None:
+        std = out.sigma.expand_as(out.loc)
+    else:
+        std = out.scale_tril.diagonal().expand_as(out.loc)
+        if out.log_scale is not None:
+            std = std * out.log_scale.exp()
+    return std * model.scale
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_cell_is_claimed_more_precisely_than_it_was_recorded(mode):
+    y = _rounded_table()
+    cfg = vae.ModelConfig(latent_dim=2, hidden_dims=(8,), decoder_variance=mode, noise_rank=1, fixed_sigma=1e-3)
+    for standardize in (True, False):
+        spec = vae.describe_table(y, standardize=standardize)
+        assert spec.resolution[0] == 1.0 and spec.resolution[1] == pytest.approx(0.01, rel=1e-4) and spec.resolution[2] == 0.0
+        model = _collapsed(vae.VAE(spec, cfg, seed=0))
+        with torch.no_grad():
+            std = _conditional_std(model, torch.randn(64, 2, generator=_gen(2)))
+        floor = torch.tensor([1.0, 0.01, 0.0]) / math.sqrt(12)
+        assert bool((std >= floor * (1 - 1e-4)).all()), (mode, standardize, std.min(0).values)
+        assert float(std[:, 0].min()) == pytest.approx(1 / math.sqrt(12), rel=1e-3)  # collapsed: at the floor
+        # the continuous column keeps model.min_sigma (table units without standardization)
+        assert float(std[:, 2].min()) < 0.01
+
+
+@pytest.mark.parametrize("mode", ["per_feature", "full"])
+def test_a_row_one_step_off_a_collapsed_column_costs_nats_not_a_hundred_thousand(mode):
+    y = _rounded_table()
+    cfg = vae.ModelConfig(latent_dim=2, hidden_dims=(), decoder_variance=mode, noise_by_z=False)
+    spec = vae.describe_table(y)
+    old = replace(spec, resolution=())  # as saved before the resolution was kept: min_sigma only
+    scores = {}
+    for name, s in (("floored", spec), ("unfloored", old)):
+        model = _collapsed(vae.VAE(s, cfg, seed=0))
+        with torch.no_grad():  # the decoder predicts pixel 0 exactly, the other columns at their rows
+            model.decoder.net[0].weight.zero_()
+            model.decoder.net[0].bias.copy_((torch.tensor([0.0, 3.0, 0.0]) - model.loc) / model.scale)
+        row = torch.tensor([[1.0, 3.0, 0.0]])  # one count off on the pixel
+        z = torch.zeros(1, 2)
+        x, mask = model.standardize(row)
+        scores[name] = float(model.log_px_z(x, model.decode(z), mask)[0, 0])
+    # log N(1; 0, 1/12) = -6 - log(sqrt(2 pi / 12)): one step off the floor's spike
+    assert scores["floored"] == pytest.approx(-6.0 - 0.5 * math.log(2 * math.pi / 12), abs=1e-3)
+    assert scores["unfloored"] < -1e4
+    # and the spike itself: log p <= log(sqrt(12 / (2 pi))) - log h at the recorded value
+    assert math.log(math.sqrt(12 / (2 * math.pi))) == pytest.approx(0.3235, abs=1e-4)
+
+
+def test_a_model_saved_before_the_resolution_was_kept_has_no_floor_beyond_min_sigma():
+    spec = vae.describe_table(_rounded_table())
+    d = spec.to_dict()
+    del d["resolution"]
+    old = vae.TableSpec.from_dict(d)
+    assert old.resolution == ()
+    model = vae.VAE(old, vae.ModelConfig(latent_dim=2, hidden_dims=(8,)), seed=0)
+    assert not model.decoder.floored
+    assert torch.equal(model.decoder.sigma_floor, torch.full((3,), 1e-3))
