@@ -58,6 +58,11 @@ def _sklearn(name: str) -> Callable[[], pd.DataFrame]:
     return load
 
 
+def _onehot(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Each listed categorical as 0/1 columns, one per level."""
+    return pd.get_dummies(df, columns=columns, dtype="float64")
+
+
 def _randhie() -> pd.DataFrame:
     import statsmodels.api as sm
 
@@ -74,6 +79,8 @@ TABLES: dict[str, tuple[Callable[[], pd.DataFrame], str]] = {
     "cells": (lambda: _rdata("modeldata", "cells"), "modeldata cells: 56 cell-image measurements, 2,019 cells"),
     "randhie": (_randhie, "statsmodels randhie: 10 columns (4 binary, counts), 20,190 people"),
     "diamonds": (lambda: _rdata("ggplot2", "diamonds"), "ggplot2 diamonds: 7 measurements of 53,940 diamonds"),
+    "diamonds_onehot": (lambda: _onehot(_rdata("ggplot2", "diamonds"), ["cut", "color", "clarity"]),
+                        "ggplot2 diamonds with cut, color and clarity one-hot: 7 measurements + 20 binary"),
 }
 
 
