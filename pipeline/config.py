@@ -155,6 +155,22 @@ def _plain(section: Any) -> dict[str, Any]:
 SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in fields(Params)}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, but numbers in exponent form without a dot (1e-5, 3E4) are
+    floats, as in YAML 1.2 and Python: `--set model.min_sigma=1e-5` means a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """'section.key=value' (value as YAML) -> (section, key, value)."""
     lhs, sep, rhs = text.partition("=")
@@ -162,7 +178,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if not sep or not dot or not key:
         raise PipelineError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=50")
     try:
-        value = yaml.safe_load(rhs) if rhs.strip() else None
+        value = _yaml(rhs) if rhs.strip() else None
     except yaml.YAMLError as exc:
         raise PipelineError(f"--set {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
     return section, key, value
@@ -177,7 +193,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(path.read_text()) or {}
     except (OSError, UnicodeDecodeError) as exc:
         raise PipelineError(f"cannot read params file {path}: {getattr(exc, 'strerror', None) or exc}") from None
     except yaml.YAMLError as exc:

@@ -26,9 +26,10 @@ class TableSpec:
     # data.standardize: the decoder noise is learned on the standardized scale (True) or in the
     # table's units (False); the networks see standardized cells either way
     standardized: bool = True
-    # the resolution each Gaussian column was recorded at (original units; 0 where none shows and
-    # for binary columns, () for models saved before it was kept): the decoder's noise never
-    # claims a value more precisely than it was recorded (see recording_step, vae.model.resolution_floor)
+    # the resolution each Gaussian column was recorded at (original units; 0 where none shows, for
+    # binary columns and for a column the earlier ones determine, () for models saved before it was
+    # kept): the decoder's noise never claims a value more precisely than it was recorded (see
+    # recording_step, determined_by_earlier, vae.model.resolution_floor)
     resolution: tuple[float, ...] = ()
 
     @property
@@ -78,6 +79,34 @@ def recording_step(col: torch.Tensor) -> float:
     return float(gaps.min()) if gaps.numel() else 0.0
 
 
+def determined_by_earlier(y: torch.Tensor, step: Sequence[float]) -> list[bool]:
+    """For each column of y (float64; the Gaussian columns, in table order) with a step: does
+    the least-squares prediction from the columns before it recover every training value to
+    within half a step (complete rows)?
+
+    Such a column (date = year + (month - 1) / 12 after year and month, a total after its parts)
+    is a function of the others, not a reading with a rounding error of its own: the full
+    Gaussian, factored in table order like the decoder's noise, holds it tighter than its grid,
+    and so may the model. Residuals from the Cholesky factor of the standardized covariance
+    (r = L_jj (L^-1 x)_j), with a ridge for exact relations: O(N D^2).
+    """
+    out = [False] * len(step)
+    if not any(h > 0 for h in step[1:]):
+        return out
+    rows = y[~torch.isnan(y).any(1)]
+    if rows.shape[0] <= y.shape[1]:
+        return out
+    mean, std = rows.mean(0), rows.std(0, unbiased=False)
+    x = (rows - mean) / std
+    cov = x.T @ x / x.shape[0] + 1e-10 * torch.eye(x.shape[1], dtype=x.dtype)
+    tril = torch.linalg.cholesky(cov)
+    resid = torch.linalg.solve_triangular(tril, x.T, upper=False) * tril.diagonal()[:, None]  # (D, N)
+    worst = resid.abs().amax(1) * std
+    for j in range(1, len(step)):
+        out[j] = step[j] > 0 and bool(worst[j] < 0.5 * step[j])
+    return out
+
+
 def describe_table(
     y: torch.Tensor,
     names: Sequence[str] | None = None,
@@ -116,5 +145,8 @@ def describe_table(
         lo.append(float(col.min()))
         hi.append(float(col.max()))
         step.append(recording_step(col) if kind == "gaussian" else 0.0)
+    gauss = [j for j, k in enumerate(kinds) if k == "gaussian"]
+    for j, det in zip(gauss, determined_by_earlier(y64[:, gauss], [step[j] for j in gauss]), strict=True):
+        step[j] = 0.0 if det else step[j]
     return TableSpec(tuple(names), tuple(kinds), tuple(loc), tuple(scale), tuple(lo), tuple(hi), missing, standardize,
                      tuple(step))

@@ -15,7 +15,7 @@ from vae.table import recording_step
 MODES = ("fixed", "shared", "per_feature", "heteroscedastic", "full", "lowrank")
 
 
-def _gen(seed: int) -> torch.Tensor:
+def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
@@ -119,3 +119,44 @@ def test_a_model_saved_before_the_resolution_was_kept_has_no_floor_beyond_min_si
     model = vae.VAE(old, vae.ModelConfig(latent_dim=2, hidden_dims=(8,)), seed=0)
     assert not model.decoder.floored
     assert torch.equal(model.decoder.sigma_floor, torch.full((3,), 1e-3))
+
+
+def _dated_table(n: int = 600) -> torch.Tensor:
+    """year, month, date = year + (month - 1) / 12 to 3 decimals (a function of the two), sales."""
+    g = _gen(4)
+    year = torch.randint(2000, 2016, (n,), generator=g).double()
+    month = torch.randint(1, 13, (n,), generator=g).double()
+    date = torch.round((year + (month - 1) / 12) * 1000) / 1000
+    sales = 100 + 5 * (year - 2000) + torch.randn(n, generator=g, dtype=torch.float64) * 20
+    return torch.stack([year, month, date, sales], dim=1)
+
+
+def test_a_column_the_earlier_ones_determine_has_no_resolution_of_its_own():
+    g = _gen(5)
+    a, b = (torch.randint(0, 10, (500,), generator=g).double() for _ in range(2))
+    assert vae.describe_table(torch.stack([a, b, a + b], 1)).resolution == (1.0, 1.0, 0.0)
+    assert vae.describe_table(torch.stack([a + b, a, b], 1)).resolution == (1.0, 1.0, 0.0)  # the last of a relation
+    flipped = a + b
+    flipped[7] += 1  # one row off the relation by a step: a reading again
+    assert vae.describe_table(torch.stack([a, b, flipped], 1)).resolution == (1.0, 1.0, 1.0)
+    spec = vae.describe_table(_dated_table())
+    assert spec.resolution == (1.0, 1.0, 0.0, 0.0)  # date: 3 decimals, determined by year and month
+
+
+def test_the_start_holds_a_determined_column_as_tight_as_the_fit_does():
+    """date has distinct values 1/12 apart, but given year and month the closed-form fit (like
+    the full-Gaussian baseline) knows it to 3 decimals: the start is that fit, not lifted to
+    the grid, and it scores far above the same start floored at date's grid. (lowrank floors
+    each column's independent noise d_j instead, the rounding error's own model: there year's
+    and month's floors bound how tightly the factors can tie date to them.)"""
+    y = _dated_table()
+    cfg = vae.ModelConfig(latent_dim=1, hidden_dims=(8,), decoder_variance="full")
+    spec = vae.describe_table(y)
+    gridded = replace(spec, resolution=(1.0, 1.0, 1 / 12, 0.0))  # as if date were a reading on its grid
+    scores = {}
+    for name, s in (("spec", spec), ("no resolution", replace(spec, resolution=())), ("gridded", gridded)):
+        model = vae.VAE(s, cfg, seed=0)
+        vae.init_linear_gaussian(model, y)
+        scores[name] = vae.evaluate(model, y, iw_samples=1).log_likelihood
+    assert scores["spec"] == pytest.approx(scores["no resolution"], abs=1e-3)
+    assert scores["gridded"] < scores["spec"] - 1.0
