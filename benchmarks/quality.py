@@ -162,9 +162,10 @@ def run_table(name: str, overrides: list[str], seed: int, max_k: int, raw: bool 
     test, train = df.iloc[perm[:n_test]], df.iloc[perm[n_test:]]
     binary = [c for c in df.columns if set(np.unique(df[c])) <= {0.0, 1.0}]
     gmm_train, gmm_test = train.copy(), test.copy()
-    for col in [] if raw else binary:  # the mixture has no discrete part: dequantize its binary columns
-        gmm_train[col] += rng.uniform(0, 1, len(train))
-        gmm_test[col] += rng.uniform(0, 1, len(test))
+    if not raw:  # the mixture has no discrete part: dequantize its binary columns
+        for col in binary:
+            gmm_train[col] += rng.uniform(0, 1, len(train))
+            gmm_test[col] += rng.uniform(0, 1, len(test))
     params = load_params(None, overrides)  # ./params.yaml when run from the repo root, else built-ins
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

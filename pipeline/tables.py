@@ -23,7 +23,7 @@ import torch
 
 from pipeline.errors import PipelineError, output_error
 from vae import VAEError
-from vae.atomic import sweep_stale, temp_prefix
+from vae.atomic import atomic_file, sweep_stale, temp_prefix
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv",)
@@ -416,30 +416,17 @@ def file_sha256(path: Path) -> str:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling to write; renamed over path if the block succeeds, removed otherwise.
-
-    An OS error of the file system (full disk, read-only, permissions) becomes a PipelineError naming path.
-    A writer killed outright (SIGKILL, power loss) cannot remove its temporary: the next writer
-    of the same path on this host does (sweep_stale), so nothing is left to clean by hand.
-    """
-    path = Path(path)
-    tmp: Path | None = None
+    """A temporary sibling to write; renamed over path if the block succeeds, removed otherwise
+    (vae.atomic.atomic_file: a writer killed outright leaves a temporary the next writer of path
+    on this host removes). An OS error of the file system (full disk, read-only, permissions)
+    becomes a PipelineError naming path."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(path)
-        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        yield tmp
-        tmp.chmod(0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            yield tmp
     except (PipelineError, VAEError):
         raise
     except OSError as exc:
         raise output_error(path, exc) from None
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
 
 
 @contextmanager

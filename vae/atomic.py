@@ -14,6 +14,8 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # no dots or dashes in a name
@@ -54,21 +56,34 @@ def sweep_stale(path: Path) -> list[Path]:
     return removed
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes so that readers see the old file or the whole new one, never a part."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary sibling of path to write; renamed over path (mode 0644) if the block succeeds,
+    removed otherwise. A dead writer's temporaries of path are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    try:
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
+    except OSError as exc:
+        temporary = exc.filename is None or Path(os.fsdecode(exc.filename)).name.startswith(f".{path.name}.vaepipe-")
+        if exc.errno is not None and temporary:
             exc.filename = str(path)  # a full disk or read-only folder: name the file meant, not the temporary
         raise

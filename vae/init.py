@@ -134,7 +134,10 @@ def _init_decoder(model: VAE, y: torch.Tensor, fit: LinearGaussian) -> None:
         last.bias[d:].zero_()
         dec.noise_gate.zero_()
     sigma_u = fit.noise_units.diagonal().sqrt()  # (G,) parameter units
-    mode, floor = dec.mode, dec.sigma_floor.double().cpu()[idx]  # (G,) parameter units
+    mode = dec.mode
+    # what softplus(raw) is added to (Decoder.forward): the per-column floor, or for the one shared
+    # std model.min_sigma (the column floors are a clamp there)
+    floor = dec.min_sigma if mode in ("shared", "fixed") else dec.sigma_floor.double().cpu()[idx]  # (G,) parameter units
     raw = inverse_softplus((sigma_u - floor).clamp_min(1e-3 * floor))
     if mode == "heteroscedastic":
         last.weight[d:].zero_()

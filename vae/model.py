@@ -97,8 +97,6 @@ class Decoder(nn.Module):
         floor = torch.full((n_out,), self.min_sigma)  # in the noise's parameter units
         if resolution is not None:
             floor = torch.maximum(floor, resolution / noise_scale)
-        # a per-column floor only where a resolution lifts it: else the scalar, as before
-        self.floored = bool((floor > self.min_sigma).any())
         hetero = self.mode == "heteroscedastic"
         n_gauss = int(gaussian.sum())
         self.by_z = config.noise_by_z and self.mode in ("full", "lowrank") and n_gauss > 0
@@ -142,17 +140,14 @@ class Decoder(nn.Module):
             return DecoderOut(loc, self.noise_scale, tril, torch.maximum(log_scale * self.noise_gate, floor))
         if self.mode == "heteroscedastic":
             loc, raw = out.chunk(2, dim=-1)
-            return DecoderOut(loc, self._scaled(F.softplus(raw) + self._floor()))
+            return DecoderOut(loc, self._scaled(F.softplus(raw) + self.sigma_floor))
         if self.mode == "per_feature" and self.raw_sigma is not None:
-            return DecoderOut(out, self._scaled(F.softplus(self.raw_sigma) + self._floor()))
+            # a floor added, not a clamp: no column's gradient stops at its floor
+            return DecoderOut(out, self._scaled(F.softplus(self.raw_sigma) + self.sigma_floor))
         # fixed, shared: one std for every column, lifted to a column's floor where that is higher
+        # (the shared std gets its gradient from the other columns)
         sigma = self.fixed_sigma if self.raw_sigma is None else F.softplus(self.raw_sigma) + self.min_sigma
-        return DecoderOut(out, self._scaled(torch.maximum(sigma, self.sigma_floor) if self.floored else sigma))
-
-    def _floor(self) -> torch.Tensor | float:
-        """What a per-column softplus(raw) is added to (so that no column's gradient stops at its
-        floor): (D,) per-column floors, or the scalar min_sigma."""
-        return self.sigma_floor if self.floored else self.min_sigma
+        return DecoderOut(out, self._scaled(torch.maximum(sigma, self.sigma_floor)))
 
     def _scaled(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma if self.unit_noise else sigma * self.noise_scale

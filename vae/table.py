@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -79,6 +79,9 @@ def recording_step(col: torch.Tensor) -> float:
     return float(gaps.min()) if gaps.numel() else 0.0
 
 
+_BLOCK_ROWS = 65536  # determined_by_earlier's passes: bounded extra memory whatever the table's size
+
+
 def determined_by_earlier(y: torch.Tensor, step: Sequence[float]) -> list[bool]:
     """For each column of y (float64; the Gaussian columns, in table order) with a step: does
     the least-squares prediction from the columns before it recover every training value to
@@ -88,20 +91,28 @@ def determined_by_earlier(y: torch.Tensor, step: Sequence[float]) -> list[bool]:
     is a function of the others, not a reading with a rounding error of its own: the full
     Gaussian, factored in table order like the decoder's noise, holds it tighter than its grid,
     and so may the model. Residuals from the Cholesky factor of the standardized covariance
-    (r = L_jj (L^-1 x)_j), with a ridge for exact relations: O(N D^2).
+    (r = L_jj (L^-1 x)_j), with a ridge for exact relations: O(N D^2), in row blocks.
     """
     out = [False] * len(step)
-    if not any(h > 0 for h in step[1:]):
+    complete = ~torch.isnan(y).any(1)
+    n, d = int(complete.sum()), y.shape[1]
+    if not any(h > 0 for h in step[1:]) or n <= d:
         return out
-    rows = y[~torch.isnan(y).any(1)]
-    if rows.shape[0] <= y.shape[1]:
-        return out
-    mean, std = rows.mean(0), rows.std(0, unbiased=False)
-    x = (rows - mean) / std
-    cov = x.T @ x / x.shape[0] + 1e-10 * torch.eye(x.shape[1], dtype=x.dtype)
-    tril = torch.linalg.cholesky(cov)
-    resid = torch.linalg.solve_triangular(tril, x.T, upper=False) * tril.diagonal()[:, None]  # (D, N)
-    worst = resid.abs().amax(1) * std
+
+    def blocks() -> Iterator[torch.Tensor]:
+        for i in range(0, y.shape[0], _BLOCK_ROWS):
+            yield y[i : i + _BLOCK_ROWS][complete[i : i + _BLOCK_ROWS]]
+
+    zero = torch.zeros(d, dtype=y.dtype)
+    mean = sum((b.sum(0) for b in blocks()), zero) / n
+    std = (sum(((b - mean).pow(2).sum(0) for b in blocks()), zero) / n).sqrt()
+    cov = sum((((b - mean) / std).T @ ((b - mean) / std) for b in blocks()), torch.zeros(d, d, dtype=y.dtype)) / n
+    tril = torch.linalg.cholesky(cov + 1e-10 * torch.eye(d, dtype=y.dtype))
+    worst = torch.zeros(d, dtype=y.dtype)
+    for b in blocks():
+        u = torch.linalg.solve_triangular(tril, ((b - mean) / std).T, upper=False)  # (D, rows)
+        worst = torch.maximum(worst, u.abs().amax(1))
+    worst = worst * tril.diagonal() * std
     for j in range(1, len(step)):
         out[j] = step[j] > 0 and bool(worst[j] < 0.5 * step[j])
     return out

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vae
+from tests.vae.closed_form import ppca_heldout_loglik
 from vae.table import recording_step
 
 MODES = ("fixed", "shared", "per_feature", "heteroscedastic", "full", "lowrank")
@@ -93,21 +94,24 @@ def test_a_row_one_step_off_a_collapsed_column_costs_nats_not_a_hundred_thousand
     cfg = vae.ModelConfig(latent_dim=2, hidden_dims=(), decoder_variance=mode, noise_by_z=False)
     spec = vae.describe_table(y)
     old = replace(spec, resolution=())  # as saved before the resolution was kept: min_sigma only
-    scores = {}
+    scores, spikes = {}, {}
     for name, s in (("floored", spec), ("unfloored", old)):
         model = _collapsed(vae.VAE(s, cfg, seed=0))
         with torch.no_grad():  # the decoder predicts pixel 0 exactly, the other columns at their rows
             model.decoder.net[0].weight.zero_()
             model.decoder.net[0].bias.copy_((torch.tensor([0.0, 3.0, 0.0]) - model.loc) / model.scale)
-        row = torch.tensor([[1.0, 3.0, 0.0]])  # one count off on the pixel
-        x, mask = model.standardize(row)
+        rows = torch.tensor([[1.0, 3.0, 0.0], [0.0, 3.0, 0.0]])  # one count off on the pixel; on it
+        x, mask = model.standardize(rows)
         with torch.no_grad():
-            scores[name] = float(model.log_px_z(x, model.decode(torch.zeros(1, 2)), mask)[0, 0])
+            cells = model.log_px_z(x, model.decode(torch.zeros(2, 2)), mask)
+        scores[name], spikes[name] = float(cells[0, 0]), float(cells[1, 0])
     # log N(1; 0, 1/12) = -6 - log(sqrt(2 pi / 12)): one step off the floor's spike
     assert scores["floored"] == pytest.approx(-6.0 - 0.5 * math.log(2 * math.pi / 12), abs=1e-3)
     assert scores["unfloored"] < -1e4
-    # and the spike itself: log p <= log(sqrt(12 / (2 pi))) - log h at the recorded value
-    assert math.log(math.sqrt(12 / (2 * math.pi))) == pytest.approx(0.3235, abs=1e-4)
+    # and the spike itself: log p <= log(sqrt(12 / (2 pi))) - log h = 0.3235 (h = 1) at the recorded
+    # value, where min_sigma alone lets it reach -log(1e-3 s) - 0.92
+    assert spikes["floored"] == pytest.approx(0.5 * math.log(12 / (2 * math.pi)), abs=1e-3)
+    assert spikes["unfloored"] > 4.0  # -log(1e-3 * 4.0) - 0.92 with the pixel's std 4.0
 
 
 def test_a_model_saved_before_the_resolution_was_kept_has_no_floor_beyond_min_sigma():
@@ -117,7 +121,7 @@ def test_a_model_saved_before_the_resolution_was_kept_has_no_floor_beyond_min_si
     old = vae.TableSpec.from_dict(d)
     assert old.resolution == ()
     model = vae.VAE(old, vae.ModelConfig(latent_dim=2, hidden_dims=(8,)), seed=0)
-    assert not model.decoder.floored
+    assert bool((model.decoder.sigma_floor == model.decoder.min_sigma).all())  # no column lifted
     assert torch.equal(model.decoder.sigma_floor, torch.full((3,), 1e-3))
 
 
@@ -131,7 +135,7 @@ def _dated_table(n: int = 600) -> torch.Tensor:
     return torch.stack([year, month, date, sales], dim=1)
 
 
-def test_a_column_the_earlier_ones_determine_has_no_resolution_of_its_own():
+def test_a_column_the_earlier_ones_determine_has_no_resolution_of_its_own(monkeypatch):
     g = _gen(5)
     a, b = (torch.randint(0, 10, (500,), generator=g).double() for _ in range(2))
     assert vae.describe_table(torch.stack([a, b, a + b], 1)).resolution == (1.0, 1.0, 0.0)
@@ -141,6 +145,11 @@ def test_a_column_the_earlier_ones_determine_has_no_resolution_of_its_own():
     assert vae.describe_table(torch.stack([a, b, flipped], 1)).resolution == (1.0, 1.0, 1.0)
     spec = vae.describe_table(_dated_table())
     assert spec.resolution == (1.0, 1.0, 0.0, 0.0)  # date: 3 decimals, determined by year and month
+    monkeypatch.setattr("vae.table._BLOCK_ROWS", 7)  # the same in blocks of rows, NaN rows left out
+    holed = _dated_table()
+    holed[3, 1] = torch.nan
+    assert vae.describe_table(holed, missing="mask").resolution == (1.0, 1.0, 0.0, 0.0)
+    assert vae.describe_table(torch.stack([a, b, flipped], 1)).resolution == (1.0, 1.0, 1.0)
 
 
 def test_the_start_holds_a_determined_column_as_tight_as_the_fit_does():
@@ -160,3 +169,16 @@ def test_the_start_holds_a_determined_column_as_tight_as_the_fit_does():
         scores[name] = vae.evaluate(model, y, iw_samples=1).log_likelihood
     assert scores["spec"] == pytest.approx(scores["no resolution"], abs=1e-3)
     assert scores["gridded"] < scores["spec"] - 1.0
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_the_start_of_shared_noise_is_still_the_ppca_mle_on_rounded_columns(standardize):
+    """shared: one std for every column, the column floors a clamp; the start sets that one std
+    to the pPCA MLE's (the rounded columns' floors are far below it here)."""
+    y = _rounded_table()
+    model = vae.VAE(vae.describe_table(y, standardize=standardize),
+                    vae.ModelConfig(latent_dim=2, hidden_dims=(8,), decoder_variance="shared"), seed=0)
+    assert float(model.decoder.sigma_floor.max()) > 10 * model.decoder.min_sigma  # a floor is lifted
+    vae.init_linear_gaussian(model, y)
+    closed = ppca_heldout_loglik(y.double(), y.double(), 2, standardize=standardize)
+    assert vae.evaluate(model, y, iw_samples=1, seed=0).log_likelihood == pytest.approx(closed, abs=2e-3)
