@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError, user_error
-from pipeline.tables import check_output
+from pipeline.outputs import check_output
 from vae import EpochStats
 
 
@@ -39,7 +39,9 @@ def _progress(total_epochs: int) -> Callable[[EpochStats], None]:
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
+    from pipeline.evaluate import metrics_json
+
+    print(metrics_json(obj))
 
 
 def cmd_prepare(a: argparse.Namespace, p: Params) -> int:
@@ -96,30 +98,44 @@ def cmd_embed(a: argparse.Namespace, p: Params) -> int:
         p = replace(p, embed=replace(p.embed, with_variance=True))
     if p.embed.dask_address and Path(a.input).is_dir():
         from pipeline.flows import embedding_flow
+        from pipeline.steps import check_embed_output
+
+        check_embed_output(Path(a.input), Path(a.output))  # before the cluster starts
 
         result = embedding_flow(a.model, Path(a.input), Path(a.output), p)
         print(f"wrote {result['rows']} rows in {result['parts']} parts to {a.output} ({result['model_version']})")
         return 0
-    tty = sys.stderr.isatty()
-    rows = embed(a.model, Path(a.input), Path(a.output), p,
-                 on_batch=lambda n: print(f"\rembedded {n} rows\033[K" if tty else f"embedded {n} rows",
-                                          end="" if tty else "\n", file=sys.stderr, flush=True))
-    if tty:
+    rows = embed(a.model, Path(a.input), Path(a.output), p, on_batch=_rows_progress("embedded"))
+    if sys.stderr.isatty():
         print(file=sys.stderr)
     print(f"wrote {rows} rows to {a.output}")
     return 0
 
 
+def _rows_progress(verb: str) -> Callable[[int], None]:
+    """Rows done: one rewritten line on a terminal, plain log lines otherwise."""
+    tty = sys.stderr.isatty()
+    return lambda n: print(f"\r{verb} {n} rows\033[K" if tty else f"{verb} {n} rows",
+                           end="" if tty else "\n", file=sys.stderr, flush=True)
+
+
 def cmd_sample(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.embed import SAMPLE_BATCH_ROWS
     from pipeline.steps import sample
 
-    print(f"wrote {sample(a.model, a.n, Path(a.output), p)} rows to {a.output}")
+    several = a.n > SAMPLE_BATCH_ROWS  # progress where there is more than one batch
+    rows = sample(a.model, a.n, Path(a.output), p, on_batch=_rows_progress("sampled") if several else None)
+    if sys.stderr.isatty() and several:
+        print(file=sys.stderr)
+    print(f"wrote {rows} rows to {a.output}")
     return 0
 
 
 def cmd_register(a: argparse.Namespace, p: Params) -> int:
     from pipeline.steps import promote, register
 
+    if a.output is not None:
+        check_output(a.output, [f for f in (a.metrics, a.table, a.data) if f is not None], None)
     metrics = json.loads(Path(a.metrics).read_text()) if a.metrics else None
     v = register(Path(a.model), p, alias=a.alias, metrics=metrics, table=a.table)
     print(f"registered {v.name} version {v.version} as @{v.alias} ({v.model_uri})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -18,33 +19,25 @@ from pipeline.config import EmbedParams, ValidateParams
 from pipeline.drift import DriftStats, drift_summary
 from pipeline.errors import PipelineError
 from pipeline.model import LoadedModel
+from pipeline.outputs import PROVENANCE_KEY, parts_dir
 from pipeline.tables import (
     PARQUET_SUFFIXES,
-    atomic_dir,
     atomic_path,
     bound_heap_growth,
     file_sha256,
     iter_table_batches,
     prefetch,
-    to_tensor,
-    write_table_atomic,
 )
-from vae import VAEError, check_values, embed, sample, score_rows
+from vae import embed, sample, score_rows
 
 log = logging.getLogger(__name__)
+SAMPLE_BATCH_ROWS = 65_536  # rows drawn and written at a time by sample_file (a multiple of vae.sample's 4096)
 DRIFT_KEY = b"vaepipe.drift"  # Parquet metadata of an embedding output: each column's drift (JSON)
-PROVENANCE_KEY = b"vaepipe"  # Parquet metadata of an embedding output: model version, input file and hash
 
 
 def embed_frame(model: LoadedModel, df: pd.DataFrame, params: EmbedParams, where: str = "table") -> pd.DataFrame:
     """One output row per input row, in order: ids, z_*, [z_logvar_*], [log_likelihood, anomaly]."""
-    model.schema.check(df, where)
-    y = to_tensor(model.schema.features_in_order(df), where)
-    try:
-        if not bool(torch.isfinite(y.sum())):  # a NaN or inf cell (or an overflow): find and name it
-            check_values(y, model.schema.features, model.vae.spec.missing)
-    except VAEError as exc:
-        raise PipelineError(f"{where}: {exc}") from None
+    y = model.features(df, where)
     emb = embed(model.vae, y, with_variance=params.with_variance, batch_rows=params.batch_rows)
     out = {c: df[c].to_numpy() for c in model.id_columns}
     out |= {f"z_{j}": emb.z[:, j].numpy() for j in range(emb.z.shape[1])}
@@ -140,7 +133,7 @@ def embed_folder(model: LoadedModel, input_dir: Path, output_dir: Path, params: 
                  on_batch: Callable[[int], None] | None = None, drift: ValidateParams | None = None) -> int:
     """Every Parquet file of INPUT_DIR into a part of OUTPUT_DIR, in one process; OUTPUT_DIR appears whole."""
     parts, rows = list_partitions(input_dir), 0
-    with atomic_dir(Path(output_dir)) as tmp:
+    with parts_dir(Path(output_dir), [Path(input_dir)]) as tmp:
         for part in parts:
             rows += embed_partition(model, part, tmp, params, model_version, _offset(on_batch, rows), drift)
     return rows
@@ -166,14 +159,57 @@ def read_drift(path: Path) -> list[dict[str, object]]:
     return list(json.loads(meta[DRIFT_KEY])) if DRIFT_KEY in meta else []
 
 
-def sample_file(model: LoadedModel, n: int, output_path: Path, seed: int = 0) -> pd.DataFrame:
-    """N synthetic rows from p(z) p(y|z), feature columns in the schema's order and dtypes."""
+def sample_file(model: LoadedModel, n: int, output_path: Path, seed: int = 0,
+                on_batch: Callable[[int], None] | None = None) -> int:
+    """N synthetic rows from p(z) p(y|z), feature columns in the schema's order and dtypes,
+    streamed to OUTPUT in SAMPLE_BATCH_ROWS row batches (memory does not grow with N); the file
+    appears whole or not at all. N whose file cannot fit on OUTPUT's disk is refused up front."""
     if n < 1:
         raise PipelineError(f"N is {n}; ask for at least one row")
-    y = sample(model.vae, n, generator=torch.Generator().manual_seed(seed))
+    output_path = Path(output_path)
+    check_room(output_path, n, len(model.schema.features))
+    generator = torch.Generator().manual_seed(seed)  # one stream over the batches: the same rows as one call
+    with atomic_path(output_path) as tmp:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for done in range(0, n, SAMPLE_BATCH_ROWS):
+                frame = _sample_frame(model, min(SAMPLE_BATCH_ROWS, n - done), generator)
+                if output_path.suffix.lower() in PARQUET_SUFFIXES:
+                    table = pa.Table.from_pandas(frame, preserve_index=False)
+                    writer = writer or pq.ParquetWriter(tmp, table.schema)
+                    writer.write_table(table)
+                else:
+                    frame.to_csv(tmp, index=False, mode="a" if done else "w", header=not done)
+                if on_batch is not None:
+                    on_batch(done + len(frame))
+        finally:
+            if writer is not None:
+                writer.close()
+    return n
+
+
+def _sample_frame(model: LoadedModel, rows: int, generator: torch.Generator) -> pd.DataFrame:
+    y = sample(model.vae, rows, generator=generator)
     df = pd.DataFrame(y.numpy(), columns=list(model.schema.features))
     for name, dtype in zip(model.schema.features, model.schema.dtypes, strict=True):
         if dtype.startswith(("int", "uint", "bool", "Int", "UInt")):
             df[name] = df[name].round().astype(dtype)
-    write_table_atomic(df, Path(output_path))
     return df
+
+
+def check_room(path: Path, rows: int, columns: int) -> None:
+    """Refuse a table that would not fit on path's disk (8 bytes a Parquet cell, 24 a CSV one)."""
+    need = rows * columns * (8 if path.suffix.lower() in PARQUET_SUFFIXES else 24)
+    folder = next(p for p in (path.parent, *path.parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise PipelineError(f"{rows:,} rows x {columns} columns need about {_size(need)} at {path}, more than the "
+                            f"{_size(free)} free on that disk; ask for fewer rows or write elsewhere")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable

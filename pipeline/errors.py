@@ -107,6 +107,9 @@ def user_error(exc: BaseException) -> PipelineError | None:
         return exc
     if isinstance(exc, VAEError):  # the torch library's own user errors (bad config, model directory)
         return PipelineError(str(exc))
+    if isinstance(exc, MemoryError):  # a size the user asked for that this machine cannot hold
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "an allocation failed"
+        return PipelineError(f"not enough memory: {detail}; ask for fewer rows or columns, or use a larger machine")
     if isinstance(exc, OSError) and os_errno(exc) in _HINTS:
         where = _final_name(exc.filename) if exc.filename is not None else "a file"
         return PipelineError(f"{where}: {os_reason(exc)}")

@@ -11,16 +11,14 @@ import torch
 
 from pipeline.config import EvaluateParams
 from pipeline.model import LoadedModel
-from pipeline.tables import read_table, to_tensor
+from pipeline.tables import read_table
 from vae import evaluate, load_baselines
 from vae.store import write_atomic
 
 
 def metrics_dict(model: LoadedModel, data_path: Path, params: EvaluateParams) -> dict[str, Any]:
     """ELBO, its terms and IWAE log-likelihood in nats per row, original units."""
-    df = read_table(Path(data_path))
-    model.schema.check(df, str(data_path))
-    y = to_tensor(model.schema.features_in_order(df), str(data_path))
+    y = model.features(read_table(Path(data_path)), str(data_path))
     ev = evaluate(model.vae, y, params.iw_samples, params.seed, params.batch_rows)
     stderr = ev.log_likelihood_stderr
     return {
@@ -46,5 +44,20 @@ def baseline_metrics(model: LoadedModel, y: torch.Tensor) -> dict[str, float] | 
     return {name: float(ll.mean()) for name, ll in fitted.log_prob(y).items()}
 
 
+def metrics_json(metrics: dict[str, Any]) -> str:
+    """Strict JSON: a non-finite number (a row whose density underflowed) is written as null."""
+    return json.dumps(_finite(metrics), indent=2, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_metrics(metrics: dict[str, Any], path: Path) -> None:
-    write_atomic(Path(path), (json.dumps(metrics, indent=2) + "\n").encode())
+    write_atomic(Path(path), (metrics_json(metrics) + "\n").encode())

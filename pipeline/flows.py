@@ -17,8 +17,9 @@ from pipeline import steps, stores, versioning
 from pipeline.config import Params, load_params
 from pipeline.errors import user_error
 from pipeline.model import ResolvedModel, load_model_dir, resolve_ref
+from pipeline.outputs import parts_dir
 from pipeline.registry import RegisteredVersion
-from pipeline.tables import atomic_dir, resolve_source
+from pipeline.tables import resolve_source
 from vae.store import write_atomic
 
 
@@ -154,7 +155,7 @@ def _task_runner(address: str) -> Any:
 def _embedding_flow(model: str, input_dir: str, output_dir: str, params: Params) -> dict[str, Any]:
     resolved = resolve_task(model)  # once: every part is embedded by the same version
     parts = embed_step.list_partitions(Path(input_dir))
-    with atomic_dir(Path(output_dir)) as tmp:
+    with parts_dir(Path(output_dir), [Path(input_dir)]) as tmp:
         futures = embed_partition_task.map(unmapped(resolved.directory), parts, unmapped(tmp),
                                            unmapped(params), unmapped(resolved.version))
         rows = [f.result() for f in futures]  # an exception here leaves nothing at output_dir

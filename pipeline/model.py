@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import torch
+
 from pipeline.errors import PipelineError
 from pipeline.schema import Schema
-from pipeline.tables import file_sha256
-from vae import VAE, VAEError, load_model, read_manifest
+from pipeline.tables import file_sha256, to_tensor
+from vae import VAE, VAEError, check_values, load_model, read_manifest
 from vae.store import WEIGHTS
 
 
@@ -38,6 +41,18 @@ class LoadedModel:
             warnings.warn(f"scoring with the model's embed.score_samples={stored[0]} and embed.seed={stored[1]} "
                           f"(its anomaly threshold was placed with them), not {score_samples} and {seed}", stacklevel=2)
         return stored
+
+    def features(self, df: pd.DataFrame, where: str) -> torch.Tensor:
+        """The table's feature columns as the model reads them, (N, D) float32; a table that breaks
+        the contract, or a NaN or inf cell the model cannot take, is refused by column and row."""
+        self.schema.check(df, where)
+        y = to_tensor(self.schema.features_in_order(df), where)
+        try:
+            if not bool(torch.isfinite(y.sum())):  # a NaN or inf cell (or an overflow): find and name it
+                check_values(y, self.schema.features, self.vae.spec.missing)
+        except VAEError as exc:
+            raise PipelineError(f"{where}: {exc}") from None
+        return y
 
     @property
     def id_columns(self) -> tuple[str, ...]:

@@ -20,7 +20,8 @@ from pipeline import validate as validate_step
 from pipeline.config import OUTPUT_COLUMN, Params
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.model import load_model_dir, resolve_model, resolve_ref
-from pipeline.tables import PARQUET_SUFFIXES, check_output
+from pipeline.outputs import check_output, check_output_dir
+from pipeline.tables import PARQUET_SUFFIXES
 from vae import EpochStats, VAEError, resolve_device
 
 
@@ -100,11 +101,10 @@ def embed(model: str, input_path: Path, output: Path, params: Params,
           on_batch: Callable[[int], None] | None = None) -> int:
     """INPUT file -> OUTPUT file, or INPUT folder -> OUTPUT folder of parts, in this process.
 
-    Refused before any work if OUTPUT would destroy INPUT.
+    Refused before any work if OUTPUT would destroy INPUT, the model or a folder vaepipe did not write.
     """
     input_path = Path(input_path)
-    if not input_path.is_dir():
-        check_output(Path(output), [input_path], PARQUET_SUFFIXES)
+    check_embed_output(input_path, Path(output))
     try:
         device = str(resolve_device(params.embed.device, "embed.device"))
     except VAEError as exc:
@@ -123,9 +123,17 @@ def embed(model: str, input_path: Path, output: Path, params: Params,
                                  drift=params.validate)
 
 
-def sample(model: str, n: int, output: Path, params: Params) -> int:
+def check_embed_output(input_path: Path, output: Path) -> None:
+    """OUTPUT of `embed`: a Parquet file, or for a folder INPUT a folder of parts (pipeline.outputs)."""
+    if input_path.is_dir():
+        check_output_dir(output, [input_path])
+    else:
+        check_output(output, [input_path], PARQUET_SUFFIXES)
+
+
+def sample(model: str, n: int, output: Path, params: Params, on_batch: Callable[[int], None] | None = None) -> int:
     check_output(Path(output))
-    return len(embed_step.sample_file(resolve_model(model), n, Path(output), params.embed.seed))
+    return embed_step.sample_file(resolve_model(model), n, Path(output), params.embed.seed, on_batch)
 
 
 def register(model_dir: Path, params: Params, *, alias: str = "challenger",

@@ -8,9 +8,7 @@ import hashlib
 import os
 import queue
 import re
-import shutil
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +21,7 @@ import torch
 
 from pipeline.errors import PipelineError, output_error
 from vae import VAEError
-from vae.atomic import atomic_file, sweep_stale, temp_prefix
+from vae.atomic import atomic_file
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv",)
@@ -277,8 +275,18 @@ def load_source(source: str, seed: int = 0) -> pd.DataFrame:
                 f"data.source {source!r}: expected synthetic:ROWSxCOLS with positive integers, "
                 "e.g. synthetic:2000x10"
             )
-        return synthetic_table(int(match[1]), int(match[2]), seed)
+        rows, cols = int(match[1]), int(match[2])
+        check_memory(rows * (cols + 2) * 8 * 4, f"data.source {source!r}")  # t, y, noise and the frame: float64
+        return synthetic_table(rows, cols, seed)
     return read_table(Path(source))
+
+
+def check_memory(need: int, what: str) -> None:
+    """Refuse work whose arrays (need bytes) exceed this machine's physical memory."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    if total is not None and need > total:
+        raise PipelineError(f"{what} needs about {need / 2**30:,.0f} GiB of memory, more than this machine's "
+                            f"{total / 2**30:,.0f} GiB; ask for fewer rows or columns")
 
 
 def _load_sklearn(source: str) -> pd.DataFrame:
@@ -386,26 +394,6 @@ def to_tensor(features: pd.DataFrame, where: str = "table") -> torch.Tensor:
     return torch.from_numpy(features.to_numpy(dtype=np.float32, na_value=np.nan, copy=True))
 
 
-def check_output(path: Path, inputs: Sequence[Path] = (), suffixes: Sequence[str] | None = SUFFIXES) -> Path:
-    """Refuse an output path that is an input, an existing directory, or (suffixes) of an unwritten format."""
-    path = Path(path)
-    folder = next((p for p in path.parents if p.exists()), None)
-    if folder is not None and not folder.is_dir():
-        raise PipelineError(f"OUTPUT {path}: {folder} is a file, not a folder; choose another path")
-    for source in inputs:
-        same = path.exists() and Path(source).exists() and os.path.samefile(path, source)
-        if same or path.resolve() == Path(source).resolve():
-            raise PipelineError(f"OUTPUT {path} is the input {source}; writing it would destroy the input: choose another path")
-    if path.is_dir():
-        raise PipelineError(f"OUTPUT {path} is a directory; give a file name")
-    if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise PipelineError(
-            f"OUTPUT {path}: this command writes {' or '.join(suffixes)} files, not {path.suffix or '(no suffix)'!r}; "
-            f"name it e.g. {path.with_suffix(suffixes[0]).name}"
-        )
-    return path
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -427,28 +415,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
     except OSError as exc:
         raise output_error(path, exc) from None
-
-
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """A temporary sibling folder to fill; it takes path's place (old contents removed) on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes 0700
-        if path.is_dir() and not path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
-            os.replace(path, old)  # a directory cannot be renamed over a non-empty one
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_table_atomic(df: pd.DataFrame, path: Path) -> Path:

@@ -286,7 +286,57 @@ CASES: dict[str, Case] = {
     "prefect-api-unreachable-run": lambda w: (["run", *ARGS], 2, _dead_store(w, "PREFECT_API_URL")),
     "prefect-api-unreachable-serve": lambda w: (["serve"], 2, _dead_store(w, "PREFECT_API_URL")),
     "store-unreachable-models-uri": lambda w: (["embed", "models:/measurement-vae@champion", str(w.table), str(w.path("e.parquet"))], 2, _dead_store(w)),
+    # ---- issue 22: a folder OUTPUT never replaces what vaepipe did not write
+    "embed-folder-output-contains-the-input": lambda w: (["embed", str(w.model), str(_days(w.path("top") / "days")), str(w.path("top")), *ARGS], 2, "contains the input"),
+    "embed-folder-output-is-a-project-folder": lambda w: (["embed", str(w.model), str(_days(w.path("days"))), str(_project(w.path("data"))), *ARGS], 2, "did not write (it holds 'prepared')"),
+    "embed-folder-output-is-the-model": lambda w: (["embed", str(w.model), str(_days(w.path("days"))), str(w.model), *ARGS], 2, "is a model directory"),
+    "embed-folder-output-inside-the-model": lambda w: (["embed", str(w.model), str(_days(w.path("days"))), str(w.model / "emb"), *ARGS], 2, "inside the model directory"),
+    "embed-folder-output-holds-a-user-file": lambda w: (["embed", str(w.model), str(_days(w.path("days"))), str(_keep(w.path("out"))), *ARGS], 2, "holds 'keep.txt'"),
+    "embed-folder-output-is-the-working-folder-absolute": lambda w: (["embed", str(w.model), str(_days(w.path("days"))), str(w.tmp.parent.resolve()), *ARGS], 2, "working folder"),
+    "embed-folder-output-is-the-input": lambda w: (["embed", str(w.model), str(_days(w.path("days"))), str(w.path("days")), *ARGS], 2, "is the input"),
+    "embed-folder-output-is-dot": lambda w: (["embed", str(w.model), str(_days(w.path("days"))), ".", *ARGS], 2, "OUTPUT . is the working folder"),
+    "embed-folder-output-is-dotdot": lambda w: (["embed", str(w.model), str(_days(w.path("days"))), "..", *ARGS], 2, "OUTPUT .. is the working folder"),
+    "embed-folder-output-is-a-file": lambda w: (["embed", str(w.model), str(_days(w.path("days"))), str(_file(w.path("f.parquet"))), *ARGS], 2, "f.parquet is a file"),
+    "embed-folder-over-dask-contains-the-input": lambda w: (["embed", str(w.model), str(_days(w.path("top") / "days")), str(w.path("top")), *ARGS, "--set", "embed.dask_address=tcp://127.0.0.1:9"], 2, "contains the input"),
+    # ---- issue 22 and 21: no output lands on a model's files
+    "evaluate-json-into-the-model": lambda w: (["evaluate", str(w.model), str(w.table), "--json", str(w.model / "model.json")], 2, "inside the model directory"),
+    "validate-report-into-the-model": lambda w: (["validate", str(w.table), "--against", str(w.model), "--report", str(w.model / "model.json"), *ARGS], 2, "inside the model directory"),
+    "sample-into-the-model": lambda w: (["sample", str(w.model), "10", str(w.model / "weights.parquet")], 2, "inside the model directory"),
+    "register-output-into-the-model": lambda w: (["register", str(w.model), "--output", str(w.model / "registered.json")], 2, "inside the model directory"),
+    # ---- issue 22: non-finite cells at evaluate, sizes that cannot be held
+    "evaluate-nan-cell": lambda w: (["evaluate", str(w.model), str(_table(w, "nan.parquet", _cell(float("nan")))), "--json", str(w.path("m.json"))], 2, "column 'm1' row 7 holds nan"),
+    "evaluate-inf-cell": lambda w: (["evaluate", str(w.model), str(_table(w, "inf.parquet", _cell(float("-inf"))))], 2, "column 'm1' row 7 holds -inf"),
+    "sample-beyond-the-disk": lambda w: (["sample", str(w.model), str(10**15), str(w.path("s.parquet"))], 2, "free on that disk"),
+    "synthetic-beyond-memory": lambda w: (["prepare", "--set", "data.source=synthetic:100000000000x2", "--set", f"data.prepared_dir={w.path('prepared')}"], 2, "synthetic:100000000000x2"),
 }
+
+
+def _days(folder: Path) -> Path:
+    """A folder of two Parquet tables to embed."""
+    folder.mkdir(parents=True)
+    for name, seed in (("a.parquet", 4), ("b.parquet", 5)):
+        clean_table(n=57, seed=seed).to_parquet(folder / name, index=False)
+    (folder.parent / "README.txt").write_text("the user's notes\n")
+    return folder
+
+
+def _project(folder: Path) -> Path:
+    (folder / "prepared").mkdir(parents=True)
+    clean_table(n=30, seed=6).to_parquet(folder / "prepared" / "train.parquet", index=False)
+    return folder
+
+
+def _keep(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "keep.txt").write_text("keep me\n")
+    return folder
+
+
+def _cell(value: float) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def edit(df: pd.DataFrame) -> pd.DataFrame:
+        df.loc[7, "m1"] = value
+        return df
+    return edit
 
 
 def _symlink(link: Path, target: Path) -> Path:

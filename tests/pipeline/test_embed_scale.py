@@ -17,6 +17,7 @@ from pipeline import steps
 from pipeline.config import load_params
 from pipeline.embed import read_provenance
 from pipeline.model import file_sha256
+from pipeline.outputs import PARTS_MANIFEST, own_parts
 from pipeline.tables import synthetic_table, write_table_atomic
 from pipeline.train import train_model
 
@@ -47,9 +48,11 @@ def test_a_folder_becomes_a_folder_of_parts_in_order_with_provenance(model_dir: 
     out = tmp_path / "emb"
     rows = steps.embed(str(model_dir), folder, out, load_params(None, SETTINGS))
     assert rows == 250 + 120 + 333
-    assert sorted(p.name for p in out.iterdir()) == ["day-0.parquet", "day-1.parquet", "day-2.parquet"]
+    parts = ["day-0.parquet", "day-1.parquet", "day-2.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [PARTS_MANIFEST, *parts]
+    assert own_parts(out) == parts  # the manifest names what a rerun may replace
     assert [p.name for p in tmp_path.iterdir()] == ["emb"]  # no temporary left beside it
-    for i, part in enumerate(sorted(out.iterdir())):
+    for i, part in enumerate(out / name for name in parts):
         frame = pd.read_parquet(part)
         source = pd.read_parquet(folder / part.name)
         assert frame["row_id"].tolist() == source["row_id"].tolist()  # one row per input row, in order
@@ -72,7 +75,7 @@ def test_a_local_dask_cluster_gives_the_same_parts_as_one_process(model_dir: Pat
     result = embedding_flow(str(model_dir), folder, dask, load_params(None, [*SETTINGS, "embed.dask_address=local:2"]))
     assert result["rows"] == 703 and result["parts"] == 3
     assert sorted(p.name for p in dask.iterdir()) == sorted(p.name for p in here.iterdir())
-    for part in here.iterdir():
+    for part in here.glob("*.parquet"):
         a, b = pq.read_table(part), pq.read_table(dask / part.name)
         assert a.equals(b), part.name  # bit for bit, ids and scores included
         assert read_provenance(part) == read_provenance(dask / part.name)
