@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -141,19 +142,31 @@ def dequantize(df: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     return out
 
 
-def gmm_bic(train: np.ndarray, test: np.ndarray, max_k: int, seed: int) -> tuple[int, float]:
-    """GaussianMixture(full) with k in 1..max_k by BIC; held-out nats/row in original units."""
+def gmm_bic(train: np.ndarray, test: np.ndarray, max_k: int, seed: int) -> tuple[int, float, float]:
+    """GaussianMixture(full) with k in 1..max_k by BIC: (k, held-out nats/row in original units, seconds)."""
     from sklearn.mixture import GaussianMixture
 
+    t0 = time.perf_counter()
     mean, std = train.mean(0), train.std(0)
     a, b = (train - mean) / std, (test - mean) / std
     fits = [GaussianMixture(k, covariance_type="full", random_state=seed, n_init=2).fit(a)
             for k in range(1, max_k + 1) if k * (a.shape[1] + 1) < a.shape[0]]
     best = min(fits, key=lambda g: g.bic(a))
-    return best.n_components, float(best.score(b) - np.log(std).sum())
+    return best.n_components, float(best.score(b) - np.log(std).sum()), round(time.perf_counter() - t0, 1)
 
 
-def run_table(name: str, overrides: list[str], seed: int, max_k: int, raw: bool = False) -> dict[str, object]:
+@dataclass(frozen=True)
+class Split:
+    """A table split as every run splits it: the model's rows and the mixture's (binary dequantized)."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    gmm_train: pd.DataFrame
+    gmm_test: pd.DataFrame
+    binary: int
+
+
+def split_table(name: str, seed: int, raw: bool = False) -> Split:
     loader, _ = {**TABLES, **TUNING}[name]
     rng = np.random.default_rng(seed)
     df = numeric_table(loader()) if raw else dequantize(numeric_table(loader()), rng)
@@ -166,6 +179,27 @@ def run_table(name: str, overrides: list[str], seed: int, max_k: int, raw: bool 
         for col in binary:
             gmm_train[col] += rng.uniform(0, 1, len(train))
             gmm_test[col] += rng.uniform(0, 1, len(test))
+    return Split(train, test, gmm_train, gmm_test, len(binary))
+
+
+_PARTS = ("train", "test", "gmm_train", "gmm_test")
+
+
+def export_split(split: Split, folder: Path) -> None:
+    """The split as Parquet files, for a machine without the data packages (--from)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in _PARTS:
+        getattr(split, part).to_parquet(folder / f"{part}.parquet", index=False)
+    (folder / "binary.json").write_text(json.dumps(split.binary))
+
+
+def load_split(folder: Path) -> Split:
+    frames = {part: pd.read_parquet(folder / f"{part}.parquet") for part in _PARTS}
+    return Split(**frames, binary=json.loads((folder / "binary.json").read_text()))
+
+
+def run_table(name: str, split: Split, overrides: list[str], seed: int, max_k: int) -> dict[str, object]:
+    train, test = split.train, split.test
     params = load_params(None, overrides)  # ./params.yaml when run from the repo root, else built-ins
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -176,15 +210,16 @@ def run_table(name: str, overrides: list[str], seed: int, max_k: int, raw: bool 
         seconds = time.perf_counter() - t0
         model = load_model_dir(tmp_path / "model")
         metrics = metrics_dict(model, tmp_path / "test.parquet", params.evaluate)
-    k, gmm = gmm_bic(gmm_train.to_numpy(), gmm_test.to_numpy(), max_k, seed)
+    k, gmm, gmm_seconds = (None, None, None) if max_k < 1 else gmm_bic(
+        split.gmm_train.to_numpy(), split.gmm_test.to_numpy(), max_k, seed)
     base = metrics["baselines"] or {}
     return {
-        "table": name, "rows": len(df), "train_rows": len(train), "columns": df.shape[1], "binary": len(binary),
-        "latent_dim": model.vae.latent_dim, "epochs": summary.epochs + summary.refit_epochs, "best_epoch": summary.best_epoch,
-        "train_seconds": round(seconds, 1),
+        "table": name, "rows": len(train) + len(test), "train_rows": len(train), "columns": train.shape[1],
+        "binary": split.binary, "latent_dim": model.vae.latent_dim, "epochs": summary.epochs + summary.refit_epochs,
+        "best_epoch": summary.best_epoch, "train_seconds": round(seconds, 1),
         "vae": metrics["log_likelihood"], "vae_stderr": metrics["log_likelihood_stderr"],
         "diag_gauss": base.get("diag_gauss"), "full_gauss": base.get("full_gauss"), "ppca": base.get("ppca"),
-        "gmm": gmm, "gmm_k": k,
+        "gmm": gmm, "gmm_k": k, "gmm_seconds": gmm_seconds,
     }
 
 
@@ -198,23 +233,33 @@ def main() -> None:
                     + "; tables to tune defaults on (never the ones above): " + ", ".join(TUNING))
     ap.add_argument("--set", action="append", default=["train.num_threads=1"], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-k", type=int, default=10, help="largest mixture size tried")
+    ap.add_argument("--max-k", type=int, default=10, help="largest mixture size tried (0: no mixture)")
+    ap.add_argument("--export", type=Path, metavar="DIR", help="write each table's split to DIR/<table>/ and stop")
+    ap.add_argument("--from", dest="source", type=Path, metavar="DIR", help="read the splits --export wrote "
+                    "(a machine without the data packages, e.g. a GPU host: --set train.device=cuda)")
     ap.add_argument("--out", type=Path, help="also write the rows as JSON")
     ap.add_argument("--raw", action="store_true", help="the tables as recorded, no dequantization: what a user "
                     "who feeds them as they are sees; densities on repeated values are not probabilities, so "
                     "these figures reward spikes on point masses (binary columns included, for the mixture)")
     args = ap.parse_args()
+    names = [n.strip() for n in args.tables.split(",")]
+    if args.export:
+        for name in names:
+            export_split(split_table(name, args.seed, args.raw), args.export / name)
+        print(f"wrote the splits of {', '.join(names)} to {args.export}")
+        return
     cols = ["table", "rows", "columns", "binary", "latent_dim", "diag_gauss", "ppca", "full_gauss", "gmm", "gmm_k",
-            "vae", "vae_stderr", "best_epoch", "epochs", "train_seconds"]
+            "vae", "vae_stderr", "best_epoch", "epochs", "train_seconds", "gmm_seconds"]
     print("nats/row on the held-out 20 %, original units (higher is better)" + (", tables as recorded" if args.raw else ""))
     print("| " + " | ".join(cols) + " | vae - full_gauss | vae - gmm |")
     print("|" + "---|" * (len(cols) + 2))
     rows = []
-    for name in args.tables.split(","):
-        r = run_table(name.strip(), args.set, args.seed, args.max_k, args.raw)
+    for name in names:
+        split = load_split(args.source / name) if args.source else split_table(name, args.seed, args.raw)
+        r = run_table(name, split, args.set, args.seed, args.max_k)
         rows.append(r)
         gain_full = r["vae"] - r["full_gauss"] if r["full_gauss"] is not None else float("nan")  # type: ignore[operator]
-        gain_gmm = r["vae"] - r["gmm"]  # type: ignore[operator]
+        gain_gmm = r["vae"] - r["gmm"] if r["gmm"] is not None else float("nan")  # type: ignore[operator]
         print("| " + " | ".join(_fmt(r[c]) for c in cols) + f" | {gain_full:+.2f} | {gain_gmm:+.2f} |", flush=True)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
