@@ -6,6 +6,8 @@ factor analysis with latent_dim + noise_rank factors (`lowrank`), pPCA (`shared`
 factor analysis (`per_feature`, `heteroscedastic`). The encoder's linear path is set to that
 model's exact posterior, made diagonal by rotating C (C R leaves C C^T unchanged), so the ELBO
 equals log p(y) at the start; the MLPs' last layers start at zero (Tipping & Bishop 1999).
+The fit is computed once on the CPU in float64, whatever the model's device; each result is then
+moved to its parameter's device and dtype.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def linear_gaussian_fit(model: VAE, y: torch.Tensor) -> LinearGaussian | None:
     idx = dec.gauss_index.cpu()
     if idx.numel() == 0:
         return None
-    x = ((y.double().cpu() - model.loc.double().cpu()) / model.scale.double().cpu())[:, idx]
+    x = ((y.detach().to("cpu", torch.float64) - model.loc.double().cpu()) / model.scale.double().cpu())[:, idx]
     x = torch.nan_to_num(x, nan=0.0)  # missing cells at the mean: an approximate start
     mean = x.mean(0)
     ns = dec.noise_scale.double().cpu()[idx]  # noise parameter units -> standardized scale
@@ -120,15 +122,15 @@ def _init_decoder(model: VAE, y: torch.Tensor, fit: LinearGaussian) -> None:
     weight[idx], bias[idx] = fit.weight, fit.mean
     binary = (~model.gaussian).cpu()
     if bool(binary.any()):  # independent Bernoulli columns at their observed frequency
-        p = torch.nanmean(y.double().cpu()[:, binary], dim=0).clamp(1e-4, 1 - 1e-4)
+        p = torch.nanmean(y.detach().to("cpu", torch.float64)[:, binary], dim=0).clamp(1e-4, 1 - 1e-4)
         bias[binary] = torch.log(p / (1 - p))
     last = _last(dec.net)
     layer = dec.linear if dec.linear is not None else last
     if dec.linear is not None:
         last.weight.zero_()
         last.bias.zero_()
-    layer.weight[:d].copy_(weight)
-    layer.bias[:d].copy_(bias)
+    layer.weight[:d].copy_(weight.to(layer.weight))
+    layer.bias[:d].copy_(bias.to(layer.bias))
     if dec.by_z:  # D(z) = I at the start, and the head closed until training opens it
         last.weight[d:].zero_()
         last.bias[d:].zero_()
@@ -166,7 +168,7 @@ def _init_encoder(model: VAE, fit: LinearGaussian) -> None:
     if enc.linear is not None:
         last.weight.zero_()
         last.bias.zero_()
-    weight = torch.zeros_like(layer.weight, dtype=torch.float64)
+    weight = torch.zeros(layer.weight.shape, dtype=torch.float64)  # (2K, D or 2D) on the CPU, like the fit
     weight[:k, idx] = a
-    layer.weight.copy_(weight)
-    layer.bias.copy_(torch.cat([-(a @ fit.mean), -m.log()]))
+    layer.weight.copy_(weight.to(layer.weight))
+    layer.bias.copy_(torch.cat([-(a @ fit.mean), -m.log()]).to(layer.bias))

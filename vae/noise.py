@@ -50,17 +50,20 @@ class NoiseCovariance(nn.Module):
 
     @torch.no_grad()
     def set_covariance(self, cov: torch.Tensor, factor: torch.Tensor | None = None) -> None:
-        """full: Sigma = cov; lowrank: Sigma = diag(cov) + factor factor^T (cov diagonal)."""
+        """full: Sigma = cov; lowrank: Sigma = diag(cov) + factor factor^T (cov diagonal).
+
+        Computed on the CPU in float64 whatever the device of cov and of the parameters; the
+        results are moved to the parameters' device and dtype."""
         if self.mode == "full":
-            tril = torch.linalg.cholesky(cov.double())
-            self.lower.copy_(torch.tril(tril, -1).to(self.lower.dtype))
+            tril = torch.linalg.cholesky(cov.detach().to("cpu", torch.float64))
+            self.lower.copy_(torch.tril(tril, -1).to(self.lower))
             diag = tril.diagonal()
         else:
             assert factor is not None
-            self.factor.copy_(factor.to(self.factor.dtype))
-            diag = cov.diagonal().double().sqrt()
-        floor = self.floor.double()
-        self.raw_diag.copy_(inverse_softplus((diag - floor).clamp_min(1e-3 * floor)).to(self.raw_diag.dtype))
+            self.factor.copy_(factor.detach().to(self.factor))
+            diag = cov.detach().to("cpu", torch.float64).diagonal().sqrt()
+        floor = self.floor.to("cpu", torch.float64)  # (n,) a buffer on the parameters' device
+        self.raw_diag.copy_(inverse_softplus((diag - floor).clamp_min(1e-3 * floor)).to(self.raw_diag))
 
 
 def nan_if_failed(tril: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
