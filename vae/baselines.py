@@ -38,8 +38,10 @@ class Baselines:
         return cls(**d)
 
     def log_prob(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-row log-likelihood (N,) of each baseline; missing (NaN) cells are marginalized."""
-        y = y.double()
+        """Per-row log-likelihood (N,) of each baseline; missing (NaN) cells are marginalized.
+
+        Computed where the fit lives (the CPU, float64), whatever the device of y."""
+        y = y.detach().to(self.mean.device, torch.float64)
         g = y[:, self.gauss_index]
         observed = ~torch.isnan(g)
         mask = None if bool(observed.all()) else observed.double()

@@ -117,19 +117,27 @@ def _average_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> 
     return flat[-1]
 
 
+def collective_device() -> torch.device:
+    """Where the process group's collectives take tensors: this rank's GPU under nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def average(means: torch.Tensor, rows: int) -> torch.Tensor:
-    """Per-row means of each rank's shard -> the means over all rows."""
+    """Per-row means of each rank's shard -> the means over all rows (on means' device)."""
     if current().world_size == 1:
         return means
-    both = torch.cat([means * rows, torch.tensor([float(rows)], device=means.device, dtype=means.dtype)])
-    dist.all_reduce(both)
-    return both[:-1] / both[-1]
+    both = torch.cat([means * rows, torch.tensor([float(rows)], dtype=means.dtype, device=means.device)])
+    both = both.to(collective_device())
+    dist.all_reduce(both)  # nccl takes no CPU tensor: the epoch's means travel to the GPU and back
+    return (both[:-1] / both[-1]).to(means.device)
 
 
-def agree(flag: bool, device: torch.device) -> bool:
+def agree(flag: bool) -> bool:
     """Rank 0's decision on every rank (early stopping)."""
     if current().world_size == 1:
         return flag
-    t = torch.tensor([int(flag)], device=device)
+    t = torch.tensor([int(flag)]).to(collective_device())
     dist.broadcast(t, 0)
     return bool(t.item())

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vae.draws import standard_normal
 from vae.model import VAE, Posterior
 from vae.precision import full_precision
 
@@ -34,7 +35,7 @@ def reparameterize(
     """
     if eps is None:
         shape = post.mu.shape if n_samples is None else (n_samples, *post.mu.shape)
-        eps = torch.randn(shape, generator=generator, device=post.mu.device, dtype=post.mu.dtype)
+        eps = standard_normal(shape, generator, post.mu.device, post.mu.dtype)
     return post.mu + (0.5 * post.logvar).exp() * eps
 
 
@@ -60,7 +61,7 @@ def loss_terms(
     post = model.encode(x, mask)
     if eps is None:
         shape = post.mu.shape if n_samples == 1 else (n_samples, *post.mu.shape)
-        eps = torch.randn(shape, generator=generator, device=post.mu.device, dtype=post.mu.dtype)
+        eps = standard_normal(shape, generator, post.mu.device, post.mu.dtype)
     # n_samples 1: (B, K) plain 2-D matmuls, measurably faster on CPU than a (1, B, K) batch
     z = reparameterize(post, None, None, eps)  # (B, K) or (M, B, K)
     out = model.decode(z)

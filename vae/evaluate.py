@@ -81,13 +81,18 @@ def score_rows(
 
     common_eps: every row uses the same K standard-normal draws (common random numbers), so a
     row's score depends on the row alone, not on its position or on how rows are batched: for
-    per-row anomaly scores. Otherwise draws are independent across rows (unbiased mean errors).
+    per-row anomaly scores. They are drawn by a CPU generator and moved (K x K_latent numbers), so
+    a row's score is also the same on every device: the anomaly threshold placed where the model
+    trained compares with the scores of `embed` wherever that runs. Otherwise draws are
+    independent across rows (unbiased mean errors), from a generator on the model's device.
     """
     model.eval()
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
     n_lat, chunk = model.latent_dim, max(1, 65536 // batch_rows)  # bounded (chunk * rows) decoder calls
-    shared = torch.randn((iw_samples, 1, n_lat), generator=gen, device=device) if common_eps else None
+    shared = None
+    if common_eps:
+        shared = torch.randn((iw_samples, 1, n_lat), generator=torch.Generator().manual_seed(seed)).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     parts = []
     for _, rows in device_batches(y, batch_rows, device):  # pinned, overlapped copies on CUDA
         eps = shared if shared is not None else torch.randn((iw_samples, rows.shape[0], n_lat), generator=gen, device=device)

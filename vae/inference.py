@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from vae.draws import standard_normal
 from vae.errors import ConfigError
 from vae.model import VAE
 from vae.transfer import HostSink, device_batches
@@ -45,7 +46,7 @@ def embed(
         post = model.encode(*model.standardize(rows))
         z = post.mu
         if mode == "sample":
-            eps = torch.randn(z.shape, generator=generator, device=z.device)
+            eps = standard_normal(z.shape, generator, z.device)
             z = z + (0.5 * post.logvar).exp() * eps
         zs.put(start, z)
         if with_variance:
@@ -68,12 +69,14 @@ def reconstruct(model: VAE, y: torch.Tensor, batch_rows: int = 4096) -> torch.Te
 def sample(
     model: VAE, n: int, *, generator: torch.Generator | None = None, batch_rows: int = 4096, noise: bool = True
 ) -> torch.Tensor:
-    """n new rows from p(z) p(y|z) in original units; noise=False returns E[y|z] instead."""
+    """n new rows from p(z) p(y|z) in original units; noise=False returns E[y|z] instead.
+
+    generator: on any device; a CPU one gives the same rows whatever the model's device (vae.draws)."""
     model.eval()
     parts = []
     for i in range(0, n, batch_rows):
         m = min(batch_rows, n - i)
-        z = torch.randn((m, model.latent_dim), generator=generator, device=_device(model))
+        z = standard_normal((m, model.latent_dim), generator, _device(model))
         out = model.decode(z)
         parts.append((model.sample_from(out, generator) if noise else model.mean_of(out)).cpu())
     return torch.cat(parts) if parts else torch.empty(0, model.spec.n_features)
@@ -94,4 +97,4 @@ def anomaly_threshold(train_log_likelihood: torch.Tensor, quantile: float) -> fl
     """Rows whose log-likelihood falls below this quantile of the training rows are anomalies."""
     if not 0 < quantile < 1:
         raise ConfigError(f"embed.anomaly_quantile is {quantile!r}; it must be in (0, 1)")
-    return float(torch.quantile(train_log_likelihood.double(), quantile))
+    return float(torch.quantile(train_log_likelihood.detach().to("cpu", torch.float64), quantile))

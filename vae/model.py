@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vae.config import ModelConfig
+from vae.draws import standard_normal, uniform
 from vae.noise import NoiseCovariance, gaussian_cells
 from vae.table import TableSpec
 
@@ -247,8 +248,8 @@ class VAE(nn.Module):
         return self.unstandardize(x)
 
     def sample_from(self, out: DecoderOut, generator: torch.Generator | None) -> torch.Tensor:
-        """A draw y ~ p(y|z) in original units."""
-        noise = torch.randn(out.loc.shape, generator=generator, device=out.loc.device)
+        """A draw y ~ p(y|z) in original units (generator on any device: see vae.draws)."""
+        noise = standard_normal(out.loc.shape, generator, out.loc.device)
         if out.scale_tril is None:
             gauss = out.loc + out.sigma * noise
         else:  # correlated noise L eps on the Gaussian columns
@@ -259,6 +260,6 @@ class VAE(nn.Module):
             gauss = out.loc.index_add(-1, idx, corr)
         if self.all_gaussian:
             return self.unstandardize(gauss)
-        u = torch.rand(out.loc.shape, generator=generator, device=out.loc.device)
+        u = uniform(out.loc.shape, generator, out.loc.device)
         flips = (u < torch.sigmoid(out.loc)).to(gauss.dtype)
         return self.unstandardize(torch.where(self.gaussian, gauss, flips))

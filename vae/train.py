@@ -304,7 +304,7 @@ def _loop(
         rollbacks = 0
         means, beta = out
         stats = _finish_epoch(trainer, val, beta, data_parallel.average(means, x.shape[0]), time.perf_counter() - t0)
-        state.finished = data_parallel.agree(state.finished, x.device)  # rank 0's early stop on every rank
+        state.finished = data_parallel.agree(state.finished)  # rank 0's early stop on every rank
         if on_epoch is not None:
             on_epoch(stats)
         if on_checkpoint is not None:
