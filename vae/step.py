@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -18,6 +19,7 @@ from vae.model import VAE
 from vae.precision import Resolved, autocast
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS handles, lazy state)
+ADAM_VARIANT = ("fused", "foreach", "capturable", "differentiable")  # how Adam runs, not what it holds
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
@@ -28,6 +30,25 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: t
     if device.type == "cuda":
         return torch.optim.Adam(params, lr=cfg.effective_lr, fused=True, capturable=cfg.cuda_graph)
     return torch.optim.Adam(params, lr=cfg.effective_lr, foreach=True)
+
+
+def load_optimizer_state(opt: torch.optim.Adam, saved: dict[str, Any]) -> None:
+    """opt.load_state_dict(saved), keeping opt's own variant.
+
+    load_state_dict takes fused, foreach and capturable from saved's param groups: a checkpoint
+    written on another device or with another train.cuda_graph would switch Adam's kernels (other
+    roundings than the run's) or make graph capture fail. The moments and step counts are
+    restored; each step count goes where this variant keeps it (the device for fused or capturable).
+    """
+    own = [{key: group[key] for key in ADAM_VARIANT if key in group} for group in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, variant in zip(opt.param_groups, own, strict=True):
+        group.update(variant)
+        on_device = bool(variant.get("fused") or variant.get("capturable"))
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
 
 
 def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ from vae.errors import ConfigError, DataError, TrainingDivergedError
 from vae.init import has_linear_start, init_linear_gaussian
 from vae.model import VAE
 from vae.precision import resolve_precision
-from vae.step import StepRunner, make_optimizer
+from vae.step import StepRunner, load_optimizer_state, make_optimizer
 from vae.table import check_values
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,20 @@ class _Trainer:
         self.precision = resolve_precision(cfg.precision, device)
         if state.model:
             model.load_state_dict(state.model)
-            self.opt.load_state_dict(state.optimizer)
-            self.gen.set_state(_tensor(state.generator))
+            load_optimizer_state(self.opt, state.optimizer)
+            self._restore_generator(_tensor(state.generator))
         else:
             state.lr = cfg.effective_lr
         for group in self.opt.param_groups:
             group["lr"] = state.lr
         self.runner = StepRunner(model, self.opt, cfg, device, self.precision)
+
+    def _restore_generator(self, saved: torch.Tensor) -> None:
+        """The noise stream of the checkpoint; a CPU and a CUDA generator keep states of other sizes."""
+        if saved.numel() != self.gen.get_state().numel():
+            raise ConfigError(f"the checkpoint's noise generator is not a {self.device.type} one: the run was "
+                              f"interrupted on another device; resume it with the train.device it ran on")
+        self.gen.set_state(saved)
 
     def snapshot(self) -> None:
         s = self.state
@@ -147,7 +154,7 @@ class _Trainer:
     def rollback(self) -> None:
         s = self.state
         self.model.load_state_dict(s.model)
-        self.opt.load_state_dict(s.optimizer)
+        load_optimizer_state(self.opt, s.optimizer)
         self.runner.drop_graph()  # Adam's state tensors are new ones
         self.gen.set_state(_tensor(s.generator))
         s.lr *= self.cfg.lr_backoff
