@@ -18,12 +18,18 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
 LrScaling = Literal["none", "sqrt", "linear"]
 Init = Literal["linear_gaussian", "random"]
+CudaGraph = Literal["auto", True, False]
+
+
+def _options(allowed: tuple[Any, ...]) -> str:
+    """The choices as params.yaml spells them (true/false, not True/False)."""
+    return ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
 
 
 def _check_choice(section: str, key: str, value: object, options: Any) -> None:
     allowed = get_args(options)
-    if value not in allowed:
-        raise ConfigError(f"{section}.{key} is {value!r}; choose one of {', '.join(allowed)}")
+    if not any(value is a if isinstance(a, bool) else value == a for a in allowed):  # 1 is not true
+        raise ConfigError(f"{section}.{key} is {value!r}; choose one of {_options(allowed)}")
 
 
 def _check_positive(section: str, key: str, value: float, *, allow_zero: bool = False) -> None:
@@ -99,8 +105,9 @@ class TrainConfig:
     # loss terms and log-densities stay fp32; `vae.precision_gap` measures what bf16 changes
     precision: Precision = "auto"
     # CUDA only: replay each full-size training step from a CUDA graph (forward, backward, clipping,
-    # fused Adam): one launch instead of hundreds; ignored on CPU
-    cuda_graph: bool = False
+    # fused Adam): one launch instead of hundreds. auto: on CUDA wherever a graph is correct (one
+    # process; see vae.step.resolve_cuda_graph), off on the CPU; true / false force it (CPU: off)
+    cuda_graph: CudaGraph = "auto"
     # large batches: lr * (batch_size / lr_base_batch) ** (1/2 | 1); sqrt is the rule for Adam
     # (Malladi et al. 2022), none keeps train.lr whatever the batch
     lr_scaling: LrScaling = "none"
@@ -131,6 +138,7 @@ class TrainConfig:
         _check_choice("train", "init", self.init, Init)
         _check_choice("train", "precision", self.precision, Precision)
         _check_choice("train", "lr_scaling", self.lr_scaling, LrScaling)
+        _check_choice("train", "cuda_graph", self.cuda_graph, CudaGraph)
 
 
 _KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -142,9 +150,9 @@ def _typed(key: str, value: Any, kind: Any) -> Any:
     if origin is Literal:
         if value is False and "off" in args:  # YAML 1.1 reads a bare `off` as false
             return "off"
-        if isinstance(value, str) and value in args:
+        if isinstance(value, str) and value in args or isinstance(value, bool) and any(value is a for a in args):
             return value
-        raise ConfigError(f"{key} is {value!r}; choose one of {', '.join(map(str, args))}")
+        raise ConfigError(f"{key} is {value!r}; choose one of {_options(args)}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -2,33 +2,56 @@
 
 Gradient clipping and the finite check are device tensors; per-epoch sums of the ELBO terms and
 of (gradient norm + loss), non-finite if any step's was, accumulate in `sums`, read once per epoch. On CUDA with
-train.cuda_graph, full-size steps (forward, backward, clipping, Adam) replay from one CUDA graph.
+train.cuda_graph (auto: wherever a graph is correct, see resolve_cuda_graph), full-size steps (forward,
+backward, clipping, Adam) replay from one CUDA graph.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from vae.config import TrainConfig
+from vae.config import CudaGraph, TrainConfig
 from vae.elbo import loss_terms
 from vae.model import VAE
 from vae.precision import Resolved, autocast
 
+log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS handles, lazy state)
 ADAM_VARIANT = ("fused", "foreach", "capturable", "differentiable")  # how Adam runs, not what it holds
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
+def resolve_cuda_graph(setting: CudaGraph, device: torch.device, world_size: int = 1) -> bool:
+    """Whether full-size steps replay from a CUDA graph (train.cuda_graph).
+
+    Never on the CPU; never with several processes (data parallel: the gradients' all-reduce runs
+    between backward and Adam, and no graph here holds a collective). Everywhere else on CUDA a
+    replayed step is the eager step: the shorter last batch of an epoch runs eagerly, a rollback
+    captures again, masks and the KL weight are static inputs, the noise gate a buffer read in
+    place. So auto is on there; true is the same (with a warning where it cannot be honoured).
+    """
+    if device.type != "cuda" or setting is False:
+        return False
+    if world_size > 1:
+        if setting is True:
+            log.warning("train.cuda_graph true: steps run eagerly with %d processes (a graph holds no all-reduce)",
+                        world_size)
+        return False
+    return True
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device,
+                   capturable: bool = False) -> torch.optim.Adam:
     """Adam: fused (one kernel for all tensors) on CUDA, capturable when steps replay from a CUDA
     graph. On the CPU the foreach variant: bit for bit the default's numbers, a third less time
     per step (measured 1.07 vs 1.6 ms for the 64-128-128-8 VAE, one thread). Fused is faster still
     there (0.42 ms) but rounds differently, which moves training trajectories off the default's."""
     if device.type == "cuda":
-        return torch.optim.Adam(params, lr=cfg.effective_lr, fused=True, capturable=cfg.cuda_graph)
+        return torch.optim.Adam(params, lr=cfg.effective_lr, fused=True, capturable=capturable)
     return torch.optim.Adam(params, lr=cfg.effective_lr, foreach=True)
 
 
@@ -66,11 +89,13 @@ class StepRunner:
     """Optimizer steps of one fit() call; `sums` (3,): recon sum, KL sum, sum of (grad norm + loss),
     the last finite unless a step's loss or gradient was not."""
 
-    def __init__(self, model: VAE, opt: torch.optim.Adam, cfg: TrainConfig, device: torch.device, precision: Resolved):
+    def __init__(self, model: VAE, opt: torch.optim.Adam, cfg: TrainConfig, device: torch.device, precision: Resolved,
+                 graph: bool = False):
+        """graph: replay full-size steps from a CUDA graph (resolve_cuda_graph; opt capturable)."""
         self.model, self.opt, self.cfg, self.device, self.precision = model, opt, cfg, device, precision
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
-        self.use_graph = device.type == "cuda" and cfg.cuda_graph
+        self.use_graph = device.type == "cuda" and graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, ...] = ()
         # data parallel: averages every gradient (and the loss) over ranks before clipping

@@ -19,7 +19,7 @@ from vae.errors import ConfigError, DataError, TrainingDivergedError
 from vae.init import has_linear_start, init_linear_gaussian
 from vae.model import VAE
 from vae.precision import resolve_precision
-from vae.step import StepRunner, load_optimizer_state, make_optimizer
+from vae.step import StepRunner, load_optimizer_state, make_optimizer, resolve_cuda_graph
 from vae.table import check_values
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ class _Trainer:
     def __init__(self, model: VAE, cfg: TrainConfig, device: torch.device, state: TrainState):
         self.model, self.cfg, self.device, self.state = model, cfg, device, state
         self.params = list(model.parameters())
-        self.opt = make_optimizer(self.params, cfg, device)
+        graph = resolve_cuda_graph(cfg.cuda_graph, device, data_parallel.current().world_size)
+        self.opt = make_optimizer(self.params, cfg, device, capturable=graph)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.precision = resolve_precision(cfg.precision, device)
         if state.model:
@@ -136,7 +137,7 @@ class _Trainer:
             state.lr = cfg.effective_lr
         for group in self.opt.param_groups:
             group["lr"] = state.lr
-        self.runner = StepRunner(model, self.opt, cfg, device, self.precision)
+        self.runner = StepRunner(model, self.opt, cfg, device, self.precision, graph)
 
     def _restore_generator(self, saved: torch.Tensor) -> None:
         """The noise stream of the checkpoint; a CPU and a CUDA generator keep states of other sizes."""

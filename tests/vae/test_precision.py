@@ -95,10 +95,11 @@ def test_large_batch_lr_rule(rule, factor):
         _cfg(lr_scaling="cubic")  # type: ignore[arg-type]
 
 
-def test_cuda_graph_switch_is_ignored_on_cpu():
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_cuda_graph_switch_is_ignored_on_cpu(setting):
     y = _rows()
     a, b = _model(y), _model(y)
-    ha = vae.fit(a, y, _cfg(cuda_graph=True)).history
+    ha = vae.fit(a, y, _cfg(cuda_graph=setting)).history
     hb = vae.fit(b, y, _cfg(cuda_graph=False)).history
     assert [h.val_elbo for h in ha] == [h.val_elbo for h in hb]
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
