@@ -211,3 +211,33 @@ def test_an_epoch_reads_the_device_once(monkeypatch):
     monkeypatch.undo()
     assert out is not None and trainer.state.step == 19  # 300 rows in batches of 16
     assert reads == ["tolist"]
+
+
+def test_bf16_resume_of_the_default_model_is_bit_identical(tmp_path):
+    """The CPU twin of test_gpu's resume check, with every model default (the noise head opens at
+    epochs // 2) and bf16 autocast: a run interrupted after epoch 2 and resumed is the run itself.
+    A run of 2 epochs is not its prefix: its head opens after epoch 1, so the resume must continue
+    the same run (same train.epochs), as test_gpu's check does."""
+    y = _rows(600, 8, k=3)
+    cfg = vae.TrainConfig(epochs=5, batch_size=128, lr=1e-3, val_fraction=0.2, device="cpu", refit=False,
+                          precision="bf16")
+
+    def default_model() -> vae.VAE:
+        return vae.VAE(vae.describe_table(y), vae.ModelConfig(), seed=0)
+
+    whole = default_model()
+    full = vae.fit(whole, y, cfg)
+    assert full.state.noise_open_epoch == 2
+
+    def save_then_die(state: vae.TrainState) -> None:
+        vae.save_checkpoint(tmp_path, state)
+        if state.epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        vae.fit(default_model(), y, cfg, on_checkpoint=save_then_die)
+    resumed = default_model()
+    rest = vae.fit(resumed, y, cfg, resume=vae.load_checkpoint(tmp_path))
+    assert _without_seconds(full.history) == _without_seconds(rest.history)
+    _assert_same_weights(whole.state_dict(), resumed.state_dict())
+    assert vae.fit(default_model(), y, dataclasses.replace(cfg, epochs=2)).state.noise_open_epoch == 1
