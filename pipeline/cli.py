@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError, user_error
-from pipeline.outputs import check_output
+from pipeline.outputs import check_output, same_path
 from vae import EpochStats
 
 
@@ -131,12 +131,27 @@ def cmd_sample(a: argparse.Namespace, p: Params) -> int:
     return 0
 
 
-def cmd_register(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.steps import promote, register
+def _read_metrics(path: Path) -> dict[str, Any]:
+    """--metrics: a metrics JSON object as `evaluate --json` writes it."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"--metrics {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise PipelineError(f"--metrics {path} is not JSON{where}; give the file `vaepipe evaluate --json` wrote") from None
+    if not isinstance(metrics, dict) or not all(isinstance(v, int | float | list | dict | None) for v in metrics.values()):
+        raise PipelineError(f"--metrics {path} is not a metrics JSON object; give the file `vaepipe evaluate --json` wrote")
+    return metrics
 
+
+def cmd_register(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.steps import check_alias, promote, register
+
+    check_alias(a.alias)
     if a.output is not None:
         check_output(a.output, [f for f in (a.metrics, a.table, a.data) if f is not None], None)
-    metrics = json.loads(Path(a.metrics).read_text()) if a.metrics else None
+    metrics = _read_metrics(a.metrics) if a.metrics else None
     v = register(Path(a.model), p, alias=a.alias, metrics=metrics, table=a.table)
     print(f"registered {v.name} version {v.version} as @{v.alias} ({v.model_uri})")
     if a.promote:
@@ -270,6 +285,17 @@ def _quiet_user_tracebacks(debug: bool) -> None:
             logging.getLogger(name).addFilter(_NO_USER_TRACEBACK)  # once: addFilter skips a filter it holds
 
 
+def _check_params_file_is_no_output(args: argparse.Namespace) -> None:
+    """The params file a command reads is one of its inputs: never an OUTPUT."""
+    params = Path(args.params) if args.params else Path("params.yaml")
+    for name in ("output", "json", "report"):
+        value = getattr(args, name, None)
+        if value is not None and same_path(Path(value), params):
+            flag = "OUTPUT" if name == "output" and args.command != "register" else f"--{name}"
+            raise PipelineError(f"{flag} {value} is the params file this command reads; writing it would destroy it: "
+                                "choose another path")
+
+
 def _fail(args: argparse.Namespace, exc: BaseException, line: str, code: int) -> int:
     if args.debug:
         traceback.print_exception(exc)
@@ -283,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings repeat the one error line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     try:
+        _check_params_file_is_no_output(args)
         params = load_params(Path(args.params) if args.params else None, args.set)
         return int(args.fn(args, params))
     except KeyboardInterrupt:

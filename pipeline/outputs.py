@@ -39,6 +39,11 @@ def _check_not_in_model(path: Path, what: str) -> None:
                             "writes there: choose a path outside it")
 
 
+def same_path(a: Path, b: Path) -> bool:
+    """One file by two names: the same path once resolved, or links to one file."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
 def check_output(path: Path, inputs: Sequence[Path] = (), suffixes: Sequence[str] | None = SUFFIXES) -> Path:
     """Refuse a file OUTPUT that is an input, a directory, inside a model directory, or (suffixes)
     of a format this command does not write."""
@@ -47,8 +52,7 @@ def check_output(path: Path, inputs: Sequence[Path] = (), suffixes: Sequence[str
     if folder is not None and not folder.is_dir():
         raise PipelineError(f"OUTPUT {path}: {folder} is a file, not a folder; choose another path")
     for source in inputs:
-        same = path.exists() and Path(source).exists() and os.path.samefile(path, source)
-        if same or path.resolve() == Path(source).resolve():
+        if same_path(path, Path(source)):
             raise PipelineError(f"OUTPUT {path} is the input {source}; writing it would destroy the input: choose another path")
     if path.is_dir():
         raise PipelineError(f"OUTPUT {path} is a directory; give a file name")

@@ -9,7 +9,8 @@ import pandas as pd
 
 from pipeline.config import DataParams
 from pipeline.errors import PipelineError
-from pipeline.tables import load_source, write_table_atomic
+from pipeline.outputs import check_output
+from pipeline.tables import load_source, resolve_source, write_table_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -45,10 +46,16 @@ def split_rows(
 
 
 def prepare(data: DataParams, val_fraction: float, out_dir: Path) -> dict[str, Path]:
-    """Write out_dir/{train,val,test}.parquet; the same params give byte-identical files."""
-    df = load_source(data.source, seed=data.seed)
-    rows = split_rows(len(df), data.test_fraction, val_fraction, data.seed)
+    """Write out_dir/{train,val,test}.parquet; the same params give byte-identical files.
+
+    A split that would overwrite the source table itself is refused before it is read."""
     out_dir = Path(out_dir)
+    source = resolve_source(data.source)
+    sources = [] if source.startswith(("sklearn:", "synthetic:")) else [Path(source)]
+    for name in SPLITS:
+        check_output(out_dir / f"{name}.parquet", sources)
+    df = load_source(source, seed=data.seed)
+    rows = split_rows(len(df), data.test_fraction, val_fraction, data.seed)
     paths = {}
     for name in SPLITS:
         part = df.iloc[rows[name]].reset_index(drop=True)

@@ -147,7 +147,9 @@ def _log_run(run_id: str, model: LoadedModel, history: pd.DataFrame, metrics: di
     mlflow.log_dict(config, "params.json")
     if metrics is not None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_scalar(v)})
-        mlflow.log_metrics({f"baseline_{k}": float(v) for k, v in (metrics.get("baselines") or {}).items()})
+        baselines = metrics.get("baselines")
+        baselines = baselines if isinstance(baselines, dict) else {}
+        mlflow.log_metrics({f"baseline_{k}": float(v) for k, v in baselines.items() if _is_scalar(v)})
         mlflow.log_dict(metrics, "metrics.json")
     mlflow.set_tags(lineage_tags(model, config))
     plots.model_figures(model, history, tmp / "plots", metrics=metrics, table=frame)

@@ -6,6 +6,7 @@ Each composes a step module's plain function with what every caller needs around
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from pipeline.config import OUTPUT_COLUMN, Params
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.model import load_model_dir, resolve_model, resolve_ref
 from pipeline.outputs import check_output, check_output_dir
-from pipeline.tables import PARQUET_SUFFIXES
+from pipeline.tables import PARQUET_SUFFIXES, table_shape
 from vae import EpochStats, VAEError, resolve_device
 
 
@@ -84,10 +85,24 @@ def train(
 ) -> train_step.TrainSummary:
     """Validate the table (data.* and validate.* policies) unless the caller did, then fit into OUT."""
     train_step.check_out_dir(Path(out), resume)  # before the minutes validation may take
+    check_rows_exceed_columns(Path(path), params)
     if validate:
         validate_data(path, params)
     return train_step.train_model(Path(path), Path(out), params, resume=resume, val_path=val_path,
                                   on_epoch=on_epoch, validated=validate or validated)
+
+
+def check_rows_exceed_columns(path: Path, params: Params) -> None:
+    """A table with no more training rows than feature columns is refused at once: the closed-form
+    start (the full-covariance Gaussian) and the default decoder need more rows than columns."""
+    rows, columns = table_shape(path)
+    features = columns - len(params.data.id_columns)
+    fit_rows = rows - int(round(rows * params.train.val_fraction))
+    if 0 < fit_rows <= features:
+        raise PipelineError(
+            f"{path} has {features:,} feature columns and {rows:,} rows ({fit_rows:,} to fit after train.val_fraction): "
+            "a model of how the columns vary together needs more rows than columns; add rows, or reduce the "
+            "columns first (select them, or project them with PCA)")
 
 
 def evaluate(model: str, path: Path, params: Params, json_path: Path | None = None) -> dict[str, Any]:
@@ -136,8 +151,25 @@ def sample(model: str, n: int, output: Path, params: Params, on_batch: Callable[
     return embed_step.sample_file(resolve_model(model), n, Path(output), params.embed.seed, on_batch)
 
 
+ALIAS = re.compile(r"[\w-]{1,255}")  # what MLflow takes as an alias name
+RESERVED_ALIAS = re.compile(r"latest|v\d+", re.IGNORECASE)  # MLflow's own: the newest version, version numbers
+
+
+def check_alias(alias: str) -> str:
+    """An alias `register` may set: MLflow's characters, not reserved, and never @champion, which
+    only the promotion gate moves."""
+    if not ALIAS.fullmatch(alias) or RESERVED_ALIAS.fullmatch(alias):
+        raise PipelineError(f"--alias {alias!r}: an alias is 1 to 255 letters, digits, '_' or '-', and not "
+                            "'latest' or v<number> (MLflow's own names); e.g. --alias challenger")
+    if alias == "champion":
+        raise PipelineError("--alias champion: only the promotion gate moves @champion; register as a challenger "
+                            "and add --promote (or run `vaepipe promote`)")
+    return alias
+
+
 def register(model_dir: Path, params: Params, *, alias: str = "challenger",
              metrics: dict[str, Any] | None = None, table: Path | None = None) -> Any:
+    check_alias(alias)
     stores.check_store()  # before the slow imports: a dead server fails in seconds
     from pipeline.registry import register_model
 

@@ -140,6 +140,23 @@ def read_table(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame
     return _check_not_empty(path, df)
 
 
+def table_shape(path: Path) -> tuple[int, int]:
+    """(rows, columns) without reading the cells: Parquet's metadata, a CSV's header and line count
+    (an upper bound on its rows where quoted cells hold line breaks)."""
+    path = Path(path)
+    kind = _check_file(path)
+    if kind == "Parquet":
+        import pyarrow.parquet as pq
+
+        meta = _guarded(path, kind, lambda: pq.ParquetFile(path).metadata)
+        return meta.num_rows, meta.num_columns
+    _check_csv_size(path)
+    columns = len(_guarded(path, kind, lambda: _csv_header(path)))
+    with open(path, "rb") as f:
+        lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    return max(lines - 1, 0), columns
+
+
 def bound_heap_growth() -> None:
     """Serve allocations of 1 MiB and more from mmap, returned to the system when freed.
 

@@ -308,7 +308,37 @@ CASES: dict[str, Case] = {
     "evaluate-inf-cell": lambda w: (["evaluate", str(w.model), str(_table(w, "inf.parquet", _cell(float("-inf"))))], 2, "column 'm1' row 7 holds -inf"),
     "sample-beyond-the-disk": lambda w: (["sample", str(w.model), str(10**15), str(w.path("s.parquet"))], 2, "free on that disk"),
     "synthetic-beyond-memory": lambda w: (["prepare", "--set", "data.source=synthetic:100000000000x2", "--set", f"data.prepared_dir={w.path('prepared')}"], 2, "synthetic:100000000000x2"),
+    # ---- issue 23: the registry's inputs, the params file, very wide tables
+    "register-alias-bad-characters": lambda w: (["register", str(w.model), "--alias", "bad alias/../x"], 2, "--alias 'bad alias/../x'"),
+    "register-alias-reserved": lambda w: (["register", str(w.model), "--alias", "v3"], 2, "--alias 'v3'"),
+    "register-alias-champion-skips-the-gate": lambda w: (["register", str(w.model), "--alias", "champion"], 2, "only the promotion gate moves @champion"),
+    "register-metrics-not-json": lambda w: (["register", str(w.model), "--metrics", str(_text(w.path("garbage.json"), "garbage"))], 2, "garbage.json is not JSON (line 1, column 1)"),
+    "register-metrics-a-list": lambda w: (["register", str(w.model), "--metrics", str(_text(w.path("list.json"), "[1, 2]"))], 2, "list.json is not a metrics JSON object"),
+    "register-metrics-missing": lambda w: (["register", str(w.model), "--metrics", str(w.path("none.json"))], 2, "none.json does not exist"),
+    "evaluate-json-over-the-default-params-file": lambda w: (["evaluate", str(w.model), str(w.table), "--json", str(_text(w.tmp.parent / "params.yaml", "train:\n  epochs: 3\n"))], 2, "is the params file"),
+    "evaluate-json-over-the-given-params-file": lambda w: (["evaluate", str(w.model), str(w.table), "--params", str(_text(w.path("p.yaml"), "{}\n")), "--json", str(w.path("p.yaml"))], 2, "--json"),
+    "sample-over-the-params-file": lambda w: (["sample", str(w.model), "5", str(w.path("p.csv")), "--params", str(_text(w.path("p.csv"), "{}\n"))], 2, "is the params file"),
+    "train-csv-200000-columns-10-rows": lambda w: (["train", str(_wide_csv(w.path("wide.csv"), 200_000, 10)), "--out", str(w.path("m")), *ARGS], 2, "199,999 feature columns and 10 rows"),
+    "train-parquet-5000-columns-50-rows": lambda w: (["train", str(_wide_parquet(w.path("wide.parquet"), 5_000, 50)), "--out", str(w.path("m")), *ARGS], 2, "4,999 feature columns and 50 rows"),
+    # ---- issue 24: a source is never an output
+    "prepare-over-its-own-source": lambda w: (["prepare", "--set", f"data.source={_table(w, 'train.parquet')}", "--set", f"data.prepared_dir={w.tmp}"], 2, "is the input"),
 }
+
+
+def _wide_csv(path: Path, columns: int, rows: int) -> Path:
+    header = "sample_id," + ",".join(f"c{j}" for j in range(columns - 1))
+    body = "".join(f"{i}," + ",".join(["1.5", "2.5"] * ((columns - 1) // 2) + ["0.5"] * ((columns - 1) % 2)) + "\n"
+                   for i in range(rows))
+    path.write_text(header + "\n" + body)
+    return path
+
+
+def _wide_parquet(path: Path, columns: int, rows: int) -> Path:
+    values = np.random.default_rng(0).normal(size=(rows, columns - 1))
+    df = pd.DataFrame(values, columns=[f"c{j}" for j in range(columns - 1)])
+    df.insert(0, "sample_id", np.arange(rows))
+    df.to_parquet(path, index=False)
+    return path
 
 
 def _days(folder: Path) -> Path:
