@@ -112,7 +112,7 @@ def train_model(
     on_epoch: Callable[[EpochStats], None] | None = None,
     validated: bool = False,
 ) -> TrainSummary:
-    """Fit a VAE on DATA into OUT; checkpoints every epoch so that --resume can continue.
+    """Fit a VAE on DATA into OUT; checkpoints (train.checkpoint_every_s) so that --resume can continue.
 
     validated: the caller validated DATA (recorded in the model's metadata for the registry).
     """

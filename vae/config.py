@@ -112,6 +112,10 @@ class TrainConfig:
     # (Malladi et al. 2022), none keeps train.lr whatever the batch
     lr_scaling: LrScaling = "none"
     lr_base_batch: int = 128
+    # a checkpoint for --resume after the first epoch, then once this many seconds have passed since
+    # the last (and at the end of each stage): on a GPU an epoch takes milliseconds and writing the
+    # run's state every epoch cost most of its time; 0 writes one every epoch
+    checkpoint_every_s: float = 10.0
 
     @property
     def effective_lr(self) -> float:
@@ -129,6 +133,7 @@ class TrainConfig:
         _check_positive("train", "early_stopping_patience", self.early_stopping_patience)
         _check_positive("train", "num_threads", self.num_threads, allow_zero=True)
         _check_positive("train", "grad_clip", self.grad_clip)
+        _check_positive("train", "checkpoint_every_s", self.checkpoint_every_s, allow_zero=True)
         _check_positive("train", "max_rollbacks", self.max_rollbacks, allow_zero=True)
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"train.val_fraction is {self.val_fraction!r}; it must be in [0, 1)")

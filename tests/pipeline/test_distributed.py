@@ -40,7 +40,7 @@ def _tables(root: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
 
 def _torchrun(data: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "pipeline", "train", str(data), "--out", str(out), *extra,
+           "-m", "pipeline", "train", str(data), "--out", str(out), *extra, "--set", "train.checkpoint_every_s=0",
            *(a for s in SETTINGS for a in ("--set", s))]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -28,7 +28,7 @@ def _model(y: torch.Tensor, **config) -> vae.VAE:
 
 def _cfg(**kwargs) -> vae.TrainConfig:
     base = {"epochs": 5, "batch_size": 128, "lr": 1e-3, "val_fraction": 0.2, "device": "cuda", "refit": False,
-            "precision": "fp32", "cuda_graph": False}
+            "precision": "fp32", "cuda_graph": False, "checkpoint_every_s": 0}
     return vae.TrainConfig(**{**base, **kwargs})
 
 

@@ -25,7 +25,8 @@ def _model(y: torch.Tensor, init_seed: int = 0, **config) -> vae.VAE:
 
 def _cfg(**kwargs) -> vae.TrainConfig:
     base = {"epochs": 6, "batch_size": 64, "lr": 3e-3, "mc_samples": 2, "kl_warmup_steps": 5,
-            "val_fraction": 0.2, "early_stopping_patience": 100, "device": "cpu", "refit": False}
+            "val_fraction": 0.2, "early_stopping_patience": 100, "device": "cpu", "refit": False,
+            "checkpoint_every_s": 0}  # resume tests stop at a given epoch's checkpoint
     return vae.TrainConfig(**{**base, **kwargs})
 
 
@@ -67,6 +68,43 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, phase):
     assert _without_seconds(full.history) == _without_seconds(rest.history)
     assert (rest.best_epoch, rest.stopped_early) == (full.best_epoch, full.stopped_early)
     assert vae.evaluate(whole, y, iw_samples=10) == vae.evaluate(resumed, y, iw_samples=10)
+
+
+@pytest.mark.parametrize("every_s", [0.0, 3600.0])
+def test_checkpoints_come_after_the_first_epoch_then_by_elapsed_time(every_s):
+    y, saved = _rows(), []
+    cfg = _cfg(refit=True, checkpoint_every_s=every_s)
+    result = vae.fit(_model(y), y, cfg, on_checkpoint=lambda s: saved.append((s.phase, s.epoch)))
+    refit = [("refit", e) for e in range(1, result.best_epoch + 1)]
+    if every_s == 0:  # one every epoch, and the refit's fresh start
+        assert saved == [("select", e) for e in range(1, cfg.epochs + 1)] + [("refit", 0)] + refit
+    else:  # the first epoch, each stage's end, the refit's start: never an hour's work lost to a kill
+        assert saved == [("select", 1), ("select", cfg.epochs), ("refit", 0), ("refit", 1), refit[-1]]
+
+
+def test_an_epoch_whose_training_elbo_collapsed_is_never_kept(monkeypatch):
+    """The last epoch scores best on validation, but its training ELBO is reported collapsed (as
+    a blow-up inside the epoch would leave it): the best candidate before it (the start or an epoch) is kept."""
+    from vae.train import _Trainer
+
+    y, cfg = _rows(), _cfg(epochs=4, kl_warmup_steps=0)
+    honest = vae.fit(_model(y), y, cfg)
+    vals = [h.val_elbo for h in honest.history]
+    assert honest.best_epoch == 4 and vals[3] == max(vals), vals  # without a collapse the last one wins
+    run_epoch = _Trainer.run_epoch
+
+    def collapse_last(self, x, mask):
+        out = run_epoch(self, x, mask)
+        if out is not None and self.state.epoch == cfg.epochs - 1:
+            return torch.tensor([-1e5, 0.0]), out[1]  # (recon, kl) means of the epoch
+        return out
+
+    monkeypatch.setattr(_Trainer, "run_epoch", collapse_last)
+    guarded = vae.fit(_model(y), y, cfg)
+    assert [h.val_elbo for h in guarded.history] == vals  # the same weights all along ...
+    assert guarded.best_epoch in (0, 1 + vals.index(max(vals[:3])))  # ... but the collapsed epoch is not the result
+    assert guarded.state.best_val < vals[3]
+    assert guarded.state.start_train_elbo > guarded.history[0].train_elbo - 5  # the start's ELBO on its rows
 
 
 def test_same_seed_same_numbers_and_the_seed_matters():
@@ -220,7 +258,7 @@ def test_bf16_resume_of_the_default_model_is_bit_identical(tmp_path):
     the same run (same train.epochs), as test_gpu's check does."""
     y = _rows(600, 8, k=3)
     cfg = vae.TrainConfig(epochs=5, batch_size=128, lr=1e-3, val_fraction=0.2, device="cpu", refit=False,
-                          precision="bf16")
+                          precision="bf16", checkpoint_every_s=0)
 
     def default_model() -> vae.VAE:
         return vae.VAE(vae.describe_table(y), vae.ModelConfig(), seed=0)
