@@ -85,12 +85,18 @@ def _check_unique(path: Path, names: Sequence[str]) -> None:
 
 
 def _csv_header(path: Path) -> list[str]:
-    """The header as written: pandas would rename a repeated 'a' to 'a.1' and hide it."""
+    """The header as written: pandas would rename a repeated 'a' to 'a.1' and hide it, and would
+    read rows with one field more than the header as an index column, shifting every column."""
     import csv
 
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        names = next(csv.reader(f), [])
+        rows = csv.reader(f)
+        names = next(rows, [])
+        first = next(rows, None)
     _check_unique(path, names)
+    if first is not None and len(first) > len(names):
+        raise PipelineError(f"{path}: row 1 has {len(first)} fields but the header names {len(names)} columns; "
+                            "every row needs one field per header name (a trailing delimiter, or a missing header name?)")
     return names
 
 

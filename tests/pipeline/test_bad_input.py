@@ -321,6 +321,7 @@ CASES: dict[str, Case] = {
     "train-csv-200000-columns-10-rows": lambda w: (["train", str(_wide_csv(w.path("wide.csv"), 200_000, 10)), "--out", str(w.path("m")), *ARGS], 2, "199,999 feature columns and 10 rows"),
     "train-parquet-5000-columns-50-rows": lambda w: (["train", str(_wide_parquet(w.path("wide.parquet"), 5_000, 50)), "--out", str(w.path("m")), *ARGS], 2, "4,999 feature columns and 50 rows"),
     # ---- issue 24: a source is never an output
+    "csv-one-field-more-on-every-row": lambda w: (["train", str(_text(w.path("shifted.csv"), "sample_id,a,b\n" + "".join(f"{i},{i % 7}.5,{i % 5}.25,{i % 3}.75\n" for i in range(60)))), "--out", str(w.path("m")), *ARGS], 2, "row 1 has 4 fields but the header names 3 columns"),
     "prepare-over-its-own-source": lambda w: (["prepare", "--set", f"data.source={_table(w, 'train.parquet')}", "--set", f"data.prepared_dir={w.tmp}"], 2, "is the input"),
 }
 
