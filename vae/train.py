@@ -349,8 +349,8 @@ def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None]
     model.train()
     collapsed = _collapsed(train_elbo, state.start_train_elbo)
     if collapsed:
-        log.warning("epoch %d: training ELBO %.4g nats/row collapsed below the start's %.4g; its weights are "
-                    "not kept", state.epoch, train_elbo, state.start_train_elbo)
+        log.info("epoch %d: training ELBO %.4g nats/row collapsed below the start's %.4g; its weights are "
+                 "not kept", state.epoch, train_elbo, state.start_train_elbo)
     if not collapsed and float(v.elbo) > state.best_val:
         state.best_val, state.best_epoch, state.bad_epochs = float(v.elbo), state.epoch, 0
         state.best_model = _clone(model.state_dict())
