@@ -9,9 +9,11 @@ before; then only those parts are replaced and whatever else it holds stays.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,9 +21,10 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError, output_error
 from pipeline.tables import PARQUET_SUFFIXES, SUFFIXES
-from vae.atomic import sweep_stale, temp_prefix, write_atomic
+from vae.atomic import dir_mode, file_mode, sweep_stale, temp_prefix, write_atomic
 from vae.store import BASELINES, CHECKPOINT, MANIFEST, WEIGHTS
 
+TRAIN_LOCK = ".vaepipe-train.lock"  # in a model directory while `train` writes it
 PARTS_MANIFEST = ".vaepipe-parts.json"  # in a folder of parts: which files vaepipe wrote there
 PROVENANCE_KEY = b"vaepipe"  # Parquet metadata of an embedding output: model version, input file and hash
 MODEL_FILES = (MANIFEST, WEIGHTS, CHECKPOINT, BASELINES)
@@ -134,7 +137,7 @@ def parts_dir(path: Path, inputs: Sequence[Path] = ()) -> Iterator[Path]:
         raise output_error(path, exc) from None
     try:
         yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes 0700
+        tmp.chmod(dir_mode())  # mkdtemp makes 0700: the mode a plain new folder gets under the umask
         parts = sorted(p.name for p in tmp.iterdir())
         write_atomic(tmp / PARTS_MANIFEST, (json.dumps({"written_by": "vaepipe", "parts": parts}) + "\n").encode())
         old = own_parts(path) if path.is_dir() and any(path.iterdir()) else None
@@ -156,3 +159,57 @@ def _replace_parts(tmp: Path, folder: Path, parts: list[str], old: list[str]) ->
     for name in set(old) - set(parts):
         (folder / name).unlink(missing_ok=True)
     os.replace(tmp / PARTS_MANIFEST, folder / PARTS_MANIFEST)
+
+
+def busy_message(path: Path) -> str | None:
+    """Why a `train` may not write into path now: another holds its TRAIN_LOCK (None if none does)."""
+    try:
+        fd = os.open(path / TRAIN_LOCK, os.O_RDONLY)
+    except OSError:  # no lock file: nobody is writing
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted unless a writer holds it exclusively
+        return None
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "holder unknown"
+        return (f"--out {path} is being written by another `vaepipe train` ({holder}); "
+                "wait for it to finish or choose another --out")
+    finally:
+        os.close(fd)  # and with it the shared lock
+
+
+@contextmanager
+def claimed_dir(path: Path) -> Iterator[bool]:
+    """Hold the folder `train` writes for one writer at a time: an exclusive flock on TRAIN_LOCK
+    inside it (the kernel drops it when its holder dies, however it dies), taken before anything is
+    written, so that a second run into the same --out is refused at once instead of mixing its files
+    with the first's. Yields whether the folder was created here; on leaving, the lock file goes,
+    and a folder created here that holds nothing else goes too."""
+    created = False
+    try:
+        path.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    lock, held = path / TRAIN_LOCK, False
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, file_mode())
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(busy_message(path) or f"--out {path} is being written by another `vaepipe train`") from None
+        held = True
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        yield created
+    finally:
+        if held:
+            lock.unlink(missing_ok=True)
+            if created and path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        os.close(fd)

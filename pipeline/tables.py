@@ -405,6 +405,22 @@ def float32_overflow(features: pd.DataFrame) -> tuple[str, int, float] | None:
     return None
 
 
+def float32_collapsed(features: pd.DataFrame) -> list[tuple[str, str]]:
+    """(column, why) for each integer column whose distinct values all round to one float32 (int64
+    ids or timestamps near 2**62): the model, which computes in float32, would see a constant column."""
+    lines = []
+    for name in features.columns:
+        values = features[name].to_numpy()
+        if values.dtype.kind not in "iu" or len(values) == 0:
+            continue
+        lo, hi = values.min(), values.max()
+        if lo != hi and np.float32(lo) == np.float32(hi):  # rounding is monotone: everything between too
+            lines.append((str(name), f"holds integers near {float(hi):.3g} that differ by at most "
+                          f"{int(hi) - int(lo):,}: float32, in which the model computes, cannot tell them "
+                          "apart; subtract an offset (e.g. the column's minimum) or drop the column"))
+    return lines
+
+
 def to_tensor(features: pd.DataFrame, where: str = "table") -> torch.Tensor:
     """(rows, features) float32, a copy: pandas 3 hands out read-only views."""
     over = float32_overflow(features)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,13 +16,15 @@ import torch
 
 from pipeline.config import Params
 from pipeline.errors import PipelineError
+from pipeline.outputs import TRAIN_LOCK, busy_message, claimed_dir
 from pipeline.schema import Schema
-from pipeline.tables import file_sha256, read_table, split_features, to_tensor
+from pipeline.tables import file_sha256, float32_collapsed, read_table, split_features, to_tensor
 from vae import (
     VAE,
     EpochStats,
     VAEError,
     anomaly_threshold,
+    check_values,
     describe_table,
     fit,
     fit_baselines,
@@ -59,12 +62,27 @@ def _load(path: Path, params: Params, schema: Schema | None = None) -> tuple[tor
         schema.check(df, str(path))
         df = df[[*schema.id_columns, *schema.features]]
     _, features = split_features(df, params.data.id_columns, str(path))
-    return to_tensor(features, str(path)), schema or Schema.from_frame(df, params.data.id_columns)
+    for name, why in float32_collapsed(features):
+        raise PipelineError(f"{path}: column {name!r} {why}")
+    y = to_tensor(features, str(path))
+    if not bool(torch.isfinite(y.sum())):  # a NaN or inf cell: named here, against its own file
+        try:
+            check_values(y, [str(c) for c in features.columns], params.data.missing)
+        except VAEError as exc:
+            raise PipelineError(f"{path}: {exc}") from None
+    return y, schema or Schema.from_frame(df, params.data.id_columns)
 
 
 def check_out_dir(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PipelineError(f"--out {out} is a file; give the path of a new directory for the model")
+    busy = busy_message(out) if data_parallel.launched().is_main else None  # torchrun: rank 0 holds OUT
+    if busy is not None:
+        raise PipelineError(busy)
+    _check_contents(out, resume)
+
+
+def _check_contents(out: Path, resume: bool) -> None:
     finished, interrupted = (out / MANIFEST).exists(), (out / CHECKPOINT).exists()
     if resume and finished:
         raise PipelineError(f"{out} already holds a finished model; nothing to resume")
@@ -74,7 +92,7 @@ def check_out_dir(out: Path, resume: bool) -> None:
         raise PipelineError(f"{out} already holds a trained model; choose another --out or delete it")
     if not resume and interrupted:
         raise PipelineError(f"{out} holds an interrupted run; continue it with --resume or delete it")
-    if not resume and out.exists() and any(out.iterdir()):
+    if not resume and out.exists() and any(p.name != TRAIN_LOCK for p in out.iterdir()):
         raise PipelineError(f"--out {out} exists and is not empty; choose a new directory")
 
 
@@ -94,12 +112,27 @@ def _check_resume(out: Path, record: dict[str, Any]) -> None:
                             f"({exc.__class__.__name__}); delete {out} and train again") from None
     if not isinstance(saved, dict):
         raise PipelineError(f"--resume into {out}: {out / RUN_FILE} is not a vaepipe run record; delete {out} and train again")
-    for key in ("params", "data", "val"):
+    changed = _first_difference(saved.get("params"), record["params"])
+    if changed is not None:
+        key, then, now = changed
+        raise PipelineError(f"--resume into {out}: {key} is {now!r}, the interrupted run had {then!r}; "
+                            "resume with the same params")
+    for key, what in (("data", "the training table"), ("val", "the --val table")):
         old, new = saved.get(key), record.get(key)
-        if key != "params":
-            old, new = old and old["sha256"], new and new["sha256"]
-        if old != new:
-            raise PipelineError(f"--resume into {out}: the {key} differ from the interrupted run's; use the same ones")
+        if (old and old.get("sha256")) != (new and new["sha256"]):
+            raise PipelineError(f"--resume into {out}: {what} differs from the interrupted run's "
+                                f"({(old or {}).get('path')}); resume with the same table")
+
+
+def _first_difference(old: Any, new: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, old value, new value) of the first place two params trees differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for name in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(name), new.get(name), f"{key}.{name}" if key else name)
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (key or "params", old, new)
 
 
 def train_model(
@@ -119,6 +152,14 @@ def train_model(
     data_path, out = Path(data_path), Path(out)
     ranks = data_parallel.init(params.train.device)  # under torchrun: every rank trains, rank 0 writes
     check_out_dir(out, resume)
+    with claimed_dir(out) if ranks.is_main else contextlib.nullcontext(False) as created:
+        _check_contents(out, resume)  # again, holding OUT: another run may have finished there meanwhile
+        return _train_claimed(data_path, out, params, resume, val_path, on_epoch, validated, ranks, created)
+
+
+def _train_claimed(data_path: Path, out: Path, params: Params, resume: bool, val_path: Path | None,
+                   on_epoch: Callable[[EpochStats], None] | None, validated: bool, ranks: data_parallel.Ranks,
+                   created: bool) -> TrainSummary:
     y, schema = _load(data_path, params)
     y_val = None if val_path is None else _load(Path(val_path), params, schema)[0]
     record = _run_record(params, data_path, val_path)
@@ -137,7 +178,6 @@ def train_model(
             state = load_checkpoint(out, vae)
         except VAEError as exc:
             raise PipelineError(str(exc)) from None
-    created = not out.exists()
     data_parallel.barrier()  # every rank checked OUT before rank 0 writes into it
     try:
         if ranks.is_main:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +21,8 @@ import pandas as pd
 
 from pipeline.config import DataParams, Params, ValidateParams
 from pipeline.schema import Schema
-from pipeline.tables import FLOAT32_MAX, is_numeric_dtype, read_table
+from pipeline.tables import FLOAT32_MAX, float32_collapsed, is_numeric_dtype, read_table
+from vae.atomic import write_atomic
 
 Severity = Literal["error", "warning"]
 MAX_ROWS_SHOWN = 5
@@ -81,20 +80,9 @@ class ValidationReport:
 
 
 def save_report(report: ValidationReport, path: Path) -> Path:
-    """Write the report as JSON to a temporary sibling, then rename over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(report.to_dict(), fh, indent=2)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the report as JSON: path holds the old file or the whole new one."""
+    write_atomic(Path(path), (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    return Path(path)
 
 
 def validate_path(
@@ -129,10 +117,13 @@ def validate_table(
     if against is not None:
         features = [c for c in features if c in set(against.features)]
     numeric = [c for c in features if is_numeric_dtype(df[c].dtype)]
+    precision = _precision_checks(df, numeric)
+    imprecise = {c.column for c in precision if not c.success}
     checks = [
         *_numeric_checks(df, features),
         *_finite_checks(df, numeric),
-        *_gx_checks(df, numeric, data, params, against),
+        *precision,
+        *_gx_checks(df, [c for c in numeric if c not in imprecise], data, params, against),
         _duplicate_check(df, numeric, params.max_duplicate_fraction),
         *_iid_checks(df, numeric, params),
         *_drift_checks(df, numeric, params, against),
@@ -169,6 +160,12 @@ def _finite_checks(df: pd.DataFrame, numeric: Sequence[str]) -> list[Check]:
                 rows = tuple(int(i) for i in np.flatnonzero(bad)[:MAX_ROWS_SHOWN])
                 checks.append(Check("finite", c, False, "error", f"{int(bad.sum())} {what}{'s' if bad.sum() > 1 else ''}", rows))
     return checks or [Check("finite", None, True, "error", "no infinite values")]
+
+
+def _precision_checks(df: pd.DataFrame, numeric: Sequence[str]) -> list[Check]:
+    """Integer columns that float32 turns constant (GX, in float64, would call them constant too)."""
+    checks = [Check("float32_precision", name, False, "error", why) for name, why in float32_collapsed(df[list(numeric)])]
+    return checks or [Check("float32_precision", None, True, "error", "every integer column is distinct in float32")]
 
 
 def _expect(expectation: Any, check: str, ok: str, fail: str = "") -> Any:

@@ -21,6 +21,29 @@ from pathlib import Path
 HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # no dots or dashes in a name
 
 
+def current_umask() -> int:
+    """The process's umask (read from procfs where it can be, so no thread sees it changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode open(2) would give a new file: 0666 less the umask (0644 under the usual 022)."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode mkdir(2) would give a new folder: 0777 less the umask."""
+    return 0o777 & ~current_umask()
+
+
 def temp_prefix(path: Path) -> str:
     """.NAME.vaepipe-PID-HOST-: the prefix of this process's temporaries of path."""
     return f".{Path(path).name}.vaepipe-{os.getpid()}-{HOST}-"
@@ -58,7 +81,7 @@ def sweep_stale(path: Path) -> list[Path]:
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary sibling of path to write; renamed over path (mode 0644) if the block succeeds,
+    """A temporary sibling of path to write; renamed over path (the umask's mode) if the block succeeds,
     removed otherwise. A dead writer's temporaries of path are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +91,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        tmp.chmod(0o644)  # mkstemp makes 0600
+        tmp.chmod(file_mode())  # mkstemp makes 0600: the mode a plain new file gets under the umask
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -322,8 +322,18 @@ CASES: dict[str, Case] = {
     "train-parquet-5000-columns-50-rows": lambda w: (["train", str(_wide_parquet(w.path("wide.parquet"), 5_000, 50)), "--out", str(w.path("m")), *ARGS], 2, "4,999 feature columns and 50 rows"),
     # ---- issue 24: a source is never an output
     "csv-one-field-more-on-every-row": lambda w: (["train", str(_text(w.path("shifted.csv"), "sample_id,a,b\n" + "".join(f"{i},{i % 7}.5,{i % 5}.25,{i % 3}.75\n" for i in range(60)))), "--out", str(w.path("m")), *ARGS], 2, "row 1 has 4 fields but the header names 3 columns"),
+    "train-val-table-with-a-nan-names-the-val-table": lambda w: (["train", str(w.table), "--out", str(w.path("m")), "--val", str(_table(w, "v.parquet", _cell(float("nan")))), *ARGS], 2, "v.parquet: column 'm1' row 7 holds nan"),
+    "train-int64-near-2-62-fails-validation-by-precision": lambda w: (["train", str(_table(w, "big.parquet", _int64_near_2_62)), "--out", str(w.path("m")), *ARGS], 1, "float32_precision column 'big': holds integers near 4.61e+18"),
+    "train-int64-near-2-62-prevalidated": lambda w: (["train", str(_table(w, "big.parquet", _int64_near_2_62)), "--out", str(w.path("m")), "--prevalidated", *ARGS], 2, "column 'big' holds integers near 4.61e+18 that differ by at most 119"),
+    "resume-with-other-params-names-the-key": lambda w: (["train", str(w.table), "--out", str(_interrupted_run(w, lambda p: None)), "--resume", *ARGS, "--set", "train.epochs=3"], 2, "train.epochs is 3, the interrupted run had 2"),
+    "resume-with-another-table": lambda w: (["train", str(_table(w, "other.parquet")), "--out", str(_interrupted_run(w, lambda p: None)), "--resume", *ARGS], 2, "the training table differs"),
     "prepare-over-its-own-source": lambda w: (["prepare", "--set", f"data.source={_table(w, 'train.parquet')}", "--set", f"data.prepared_dir={w.tmp}"], 2, "is the input"),
 }
+
+
+def _int64_near_2_62(df: pd.DataFrame) -> pd.DataFrame:
+    df["big"] = np.int64(2**62) + np.arange(len(df), dtype=np.int64)  # distinct, one value in float32
+    return df
 
 
 def _wide_csv(path: Path, columns: int, rows: int) -> Path:

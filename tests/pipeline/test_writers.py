@@ -1,0 +1,85 @@
+"""Who writes what (issue 24): one `train` per --out at a time, and modes from the user's umask."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import PipelineError
+from pipeline.outputs import TRAIN_LOCK, claimed_dir
+from tests.pipeline.helpers import FAST_ARGS, clean_table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_second_claim_of_a_folder_is_refused_while_the_first_holds_it(tmp_path):
+    out = tmp_path / "m"
+    with claimed_dir(out) as created:
+        assert created and (out / TRAIN_LOCK).exists()
+        busy = rf"--out {out} is being written by another `vaepipe train` \(.* pid {os.getpid()}\)"
+        with pytest.raises(PipelineError, match=busy), claimed_dir(out):
+            pass
+        assert (out / TRAIN_LOCK).exists()  # the refused claim left the holder's lock alone
+    assert not out.exists()  # created by the claim, nothing else written: gone with it
+
+
+def test_two_trainings_into_one_out_one_is_refused_at_once_the_other_untouched(tmp_path, table_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pipeline", "train", str(table_path), "--out", str(out), *FAST_ARGS,
+           "--set", "train.epochs=200", "--set", "train.early_stopping_patience=1000"]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / TRAIN_LOCK).exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    started = time.monotonic()
+    second = subprocess.run([*cmd, "--set", "model.latent_dim=3"], env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert "is being written by another `vaepipe train`" in second.stderr
+    assert time.monotonic() - started < 30  # at once: its start-up, not the first run's training
+    assert first.wait(timeout=600) == 0, first.communicate()
+    manifest = json.loads((out / "model.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert manifest["model"]["latent_dim"] == run["params"]["model"]["latent_dim"] == 2  # the first run's alone
+    assert not (out / TRAIN_LOCK).exists()
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_every_file_and_folder_written_gets_the_umasks_mode(umask, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    days = tmp_path / "in" / "days"
+    days.mkdir(parents=True)
+    clean_table(n=200, seed=1).to_parquet(tmp_path / "in" / "train.parquet", index=False)
+    clean_table(n=40, seed=2).to_parquet(days / "a.parquet", index=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    old = os.umask(umask)
+    try:
+        model = str(out / "m")
+        assert main(["train", "in/train.parquet", "--out", model, *FAST_ARGS]) == 0
+        assert main(["evaluate", model, "in/train.parquet", "--json", "out/metrics.json", *FAST_ARGS]) == 0
+        assert main(["validate", "in/train.parquet", "--report", "out/report.json", *FAST_ARGS]) == 0
+        assert main(["embed", model, "in/train.parquet", "out/e.parquet", *FAST_ARGS]) == 0
+        assert main(["embed", model, str(days), "out/parts", *FAST_ARGS]) == 0
+        assert main(["sample", model, "20", "out/s.csv", *FAST_ARGS]) == 0
+        assert main(["prepare", "--set", "data.source=in/train.parquet", "--set", "data.prepared_dir=out/prepared"]) == 0
+    finally:
+        os.umask(old)
+    modes = _modes(out)
+    assert len(modes) > 15, modes
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o777 if (out / name).is_dir() else 0o666) & ~umask}
+    assert wrong == {}, f"umask {oct(umask)}: {wrong}"
