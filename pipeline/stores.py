@@ -83,14 +83,62 @@ def configure_tracking() -> str:
     return uri
 
 
+# the schemes MLflow's registry stores take (a bare path is a file store)
+SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def check_store() -> str:
-    """The tracking URI, after checking that it (and MLFLOW_REGISTRY_URI) answers; cheap, imports no MLflow.
+    """The tracking URI, after checking that it (and MLFLOW_REGISTRY_URI) names a store MLflow can
+    use, that a server answers and that a sqlite file is a sound database; cheap, imports no MLflow.
 
     Steps call it before their slow imports and work, so a dead server costs seconds, not minutes.
     """
     for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        check_reachable(os.environ.get(variable, "").strip(), variable=variable)
-    return tracking_uri()  # after the probe: a failed one leaves no store folder behind
+        uri = os.environ.get(variable, "").strip()
+        check_scheme(uri, variable)
+        check_reachable(uri, variable=variable)
+    uri = tracking_uri()  # after the probe: a failed one leaves no store folder behind
+    db = sqlite_path(uri)
+    if db is not None:
+        check_sqlite(db)
+    return uri
+
+
+def check_scheme(uri: str, variable: str) -> None:
+    scheme = urlsplit(uri).scheme.split("+")[0].lower()  # postgresql+psycopg2://: the dialect's driver
+    if scheme not in SCHEMES and not (len(scheme) == 1 and os.name == "nt"):  # C:\ is a path
+        raise StoreUnreachable(
+            f"{variable}={uri}: MLflow keeps no store at a {scheme!r} URI; use http(s)://HOST:PORT (a tracking "
+            "server), sqlite:///PATH, postgresql://..., mysql://..., or unset it for the embedded store")
+
+
+def check_sqlite(db: Path) -> None:
+    """A store file that is not a sound sqlite database (truncated, overwritten) is named at once:
+    MLflow would end in "database disk image is malformed" after its slow imports."""
+    if not db.exists():
+        return
+    import sqlite3
+
+    try:
+        with open(db, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+        if db.stat().st_size and header != SQLITE_HEADER:
+            raise sqlite3.DatabaseError("file is not a database")
+        conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            bad = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+        finally:
+            conn.close()
+        if bad != "ok":
+            raise sqlite3.DatabaseError(bad)
+    except sqlite3.DatabaseError as exc:
+        raise StoreUnreachable(
+            f"the MLflow store {db} is damaged ({exc}): restore it from a backup, or move it aside to start "
+            "an empty store (MLFLOW_TRACKING_URI can point at another one)") from None
+    except OSError as exc:
+        raise StoreUnreachable(f"the MLflow store {db} cannot be read ({exc.strerror}): check its permissions") from None
 
 
 def check_prefect_api() -> None:

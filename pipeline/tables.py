@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,6 +77,12 @@ def _check_file(path: Path) -> str:
 
 
 def _check_unique(path: Path, names: Sequence[str]) -> None:
+    """Every column named, each name once."""
+    empty = [i for i, n in enumerate(names) if not str(n).strip()]
+    if empty:
+        index = " (a table saved with its index: save it with index=False)" if empty == [0] else ""
+        raise PipelineError(f"{path}: column {empty[0] + 1} of {len(names)} has an empty name{index}; "
+                            "name every column or drop the unnamed one")
     seen: set[str] = set()
     twice = [n for n in names if n in seen or seen.add(n)]  # type: ignore[func-returns-value]
     if twice:
@@ -84,20 +91,39 @@ def _check_unique(path: Path, names: Sequence[str]) -> None:
         )
 
 
-def _csv_header(path: Path) -> list[str]:
-    """The header as written: pandas would rename a repeated 'a' to 'a.1' and hide it, and would
-    read rows with one field more than the header as an index column, shifting every column."""
+@dataclass(frozen=True)
+class CsvDialect:
+    names: list[str]  # the header as written
+    sep: str = ","
+    decimal: str = "."
+
+
+_SEPARATORS = (",", ";", "\t", "|")
+_DECIMAL_COMMA = re.compile(r"-?\d+,\d+")
+
+
+def _csv_dialect(path: Path) -> CsvDialect:
+    """The header as written and the delimiter: a comma, or the one other delimiter (; tab |) that
+    splits the header and the first row into as many fields (with decimal commas under ';').
+    pandas would rename a repeated 'a' to 'a.1' and hide it, and would read rows with one field
+    more than the header as an index column, shifting every column: both are refused here."""
     import csv
 
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        rows = csv.reader(f)
-        names = next(rows, [])
-        first = next(rows, None)
+        head, line = f.readline(), f.readline()
+    fits = [s for s in _SEPARATORS if head.count(s) and head.count(s) <= line.count(s)] if line else []
+    sep = "," if "," in fits or len(fits) != 1 else fits[0]
+    if sep == "," and "," not in head and fits:
+        raise PipelineError(f"{path} looks delimited by {' or '.join(map(repr, fits))}, not by commas; "
+                            "save it with commas between fields")
+    names = next(csv.reader([head], delimiter=sep), [])
+    first = next(csv.reader([line], delimiter=sep), None) if line.strip() else None
     _check_unique(path, names)
     if first is not None and len(first) > len(names):
         raise PipelineError(f"{path}: row 1 has {len(first)} fields but the header names {len(names)} columns; "
                             "every row needs one field per header name (a trailing delimiter, or a missing header name?)")
-    return names
+    decimal = "," if sep == ";" and first and any(_DECIMAL_COMMA.fullmatch(v.strip()) for v in first) else "."
+    return CsvDialect(names, sep, decimal)
 
 
 def _check_columns(path: Path, available: Sequence[str], columns: Sequence[str] | None) -> None:
@@ -125,10 +151,10 @@ def _read_parquet(path: Path, columns: Sequence[str] | None) -> pd.DataFrame:
 
 def _read_csv(path: Path, columns: Sequence[str] | None) -> pd.DataFrame:
     _check_csv_size(path)
-    _csv_header(path)
-    header = pd.read_csv(path, nrows=0)
+    d = _csv_dialect(path)
+    header = pd.read_csv(path, nrows=0, sep=d.sep)
     _check_columns(path, list(header.columns), columns)
-    df = pd.read_csv(path, usecols=list(columns) if columns else None)
+    df = pd.read_csv(path, usecols=list(columns) if columns else None, sep=d.sep, decimal=d.decimal)
     return df[list(columns)] if columns else df  # usecols keeps the file's order
 
 
@@ -157,7 +183,7 @@ def table_shape(path: Path) -> tuple[int, int]:
         meta = _guarded(path, kind, lambda: pq.ParquetFile(path).metadata)
         return meta.num_rows, meta.num_columns
     _check_csv_size(path)
-    columns = len(_guarded(path, kind, lambda: _csv_header(path)))
+    columns = len(_guarded(path, kind, lambda: _csv_dialect(path)).names)
     with open(path, "rb") as f:
         lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
     return max(lines - 1, 0), columns
@@ -260,11 +286,11 @@ def _csv_batches(
     path: Path, batch_rows: int, columns: Sequence[str] | None
 ) -> Iterator[pd.DataFrame]:
     _check_csv_size(path)
-    _csv_header(path)
-    header = pd.read_csv(path, nrows=0)
+    d = _csv_dialect(path)
+    header = pd.read_csv(path, nrows=0, sep=d.sep)
     _check_columns(path, list(header.columns), columns)
     cols = list(columns) if columns else None
-    chunks = pd.read_csv(path, chunksize=batch_rows, usecols=cols)
+    chunks = pd.read_csv(path, chunksize=batch_rows, usecols=cols, sep=d.sep, decimal=d.decimal)
     return (chunk[cols] if cols else chunk for chunk in chunks)  # usecols keeps the file's order
 
 

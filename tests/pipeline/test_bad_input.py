@@ -327,8 +327,43 @@ CASES: dict[str, Case] = {
     "train-int64-near-2-62-prevalidated": lambda w: (["train", str(_table(w, "big.parquet", _int64_near_2_62)), "--out", str(w.path("m")), "--prevalidated", *ARGS], 2, "column 'big' holds integers near 4.61e+18 that differ by at most 119"),
     "resume-with-other-params-names-the-key": lambda w: (["train", str(w.table), "--out", str(_interrupted_run(w, lambda p: None)), "--resume", *ARGS, "--set", "train.epochs=3"], 2, "train.epochs is 3, the interrupted run had 2"),
     "resume-with-another-table": lambda w: (["train", str(_table(w, "other.parquet")), "--out", str(_interrupted_run(w, lambda p: None)), "--resume", *ARGS], 2, "the training table differs"),
+    # ---- issue 21: broken stores and odd tables
+    "damaged-store-truncated-register": lambda w: (["register", str(w.model)], 2, _damaged_store(w, lambda db: db.write_bytes(_SQLITE[:100]))),
+    "damaged-store-overwritten-promote": lambda w: (["promote", "--data", str(w.table)], 2, _damaged_store(w, lambda db: db.write_bytes(b"not a database" * 20))),
+    "damaged-store-truncated-embed-models-uri": lambda w: (["embed", "models:/measurement-vae@champion", str(w.table), str(w.path("e.parquet"))], 2, _damaged_store(w, lambda db: db.write_bytes(_SQLITE[:100]))),
+    "tracking-uri-unknown-scheme": lambda w: (["register", str(w.model)], 2, _env(w, "MLFLOW_TRACKING_URI", "notascheme://x", "MLFLOW_TRACKING_URI=notascheme://x")),
+    "parquet-column-with-an-empty-name": lambda w: (["train", str(_table(w, "e.parquet", lambda d: d.rename(columns={"m2": ""}))), "--out", str(w.path("m")), *ARGS], 2, "column 4 of 6 has an empty name"),
+    "csv-saved-with-its-index": lambda w: (["validate", str(_text(w.path("i.csv"), ",a,b\n" + "".join(f"{i},{i % 7}.5,{i % 3}.25\n" for i in range(60))))], 2, "column 1 of 3 has an empty name (a table saved with its index"),
+    "csv-delimiter-ambiguous": lambda w: (["validate", str(_text(w.path("amb.csv"), "a;b|c\n1;2|3\n4;5|6\n"))], 2, "amb.csv looks delimited by ';' or '|', not by commas"),
     "prepare-over-its-own-source": lambda w: (["prepare", "--set", f"data.source={_table(w, 'train.parquet')}", "--set", f"data.prepared_dir={w.tmp}"], 2, "is the input"),
 }
+
+
+def _sqlite_bytes() -> bytes:
+    import sqlite3
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = sqlite3.connect(Path(tmp) / "s.db")
+        conn.executescript("CREATE TABLE t (a, b); " + "INSERT INTO t VALUES (1, randomblob(500)); " * 40)
+        conn.commit()
+        conn.close()
+        return (Path(tmp) / "s.db").read_bytes()
+
+
+_SQLITE = _sqlite_bytes()  # a sound sqlite database, to cut short
+
+
+def _damaged_store(w: Work, damage: Callable[[Path], object]) -> str:
+    db = w.path("store.db")
+    damage(db)
+    w.env["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    return f"the MLflow store {db} is damaged"
+
+
+def _env(w: Work, variable: str, value: str, culprit: str) -> str:
+    w.env[variable] = value
+    return culprit
 
 
 def _int64_near_2_62(df: pd.DataFrame) -> pd.DataFrame:

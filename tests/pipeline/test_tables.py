@@ -16,6 +16,7 @@ from pipeline.tables import (
     to_tensor,
     write_table_atomic,
 )
+from tests.pipeline.helpers import clean_table
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4
 
@@ -201,3 +202,14 @@ def test_load_source_reads_a_path(tmp_path: Path, frame: pd.DataFrame) -> None:
     assert load_source(str(path)).shape == frame.shape
     with pytest.raises(PipelineError, match="does not exist"):
         load_source(str(tmp_path / "other.csv"))
+
+
+@pytest.mark.parametrize("decimal", [".", ","])
+def test_a_semicolon_delimited_csv_is_read_as_its_columns(tmp_path, decimal):
+    df = clean_table(n=50)
+    path = tmp_path / "semi.csv"
+    df.to_csv(path, sep=";", decimal=decimal, index=False)
+    back = read_table(path)
+    assert list(back.columns) == list(df.columns)
+    pd.testing.assert_frame_equal(back, df, check_exact=False, rtol=1e-12)
+    assert pd.concat(iter_table_batches(path, 17)).reset_index(drop=True).equals(back)
