@@ -85,24 +85,29 @@ def train(
 ) -> train_step.TrainSummary:
     """Validate the table (data.* and validate.* policies) unless the caller did, then fit into OUT."""
     train_step.check_out_dir(Path(out), resume)  # before the minutes validation may take
-    check_rows_exceed_columns(Path(path), params)
+    check_enough_rows(Path(path), params)
     if validate:
         validate_data(path, params)
     return train_step.train_model(Path(path), Path(out), params, resume=resume, val_path=val_path,
                                   on_epoch=on_epoch, validated=validate or validated)
 
 
-def check_rows_exceed_columns(path: Path, params: Params) -> None:
-    """A table with no more training rows than feature columns is refused at once: the closed-form
-    start (the full-covariance Gaussian) and the default decoder need more rows than columns."""
+MIN_ROWS_PER_COLUMN = 2  # rows to fit per (feature column + 1): the full Gaussian start has d(d+3)/2 numbers
+
+
+def check_enough_rows(path: Path, params: Params) -> None:
+    """A table with fewer rows to fit than 2 x (feature columns + 1) is refused at once, from its
+    metadata or header: its closed-form start (the full-covariance Gaussian) is not identified and
+    the model would be reported as trained (10 rows x 5 columns: best validation ELBO -388,206)."""
     rows, columns = table_shape(path)
     features = columns - len(params.data.id_columns)
     fit_rows = rows - int(round(rows * params.train.val_fraction))
-    if 0 < fit_rows <= features:
+    need = MIN_ROWS_PER_COLUMN * (features + 1)
+    if 0 < rows and fit_rows < need:
         raise PipelineError(
             f"{path} has {features:,} feature columns and {rows:,} rows ({fit_rows:,} to fit after train.val_fraction): "
-            "a model of how the columns vary together needs more rows than columns; add rows, or reduce the "
-            "columns first (select them, or project them with PCA)")
+            f"a model of how the columns vary together needs at least {MIN_ROWS_PER_COLUMN} x (columns + 1) = "
+            f"{need:,} rows to fit; add rows, or reduce the columns first (select them, or project them with PCA)")
 
 
 def evaluate(model: str, path: Path, params: Params, json_path: Path | None = None) -> dict[str, Any]:

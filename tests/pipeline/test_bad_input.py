@@ -335,6 +335,8 @@ CASES: dict[str, Case] = {
     "parquet-column-with-an-empty-name": lambda w: (["train", str(_table(w, "e.parquet", lambda d: d.rename(columns={"m2": ""}))), "--out", str(w.path("m")), *ARGS], 2, "column 4 of 6 has an empty name"),
     "csv-saved-with-its-index": lambda w: (["validate", str(_text(w.path("i.csv"), ",a,b\n" + "".join(f"{i},{i % 7}.5,{i % 3}.25\n" for i in range(60))))], 2, "column 1 of 3 has an empty name (a table saved with its index"),
     "csv-delimiter-ambiguous": lambda w: (["validate", str(_text(w.path("amb.csv"), "a;b|c\n1;2|3\n4;5|6\n"))], 2, "amb.csv looks delimited by ';' or '|', not by commas"),
+    "train-10-rows-5-columns": lambda w: (["train", str(_table(w, "tiny.parquet", lambda d: d.head(10))), "--out", str(w.path("m")), *ARGS], 2, "5 feature columns and 10 rows (9 to fit after train.val_fraction): a model of how the columns vary together needs at least 2 x (columns + 1) = 12 rows"),
+    "train-3-rows": lambda w: (["train", str(_table(w, "tiny.csv", lambda d: d.head(3))), "--out", str(w.path("m")), *ARGS, "--set", "train.val_fraction=0.34"], 2, "and 3 rows (2 to fit"),
     "prepare-over-its-own-source": lambda w: (["prepare", "--set", f"data.source={_table(w, 'train.parquet')}", "--set", f"data.prepared_dir={w.tmp}"], 2, "is the input"),
 }
 
