@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -303,9 +304,25 @@ def _fail(args: argparse.Namespace, exc: BaseException, line: str, code: int) ->
     return code
 
 
+_OWN = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("pipeline", "vae"))
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """vaepipe's own warnings as one line; a library's (torch, scipy, MLflow, ...) only with --debug:
+    what they warn of, vaepipe reports in its own words where it matters."""
+    if filename.startswith(_OWN):
+        text = (str(message).strip().splitlines() or [""])[0]
+        print(f"vaepipe: warning: {text}", file=sys.stderr, flush=True)
+    else:
+        logging.getLogger("vaepipe.library").debug("%s:%d: %s: %s", filename, lineno, category.__name__, message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        warnings.showwarning = _show_warning
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings repeat the one error line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     try:

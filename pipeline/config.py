@@ -111,11 +111,16 @@ class EmbedParams:
     # Dask cluster of N worker processes (started and stopped by the flow), else a scheduler address
     dask_address: str = ""
     device: DeviceName = "auto"  # auto: CUDA when present (pinned, overlapped copies), else CPU
+    # torch threads on the CPU; 0 = torch's default (one per core). One is as fast as two on a
+    # 2-vCPU box, and two embeddings at once then share the cores instead of oversubscribing them
+    # (3.5x slower each with two threads apiece)
+    num_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"embed.device is {self.device!r}; choose one of auto, cpu, cuda")
         _at_least("embed.batch_rows", self.batch_rows, 1)
+        _at_least("embed.num_threads", self.num_threads, 0)
         _at_least("embed.score_samples", self.score_samples, 0)
         object.__setattr__(self, "dask_address", str(self.dask_address or "").strip())
         if self.dask_address.startswith("local:") and not (

@@ -135,6 +135,7 @@ def resolve_task(model: str) -> ResolvedModel:
 @task(cache_policy=NO_CACHE)
 def embed_partition_task(model_dir: Path, part: Path, out_dir: Path, params: Params, model_version: str) -> int:
     """One file of the folder; on a Dask worker it loads the model directory itself (cheap)."""
+    steps.use_threads(params.embed.num_threads)
     return embed_step.embed_partition(load_model_dir(model_dir), part, out_dir, params.embed, model_version)
 
 

@@ -103,7 +103,7 @@ def check_enough_rows(path: Path, params: Params) -> None:
     features = columns - len(params.data.id_columns)
     fit_rows = rows - int(round(rows * params.train.val_fraction))
     need = MIN_ROWS_PER_COLUMN * (features + 1)
-    if 0 < rows and fit_rows < need:
+    if rows > 0 and fit_rows < need:
         raise PipelineError(
             f"{path} has {features:,} feature columns and {rows:,} rows ({fit_rows:,} to fit after train.val_fraction): "
             f"a model of how the columns vary together needs at least {MIN_ROWS_PER_COLUMN} x (columns + 1) = "
@@ -125,6 +125,7 @@ def embed(model: str, input_path: Path, output: Path, params: Params,
     """
     input_path = Path(input_path)
     check_embed_output(input_path, Path(output))
+    use_threads(params.embed.num_threads)
     try:
         device = str(resolve_device(params.embed.device, "embed.device"))
     except VAEError as exc:
@@ -141,6 +142,14 @@ def embed(model: str, input_path: Path, output: Path, params: Params,
     return embed_step.embed_file(loaded, input_path, Path(output), params.embed, on_batch,
                                  {"model_version": resolved.version, "input_file": input_path.name},
                                  drift=params.validate)
+
+
+def use_threads(n: int) -> None:
+    """torch's CPU threads for this process (0 leaves torch's default)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def check_embed_output(input_path: Path, output: Path) -> None:

@@ -547,6 +547,24 @@ def test_prefect_server_that_does_not_start_is_one_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_a_librarys_warning_does_not_reach_the_terminal_raw(trained, tmp_path):
+    """A crafted pickle as weights.pt: torch warns of its protocol (two lines) before vaepipe's
+    error; in a real process (a warning shows once per process) only vaepipe's line is printed."""
+    import pickle
+
+    model, table = trained
+    crafted = tmp_path / "m"
+    shutil.copytree(model, crafted)
+    (crafted / "weights.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "pipeline", "embed", str(crafted), str(table), str(tmp_path / "e.parquet")]
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "weights.pt" in done.stderr, done.stderr
+    debug = subprocess.run([*argv, "--debug"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "Detected pickle protocol 4" in debug.stderr  # the library's own words, with --debug
+
+
 def _limit_file_size() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then write() fails with EFBIG instead of killing
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))

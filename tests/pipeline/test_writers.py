@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
@@ -83,3 +84,20 @@ def test_every_file_and_folder_written_gets_the_umasks_mode(umask, tmp_path, mon
     wrong = {name: oct(mode) for name, mode in modes.items()
              if mode != (0o777 if (out / name).is_dir() else 0o666) & ~umask}
     assert wrong == {}, f"umask {oct(umask)}: {wrong}"
+
+
+def test_two_embeddings_into_one_output_both_finish_and_leave_one_whole_file(tmp_path):
+    """Started together on one table and one OUTPUT: both exit 0 in about the time of one each
+    (one torch thread apiece: embed.num_threads), OUTPUT is one whole embedding, no temporary left."""
+    table = tmp_path / "t.parquet"
+    clean_table(n=300, seed=1).to_parquet(tmp_path / "train.parquet", index=False)
+    clean_table(n=40_000, seed=2).to_parquet(table, index=False)
+    assert main(["train", str(tmp_path / "train.parquet"), "--out", str(tmp_path / "m"), *FAST_ARGS]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "e.parquet"
+    cmd = [sys.executable, "-m", "pipeline", "embed", str(tmp_path / "m"), str(table), str(out), *FAST_ARGS]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()) for p in procs]
+    assert [code for code, _ in results] == [0, 0], results
+    assert pq.read_table(out).num_rows == 40_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.parquet", "m", "t.parquet", "train.parquet"]
