@@ -286,6 +286,12 @@ def download_model_dir(ref: str) -> Path:
 
 def download_version(ref: str) -> tuple[Path, ModelVersion]:
     """download_model_dir and the version it resolved (an alias is read once)."""
+    db = stores.sqlite_path(stores.check_store())
+    if db is not None and not db.exists():  # reading a model would create an empty store here
+        found = _REF.fullmatch(ref)
+        name = found["name"] if found else ref
+        raise PipelineError(f"{ref}: no model {name!r} is registered: there is no MLflow store at {db} yet; register "
+                            "one (`vaepipe register`, `make run`) or point MLFLOW_TRACKING_URI at your store")
     stores.configure_tracking()
     mv = resolve_version(ref)
     key = re.sub(r"[^\w.-]", "_", f"{mv.version}-{(mv.source or '').rsplit('/', 1)[-1]}")

@@ -141,11 +141,12 @@ def servers():
 
 
 def _snapshot(*roots: Path) -> dict[str, str]:
-    """Every file and folder under roots with a digest of its bytes: any write shows."""
+    """Every file and folder under roots with its mode and a digest of its bytes: any write shows."""
     out = {}
     for root in roots:
         for p in sorted(root.rglob("*")):
-            out[str(p)] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            mode = oct(p.stat().st_mode & 0o7777)
+            out[str(p)] = f"dir {mode}" if p.is_dir() else f"{mode} {hashlib.sha256(p.read_bytes()).hexdigest()}"
     return out
 
 
@@ -465,12 +466,13 @@ def test_bad_input(name, trained, mounts, servers, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)  # no ./params.yaml, nothing written beside the repository
     work = Work(model=model, table=table, tmp=tmp_path / "work", mounts=mounts, servers=servers)
     work.tmp.mkdir()
+    store = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent  # the session's store
     argv, expected, culprit = CASES[name](work)
     for key, value in work.env.items():
         monkeypatch.setenv(key, value)
     for key, value in HTTP_DEFAULTS.items():  # what the store probe sets, undone after the test
         monkeypatch.setenv(key, value)
-    roots = [tmp_path, model, *(p for p in mounts.values() if p is not None)]
+    roots = [tmp_path, model, store, *(p for p in mounts.values() if p is not None)]
     before = _snapshot(*roots)
     started = time.monotonic()
     code = main(argv)
