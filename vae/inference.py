@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from vae.draws import standard_normal
 from vae.errors import ConfigError
-from vae.model import VAE
+from vae.model import VAE, Posterior
 from vae.transfer import HostSink, device_batches
+
+# the activations of vae.model in place: the same numbers, written over their input
+_IN_PLACE: dict[type[nn.Module], Callable[[torch.Tensor], object]] = {
+    nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_,
+    nn.SiLU: lambda h: F.silu(h, inplace=True), nn.ELU: lambda h: F.elu(h, inplace=True),
+}
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,67 @@ def _device(model: VAE) -> torch.device:
     return next(model.parameters()).device
 
 
+class Workspace:
+    """Buffers of the encoder's layers, reused from block to block and from call to call.
+
+    On the CPU a fresh output per layer and block costs an allocation (and, for large ones, page
+    faults) that can exceed the layer's ReLU; writing every layer into a kept buffer, each
+    activation in place, gives the same numbers without. Not thread-safe: one per stream.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, bool], torch.Tensor] = {}  # (rows, cols), or (cols, rows) column-major
+
+    def buffer(self, key: int, rows: int, cols: int, column_major: bool = False) -> torch.Tensor:
+        """(rows, cols) float32, each row contiguous (each column: column_major), contents
+        undefined; kept under key and grown when too small."""
+        shape = (cols, rows) if column_major else (rows, cols)  # as stored
+        grows = 1 if column_major else 0  # the dimension of rows
+        kept = self._buffers.get((key, column_major))
+        if kept is None or kept.shape[grows] < rows or kept.shape[1 - grows] != cols:
+            kept = self._buffers[key, column_major] = torch.empty(shape, dtype=torch.float32)
+        return kept[:, :rows].T if column_major else kept[:rows]
+
+
+def _plain_cpu_mlp(model: VAE) -> bool:
+    """Whether _encode_into can run the encoder: float32 Linear layers and known activations, on the CPU."""
+    layers = [*model.encoder.net, *([model.encoder.linear] if model.encoder.linear is not None else [])]
+    linear = [m for m in layers if isinstance(m, nn.Linear)]
+    return (all(isinstance(m, nn.Linear) or type(m) in _IN_PLACE for m in layers)
+            and all(m.bias is not None and m.weight.dtype == torch.float32 for m in linear)
+            and linear[0].weight.device.type == "cpu")
+
+
+def _cache_rows(model: VAE) -> int:
+    """Rows per block on the CPU: the widest layer's (rows, width) float32 output about 1 MiB, so
+    that each layer's output is still in cache when the next reads it (measured: a 65536-row
+    batch in 2048-row blocks encodes in half the time of one block; same numbers)."""
+    widest = max(m.out_features for m in model.encoder.net if isinstance(m, nn.Linear))
+    return max(256, (1 << 18) // widest)
+
+
+def _encode_into(model: VAE, rows: torch.Tensor, ws: Workspace) -> Posterior:
+    """model.encode(*model.standardize(rows)), the same numbers, every layer written into ws."""
+    n, layers = rows.shape[0], model.encoder.net
+    if model.masked:
+        x, mask = model.standardize(rows)
+        x = torch.cat([x, mask], dim=-1) if mask is not None else x  # (B, 2D): the mask is an input
+    else:
+        # (B, D) in rows' memory order, as model.standardize allocates it (a Parquet batch: column-major)
+        column_major = rows.stride(0) < rows.stride(1)
+        x = torch.sub(rows, model.loc, out=ws.buffer(-1, n, rows.shape[1], column_major)).div_(model.scale)
+    h = x
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Linear):  # F.linear is this addmm
+            h = torch.addmm(layer.bias, h, layer.weight.t(), out=ws.buffer(i, n, layer.out_features))
+        else:
+            _IN_PLACE[type(layer)](h)
+    if (lin := model.encoder.linear) is not None:  # the linear path adds to the whole output
+        h.add_(torch.addmm(lin.bias, x, lin.weight.t(), out=ws.buffer(len(layers), n, lin.out_features)))
+    mu, logvar = h.chunk(2, dim=-1)  # (B, K) views of ws: copied out before the next batch
+    return Posterior(mu, logvar)
+
+
 @torch.inference_mode()
 def embed(
     model: VAE,
@@ -32,18 +102,25 @@ def embed(
     with_variance: bool = False,
     batch_rows: int = 4096,
     generator: torch.Generator | None = None,
+    workspace: Workspace | None = None,
 ) -> Embedding:
     """Encode rows (N, D) in original units, on the model's device; results on the CPU.
 
-    On CUDA, rows on the host travel through pinned buffers, each batch's copy overlapping the
-    previous batch's encoding, and results come back without a wait per batch (vae.transfer).
+    On the CPU the layers write into the buffers of workspace (a new one if None; pass the same
+    one to every call of a stream), in blocks that fit a cache (_cache_rows). On CUDA, rows on the host travel through pinned buffers, each
+    batch's copy overlapping the previous batch's encoding, and results come back without a wait
+    per batch (vae.transfer).
     """
     model.eval()
     device, n, k = _device(model), y.shape[0], model.latent_dim
     zs = HostSink(n, (k,), torch.float32, device)
     logvars = HostSink(n if with_variance else 0, (k,), torch.float32, device)
-    for start, rows in device_batches(y, batch_rows, device):
-        post = model.encode(*model.standardize(rows))
+    ws = (workspace or Workspace()) if _plain_cpu_mlp(model) else None
+    # means in cache-sized blocks on the CPU (the same numbers); draws keep batch_rows' blocks,
+    # so that a generator gives the rows it gave before
+    step = batch_rows if ws is None or mode == "sample" else min(batch_rows, _cache_rows(model))
+    for start, rows in device_batches(y, step, device):
+        post = model.encode(*model.standardize(rows)) if ws is None else _encode_into(model, rows, ws)
         z = post.mu
         if mode == "sample":
             eps = standard_normal(z.shape, generator, z.device)
