@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from pipeline.tables import (
     prefetch,
 )
 from vae import embed, sample, score_rows
+from vae.inference import Workspace
 
 log = logging.getLogger(__name__)
 SAMPLE_BATCH_ROWS = 65_536  # rows drawn and written at a time by sample_file (a multiple of vae.sample's 4096)
@@ -37,9 +38,15 @@ DRIFT_KEY = b"vaepipe.drift"  # Parquet metadata of an embedding output: each co
 
 def embed_frame(model: LoadedModel, df: pd.DataFrame, params: EmbedParams, where: str = "table") -> pd.DataFrame:
     """One output row per input row, in order: ids, z_*, [z_logvar_*], [log_likelihood, anomaly]."""
-    y = model.features(df, where)
-    emb = embed(model.vae, y, with_variance=params.with_variance, batch_rows=params.batch_rows)
-    out = {c: df[c].to_numpy() for c in model.id_columns}
+    return _embedding(model, df[list(model.id_columns)], model.features(df, where), params)
+
+
+def _embedding(model: LoadedModel, ids: pd.DataFrame, y: torch.Tensor, params: EmbedParams,
+               workspace: Workspace | None = None) -> pd.DataFrame:
+    """embed_frame of rows whose id columns are ids and features y (N, D), checked;
+    workspace: the encoder's buffers, one for all the batches of a stream (vae.inference)."""
+    emb = embed(model.vae, y, with_variance=params.with_variance, batch_rows=params.batch_rows, workspace=workspace)
+    out = {c: ids[c].to_numpy() for c in model.id_columns}
     out |= {f"z_{j}": emb.z[:, j].numpy() for j in range(emb.z.shape[1])}
     if emb.logvar is not None:
         out |= {f"z_logvar_{j}": emb.logvar[:, j].numpy() for j in range(emb.logvar.shape[1])}
@@ -49,7 +56,7 @@ def embed_frame(model: LoadedModel, df: pd.DataFrame, params: EmbedParams, where
         out["log_likelihood"] = ll
         threshold = model.anomaly_threshold
         out["anomaly"] = ll < threshold if threshold is not None else np.zeros(len(ll), dtype=bool)
-    return pd.DataFrame(out, index=range(len(df)))
+    return pd.DataFrame(out, index=range(len(y)))
 
 
 def embed_file(
@@ -77,19 +84,20 @@ def _embed_stream(model: LoadedModel, input_path: Path, out: Path, params: Embed
                   drift: ValidateParams | None) -> int:
     writer: pq.ParquetWriter | None = None
     stats = DriftStats(model.schema) if drift is not None and drift.drift != "off" else None
-    rows = 0
+    rows, workspace = 0, Workspace()
     bound_heap_growth()
+    batches = _checked(model, iter_table_batches(input_path, params.batch_rows), input_path, stats)
     try:
-        # the next batch is read and decoded by a thread while this one is embedded
-        for batch in prefetch(iter_table_batches(input_path, params.batch_rows)):
-            frame = embed_frame(model, batch, params, where=f"{input_path} (rows {rows}..)")
+        # the next batches are read, checked and summarized by a thread while this one is embedded
+        for batch in prefetch(batches):
+            frame = _embedding(model, batch.ids, batch.y, params, workspace)
             table = pa.Table.from_pandas(frame, preserve_index=False)
             if writer is None:
                 meta = {**(table.schema.metadata or {}), **_provenance_meta(provenance)}
-                writer = pq.ParquetWriter(out, table.schema.with_metadata(meta))
+                # dictionary encoding for the id columns only: tried on float columns of distinct values it
+                # costs most of a batch's write and gives up (then a larger file) when its page fills
+                writer = pq.ParquetWriter(out, table.schema.with_metadata(meta), use_dictionary=list(model.id_columns))
             writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
-            if stats is not None:
-                stats.update(batch)
             rows += len(frame)
             if on_batch is not None:
                 on_batch(rows)
@@ -99,6 +107,25 @@ def _embed_stream(model: LoadedModel, input_path: Path, out: Path, params: Embed
         if writer is not None:
             writer.close()
     return rows
+
+
+@dataclass(frozen=True)
+class _Checked:
+    ids: pd.DataFrame  # (N, id columns)
+    y: torch.Tensor  # (N, D) the features as the model reads them (LoadedModel.features)
+
+
+def _checked(model: LoadedModel, batches: Iterator[pd.DataFrame], path: Path,
+             stats: DriftStats | None) -> Iterator[_Checked]:
+    """Each batch checked against the contract, converted, and added to the drift statistics;
+    run by prefetch's thread, so that the encoder's thread only encodes and writes."""
+    rows = 0
+    for batch in batches:
+        y = model.features(batch, where=f"{path} (rows {rows}..)")
+        if stats is not None:
+            stats.update(batch, y)
+        rows += len(batch)
+        yield _Checked(batch[list(model.id_columns)], y)
 
 
 def _provenance_meta(provenance: dict[str, str] | None) -> dict[bytes, bytes]:
