@@ -124,7 +124,10 @@ def measure(kind: str, model: Path, table: Path, root: Path, score_samples: int 
     return result
 
 
-def run_all(root: Path, model: Path, sizes: list[int], cols: int, repeats: int) -> dict[tuple[int, str], dict[str, float]]:
+Runs = dict[tuple[int, str], dict[str, float]]  # (rows, kind) -> seconds, maxrss_mib, ...
+
+
+def run_all(root: Path, model: Path, sizes: list[int], cols: int, repeats: int) -> Runs:
     """Best run of each (rows, kind), runs interleaved."""
     tables = {}
     for rows in sizes:
@@ -133,7 +136,7 @@ def run_all(root: Path, model: Path, sizes: list[int], cols: int, repeats: int) 
         write_table(tables[rows], rows, cols)
         print(f"{rows:>11,} rows x {cols} float32: {tables[rows].stat().st_size / 2**30:.2f} GiB, written in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-    best: dict[tuple[int, str], dict[str, float]] = {}
+    best: Runs = {}
     for r in range(repeats):
         for rows in sizes:
             for kind in KINDS:
@@ -145,7 +148,7 @@ def run_all(root: Path, model: Path, sizes: list[int], cols: int, repeats: int) 
     return best
 
 
-def report(best: dict[tuple[int, str], dict[str, float]], sizes: list[int]) -> None:
+def report(best: Runs, sizes: list[int]) -> None:
     small, large = min(sizes), max(sizes)
     print("\nbest of the runs; whole command (rows/s of the whole command, x the plain script's):")
     for rows in sizes:

@@ -100,7 +100,9 @@ class DriftStats:
             self.points[j, : u.size] = u
         self.below = np.zeros((d, width), dtype=np.int64)  # new values < points
         self.at_most = np.zeros((d, width), dtype=np.int64)  # new values <= points
-        self._bounds = {np.dtype(np.float64): (self.points, self.points), np.dtype(np.float32): _float32_bounds(self.points)}
+        # (lower, upper) points by the dtype of the values: x < u iff x < lower, x <= u iff x <= upper
+        self._bounds = {np.dtype(np.float64): (self.points, self.points),
+                        np.dtype(np.float32): _float32_bounds(self.points)}
         self._kept: dict[np.dtype, np.ndarray] = {}  # by dtype, a chunk's values, sorted in place
         self._work = np.empty(0)  # float64 deviations of a chunk
 

@@ -107,9 +107,9 @@ def embed(
     """Encode rows (N, D) in original units, on the model's device; results on the CPU.
 
     On the CPU the layers write into the buffers of workspace (a new one if None; pass the same
-    one to every call of a stream), in blocks that fit a cache (_cache_rows). On CUDA, rows on the host travel through pinned buffers, each
-    batch's copy overlapping the previous batch's encoding, and results come back without a wait
-    per batch (vae.transfer).
+    one to every call of a stream), in blocks that fit a cache (_cache_rows). On CUDA, rows on
+    the host travel through pinned buffers, each batch's copy overlapping the previous batch's
+    encoding, and results come back without a wait per batch (vae.transfer).
     """
     model.eval()
     device, n, k = _device(model), y.shape[0], model.latent_dim
