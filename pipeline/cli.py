@@ -304,25 +304,25 @@ def _fail(args: argparse.Namespace, exc: BaseException, line: str, code: int) ->
     return code
 
 
-_OWN = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("pipeline", "vae"))
+def _one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+              line: str | None = None) -> str:
+    return f"vaepipe: warning: {(str(message).strip().splitlines() or [''])[0]}\n"
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: Any = None, line: str | None = None) -> None:
-    """vaepipe's own warnings as one line; a library's (torch, scipy, MLflow, ...) only with --debug:
-    what they warn of, vaepipe reports in its own words where it matters."""
-    if filename.startswith(_OWN):
-        text = (str(message).strip().splitlines() or [""])[0]
-        print(f"vaepipe: warning: {text}", file=sys.stderr, flush=True)
-    else:
-        logging.getLogger("vaepipe.library").debug("%s:%d: %s: %s", filename, lineno, category.__name__, message)
+def _quiet_library_warnings() -> None:
+    """A library's warnings (torch's pickle protocol, scipy's precision) reach the terminal only
+    with --debug: what they warn of, vaepipe reports in its own words where it matters. vaepipe's
+    own warnings stay, as one line. Filters and format only: a caller recording warnings still does."""
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"(pipeline|vae)(\.|$)")
+    warnings.formatwarning = _one_line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
-        warnings.showwarning = _show_warning
+        _quiet_library_warnings()
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings repeat the one error line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     try:

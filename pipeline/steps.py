@@ -85,7 +85,7 @@ def train(
 ) -> train_step.TrainSummary:
     """Validate the table (data.* and validate.* policies) unless the caller did, then fit into OUT."""
     train_step.check_out_dir(Path(out), resume)  # before the minutes validation may take
-    check_enough_rows(Path(path), params)
+    check_enough_rows(Path(path), params, val_table=val_path is not None)
     if validate:
         validate_data(path, params)
     return train_step.train_model(Path(path), Path(out), params, resume=resume, val_path=val_path,
@@ -95,13 +95,13 @@ def train(
 MIN_ROWS_PER_COLUMN = 2  # rows to fit per (feature column + 1): the full Gaussian start has d(d+3)/2 numbers
 
 
-def check_enough_rows(path: Path, params: Params) -> None:
+def check_enough_rows(path: Path, params: Params, val_table: bool = False) -> None:
     """A table with fewer rows to fit than 2 x (feature columns + 1) is refused at once, from its
     metadata or header: its closed-form start (the full-covariance Gaussian) is not identified and
     the model would be reported as trained (10 rows x 5 columns: best validation ELBO -388,206)."""
     rows, columns = table_shape(path)
     features = columns - len(params.data.id_columns)
-    fit_rows = rows - int(round(rows * params.train.val_fraction))
+    fit_rows = rows if val_table else rows - int(round(rows * params.train.val_fraction))  # --val: all of them
     need = MIN_ROWS_PER_COLUMN * (features + 1)
     if rows > 0 and fit_rows < need:
         raise PipelineError(

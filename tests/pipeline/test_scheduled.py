@@ -137,7 +137,7 @@ def test_a_triggered_run_registers_a_champion_and_versions_it_with_dvc(project: 
 
 def test_a_run_on_clearly_worse_data_leaves_the_champion(project: Project) -> None:
     before = project.lock_md5("prepare", "data/prepared")
-    project.drop(synthetic_table(30, COLS, seed=3))  # 13 training rows for 8 columns: a worse fit
+    project.drop(synthetic_table(40, COLS, seed=3))  # 29 training rows for 8 columns: a worse fit
     code, run = project.run()
     assert code == 0 and run["state"]["type"] == "COMPLETED", project.log.read_text()[-3000:]
     assert project.versions() == ["1", "2"] and project.champion() == "1"
