@@ -20,8 +20,25 @@ from vae import EpochStats
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # examples and --version as written, not re-wrapped
+        super().__init__(*args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"vaepipe: error: {message} (see vaepipe {self.prog.split()[-1]} --help)\n")
+        self.exit(2, f"vaepipe: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    """vaepipe's version and the stack it runs on, from the installed metadata (no imports)."""
+    from importlib import metadata
+
+    def of(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    stack = ", ".join(f"{d} {of(d)}" for d in ("torch", "mlflow", "prefect", "dvc", "great-expectations"))
+    return f"vaepipe {of('vaepipe')} (Python {sys.version.split()[0]}; {stack})"
 
 
 def _progress(total_epochs: int) -> Callable[[EpochStats], None]:
@@ -206,62 +223,108 @@ def cmd_serve(a: argparse.Namespace, p: Params) -> int:
     return 0
 
 
+def cmd_models(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.registry import CHAMPION, list_versions
+    from pipeline.stores import tracking_uri
+
+    name = a.name or p.register.model_name
+    rows = list_versions(name)
+    if not rows:
+        print(f"no version of {name} is registered in {tracking_uri()} (vaepipe register, make run)")
+        return 0
+    print(f"{name} in {tracking_uri()}")
+    print(f"{'version':>7}  {'aliases':<22} {'registered (UTC)':<16}  {'held-out nats/row':>17}  {'gate':<9} schema")
+    for r in rows:
+        ll = "" if r.log_likelihood is None else f"{r.log_likelihood:.4f}"
+        aliases = ", ".join(f"@{x}" for x in r.aliases)
+        print(f"{r.version:>7}  {aliases:<22} {r.created:<16}  {ll:>17}  {r.gate:<9} {r.schema_hash}")
+    champion = next((r.version for r in rows if CHAMPION in r.aliases), None)
+    print(f"@{CHAMPION}: " + (f"version {champion} (models:/{name}@{CHAMPION})" if champion else "none yet"))
+    return 0
+
+
+_EXAMPLES = {
+    "prepare": "vaepipe prepare --set data.source=data/measurements.csv",
+    "validate": "vaepipe validate data/new.parquet --against models:/measurement-vae@champion",
+    "train": "vaepipe train data/prepared/train.parquet --out models/vae --set train.epochs=300",
+    "evaluate": "vaepipe evaluate models/vae data/prepared/test.parquet --json reports/metrics.json",
+    "embed": "vaepipe embed models:/measurement-vae@champion data/new.parquet out/embedding.parquet",
+    "sample": "vaepipe sample models/vae 1000 out/samples.parquet",
+    "register": "vaepipe register models/vae --metrics reports/metrics.json --promote",
+    "promote": "vaepipe promote --version 3 --data data/prepared/test.parquet",
+    "models": "vaepipe models --set register.model_name=measurement-vae",
+    "run": "vaepipe run --set train.epochs=200",
+    "serve": 'vaepipe serve --cron "0 3 * * 1"',
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("--params", help="params file (default ./params.yaml, else built-in defaults)")
+    common.add_argument("--params", metavar="PATH",
+                        help="params file (default ./params.yaml, else built-in defaults), e.g. --params my.yaml")
     common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one parameter (value parsed as YAML); repeatable")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser = _Parser(prog="vaepipe", description="Gaussian VAEs for tables of i.i.d. measurements.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+                        help="override one parameter (value parsed as YAML); repeatable, "
+                             "e.g. --set model.hidden_dims=[] --set train.epochs=300")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    parser = _Parser(prog="vaepipe", description="Gaussian VAEs for tables of i.i.d. measurements.",
+                     epilog="example: vaepipe train data.csv --out models/vae; vaepipe <command> --help for more")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     def add(name: str, fn: Callable[..., int], help_: str) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        cmd = sub.add_parser(name, parents=[common], help=help_, description=help_,
+                             epilog=f"example: {_EXAMPLES[name]}")
         cmd.set_defaults(fn=fn)
         return cmd
 
-    add("prepare", cmd_prepare, "load data.source and write the train/val/test splits")
+    model_help = "a model directory written by `vaepipe train`, or models:/NAME@ALIAS or models:/NAME/VERSION"
+    add("prepare", cmd_prepare, "load data.source and write the train/val/test splits (data.prepared_dir)")
     c = add("validate", cmd_validate, "check a table (exit 0 valid, 1 invalid)")
-    c.add_argument("data")
-    c.add_argument("--against", metavar="MODEL", help="check columns and ranges against a model's schema")
-    c.add_argument("--report", type=Path, help="write the full result as JSON")
+    c.add_argument("data", help="the table to check: a CSV or Parquet file, or a folder of Parquet files")
+    c.add_argument("--against", metavar="MODEL", help="also check columns, ranges and drift against a model: " + model_help)
+    c.add_argument("--report", type=Path, metavar="PATH", help="write the full result as JSON to PATH")
     c = add("train", cmd_train, "train a model into a self-contained directory")
-    c.add_argument("data")
-    c.add_argument("--out", required=True, type=Path)
-    c.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    c.add_argument("--val", type=Path, help="a validation table for early stopping (else train.val_fraction)")
+    c.add_argument("data", help="the training table: a CSV or Parquet file")
+    c.add_argument("--out", required=True, type=Path, metavar="DIR", help="the model directory to write (must not hold "
+                   "anything but an earlier model of vaepipe)")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last checkpoint")
+    c.add_argument("--val", type=Path, metavar="PATH",
+                   help="a validation table for early stopping (else train.val_fraction of DATA's rows)")
     c.add_argument("--prevalidated", action="store_true",
                    help="DATA already passed `vaepipe validate` (an earlier dvc stage): don't validate it again")
-    c = add("evaluate", cmd_evaluate, "print the metrics JSON of MODEL on DATA")
-    c.add_argument("model")
-    c.add_argument("data")
-    c.add_argument("--json", type=Path, help="also write the metrics JSON here")
+    c = add("evaluate", cmd_evaluate, "print the metrics JSON of MODEL on DATA (nats/row)")
+    c.add_argument("model", help=model_help)
+    c.add_argument("data", help="the table to score: a CSV or Parquet file with the model's columns")
+    c.add_argument("--json", type=Path, metavar="PATH", help="also write the metrics JSON to PATH")
     c = add("embed", cmd_embed, "stream INPUT and write its embedding to OUTPUT (Parquet)")
-    c.add_argument("model")
-    c.add_argument("input")
-    c.add_argument("output")
-    c.add_argument("--with-variance", action="store_true")
+    c.add_argument("model", help=model_help)
+    c.add_argument("input", help="a CSV or Parquet file, or a folder of Parquet files")
+    c.add_argument("output", help="a Parquet file, or a folder of parts when INPUT is a folder")
+    c.add_argument("--with-variance", action="store_true", help="also write z_logvar_0 .. (the posterior variances)")
     c = add("sample", cmd_sample, "draw N synthetic rows from p(y)")
-    c.add_argument("model")
-    c.add_argument("n", type=int)
-    c.add_argument("output")
+    c.add_argument("model", help=model_help)
+    c.add_argument("n", type=int, help="how many rows to draw")
+    c.add_argument("output", help="the Parquet file to write")
     c = add("register", cmd_register, "log MODEL to MLflow and register it under an alias")
-    c.add_argument("model")
-    c.add_argument("--alias", default="challenger")
-    c.add_argument("--metrics", type=Path, help="metrics JSON to log with the run")
-    c.add_argument("--table", type=Path, help="a table for the latent plots (e.g. the test split)")
+    c.add_argument("model", help="a model directory written by `vaepipe train`")
+    c.add_argument("--alias", default="challenger", help="the alias the new version gets (default challenger; "
+                   "champion is moved only by the gate)")
+    c.add_argument("--metrics", type=Path, metavar="PATH", help="metrics JSON (`vaepipe evaluate --json`) to log with the run")
+    c.add_argument("--table", type=Path, metavar="PATH", help="a table for the latent plots (e.g. the test split)")
     c.add_argument("--promote", action="store_true", help="then run the promotion gate; a refusal is reported")
-    c.add_argument("--data", type=Path, help="with --promote: the evaluation table")
-    c.add_argument("--output", type=Path, help="write name and version as JSON")
+    c.add_argument("--data", type=Path, metavar="PATH", help="with --promote: the evaluation table")
+    c.add_argument("--output", type=Path, metavar="PATH", help="write name and version as JSON to PATH")
     c = add("promote", cmd_promote, "move @champion to the challenger if it passes the gate")
-    c.add_argument("--version")
-    c.add_argument("--data", type=Path, help="evaluation table (default: the prepared test split)")
+    c.add_argument("--version", help="the version to promote (default: @challenger)")
+    c.add_argument("--data", type=Path, metavar="PATH", help="evaluation table (default: the prepared test split)")
+    c = add("models", cmd_models, "list the registered versions of a model, their aliases and scores")
+    c.add_argument("name", nargs="?", help="the registered model (default register.model_name)")
     c = add("run", cmd_run, "the whole training flow as one Prefect flow")
-    c.add_argument("--out", help="model directory (default models/runs/<time>)")
+    c.add_argument("--out", metavar="DIR", help="model directory (default models/runs/<time>)")
     c.add_argument("--dvc", action="store_true",
                    help="write the dvc.yaml stages' outputs and record them with dvc commit (and push)")
     c = add("serve", cmd_serve, "scheduled retraining: serve vaepipe-train/retrain (needs a Prefect server)")
-    c.add_argument("--cron", default="0 3 * * *", help="when to retrain (default: 03:00 every day)")
+    c.add_argument("--cron", default="0 3 * * *", help="when to retrain, a cron line (default: 03:00 every day)")
     c.add_argument("--no-dvc", action="store_true",
                    help="don't version data and model with DVC (default: versioned; run from the project root)")
     return parser

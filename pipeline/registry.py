@@ -440,3 +440,50 @@ def current_champion(name: str) -> str | None:
             raise
         return None
     return None if version is None else str(version)
+
+
+# ---------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One registered version as `vaepipe models` lists it."""
+
+    version: str
+    aliases: tuple[str, ...]
+    created: str  # UTC, to the minute
+    log_likelihood: float | None  # held-out nats/row logged at registration
+    gate: str  # the gate's last verdict on it ("" when never gated)
+    schema_hash: str
+
+
+def list_versions(name: str) -> list[VersionRow]:
+    """Every version of registered model NAME, newest first; [] when nothing is registered yet.
+
+    Reads an existing store only: with no sqlite file yet, nothing is registered, and none is created.
+    """
+    db = stores.sqlite_path(stores.check_store())
+    if db is not None and not db.exists():
+        return []
+    stores.configure_tracking()
+    client = MlflowClient()
+    try:
+        aliases = _registered_aliases(client, name, f"models:/{name}")
+    except PipelineError:
+        if not client.search_registered_models(max_results=1):
+            return []
+        raise
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(version, []).append(alias)
+    rows = [_version_row(mv, tuple(sorted(by_version.get(str(mv.version), []))))
+            for mv in client.search_model_versions(f"name = '{name}'")]
+    return sorted(rows, key=lambda r: -int(r.version))
+
+
+def _version_row(mv: ModelVersion, aliases: tuple[str, ...]) -> VersionRow:
+    tags = mv.tags or {}
+    ll = tags.get("log_likelihood")
+    created = time.strftime("%Y-%m-%d %H:%M", time.gmtime((mv.creation_timestamp or 0) / 1000))
+    return VersionRow(str(mv.version), aliases, created, None if ll is None else float(ll),
+                      tags.get("gate_result", ""), tags.get("schema_hash", "")[:12])

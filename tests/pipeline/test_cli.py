@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -233,3 +234,64 @@ def test_console_script_exit_code_and_one_line(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "vaepipe")
     r = subprocess.run([exe, "validate", str(tmp_path / "missing.csv")], capture_output=True, text=True)
     assert r.returncode == 2 and "missing.csv" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- the CLI's own help (issue 17, item 16)
+
+
+def test_version_names_vaepipe_and_its_stack(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert out.startswith("vaepipe 0.") and "torch 2." in out and "mlflow 3." in out and out.count("\n") == 1
+
+
+def test_every_argument_has_help_and_every_command_an_example():
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"models", "train", "embed"} <= set(commands)
+    for name, cmd in commands.items():
+        assert cmd.epilog and cmd.epilog.startswith(f"example: vaepipe {name}"), name
+        for action in cmd._actions:
+            assert action.help and action.help != argparse.SUPPRESS, f"{name} {action.dest} has no help"
+
+
+@pytest.mark.parametrize(("argv", "hint"), [([], "(see vaepipe --help)"), (["nonsense"], "(see vaepipe --help)"),
+                                            (["train"], "(see vaepipe train --help)")])
+def test_a_usage_error_points_at_the_right_help(argv, hint, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and hint in err and "vaepipe vaepipe" not in err
+
+
+def test_models_lists_versions_aliases_and_the_champion(model_dir, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    try:
+        code, out, _ = run(capsys, "models")
+        assert code == 0 and "no version of measurement-vae is registered" in out
+        assert not (tmp_path / "store" / "mlflow.db").exists()  # listing creates no store
+        clean_table(n=120, seed=2).to_parquet(tmp_path / "test.parquet", index=False)
+        metrics = tmp_path / "m.json"
+        assert run(capsys, "evaluate", str(model_dir), str(tmp_path / "test.parquet"), "--json", str(metrics),
+                   *FAST_ARGS)[0] == 0
+        code, out, err = run(capsys, "register", str(model_dir), "--metrics", str(metrics), "--promote",
+                             "--data", str(tmp_path / "test.parquet"), *FAST_ARGS, "--set", "validate.drift=off")
+        assert code == 0, out + err
+        ll = json.loads(metrics.read_text())["log_likelihood"]
+        code, out, _ = run(capsys, "models")
+        assert code == 0
+        lines = out.splitlines()
+        row = next(line for line in lines if line.split()[0] == "1")
+        assert "@champion" in row and f"{ll:.4f}" in row and "promoted" in row
+        assert lines[-1] == "@champion: version 1 (models:/measurement-vae@champion)"
+        code, _, err = run(capsys, "models", "no-such-model")
+        assert code == 2 and "no registered model named 'no-such-model'" in err and "measurement-vae" in err
+    finally:
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
