@@ -55,7 +55,10 @@ class Workspace:
 
 
 def _plain_cpu_mlp(model: VAE) -> bool:
-    """Whether _encode_into can run the encoder: float32 Linear layers and known activations, on the CPU."""
+    """Whether _encode_into can run the encoder: float32 Linear layers and known activations, on the
+    CPU, and no categorical column (whose one-hot inputs model.encode builds)."""
+    if model.n_levels:
+        return False
     layers = [*model.encoder.net, *([model.encoder.linear] if model.encoder.linear is not None else [])]
     linear = [m for m in layers if isinstance(m, nn.Linear)]
     return (all(isinstance(m, nn.Linear) or type(m) in _IN_PLACE for m in layers)

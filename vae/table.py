@@ -11,7 +11,8 @@ import torch
 from vae.config import Likelihood, MissingPolicy
 from vae.errors import DataError
 
-ColumnKind = Literal["gaussian", "bernoulli"]
+ColumnKind = Literal["gaussian", "bernoulli", "categorical"]
+Level = str | int
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,28 @@ class TableSpec:
     # kept): the decoder's noise never claims a value more precisely than it was recorded (see
     # recording_step, determined_by_earlier, vae.model.resolution_floor)
     resolution: tuple[float, ...] = ()
+    # the levels of each categorical column in code order (its cells hold the code 0..L-1 as a
+    # float), () for the other columns; () for models saved before categorical columns existed
+    levels: tuple[tuple[Level, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(tuple(v) for v in self.levels))
 
     @property
     def n_features(self) -> int:
         return len(self.names)
 
+    def levels_of(self, j: int) -> tuple[Level, ...]:
+        """The levels of column j (() unless categorical)."""
+        return self.levels[j] if j < len(self.levels) else ()
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-ready; a table without categorical columns leaves `levels` out (as saved before it existed)."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        d["levels"] = [list(v) for v in self.levels]
+        if not any(self.levels):
+            del d["levels"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TableSpec:
@@ -125,10 +141,18 @@ def describe_table(
     likelihood: Likelihood = "auto",
     standardize: bool = True,
     missing: MissingPolicy = "reject",
+    levels: Sequence[Sequence[Level]] | None = None,
 ) -> TableSpec:
-    """Inspect a training table (rows, features) and fix the per-column choices."""
+    """Inspect a training table (rows, features) and fix the per-column choices.
+
+    levels: per column, the levels of a categorical column (whose cells hold codes 0..L-1) or
+    () for a numeric one; None: every column numeric.
+    """
     names = [f"x{j}" for j in range(y.shape[-1])] if names is None else list(names)
     check_values(y, names, missing)
+    cats = [tuple(v) for v in levels] if levels is not None else [()] * len(names)
+    if len(cats) != len(names):
+        raise DataError(f"levels are given for {len(cats)} columns but the table has {len(names)}")
     if y.shape[0] < 2:
         raise DataError(f"the table has {y.shape[0]} rows; at least 2 are needed")
     y64 = y.detach().to("cpu", torch.float64)
@@ -139,6 +163,15 @@ def describe_table(
         col = y64[observed[:, j], j]
         if col.numel() == 0:
             raise DataError(f"column {name!r} has no observed value")
+        if cats[j]:
+            _check_codes(col, y64[:, j], name, len(cats[j]))
+            kinds.append("categorical")
+            loc.append(0.0)
+            scale.append(1.0)
+            lo.append(0.0)
+            hi.append(float(len(cats[j]) - 1))
+            step.append(0.0)
+            continue
         mean, std = float(col.mean()), float(col.std(unbiased=False))
         if std == 0.0:
             raise DataError(f"column {name!r} is constant ({float(col[0])}); drop it from the table")
@@ -160,4 +193,14 @@ def describe_table(
     for j, det in zip(gauss, determined_by_earlier(y64[:, gauss], [step[j] for j in gauss]), strict=True):
         step[j] = 0.0 if det else step[j]
     return TableSpec(tuple(names), tuple(kinds), tuple(loc), tuple(scale), tuple(lo), tuple(hi), missing, standardize,
-                     tuple(step))
+                     tuple(step), tuple(cats) if any(cats) else ())
+
+
+def _check_codes(observed: torch.Tensor, column: torch.Tensor, name: str, n_levels: int) -> None:
+    """A categorical column's observed cells are codes 0..n_levels-1, and more than one of them."""
+    bad = ~torch.isnan(column) & ((column != column.round()) | (column < 0) | (column >= n_levels))
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0])
+        raise DataError(f"column {name!r} row {row} holds {float(column[row])}, not a level code 0..{n_levels - 1}")
+    if int(torch.unique(observed).numel()) < 2:
+        raise DataError(f"column {name!r} holds one level only; drop it from the table")
