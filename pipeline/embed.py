@@ -216,7 +216,7 @@ def sample_file(model: LoadedModel, n: int, output_path: Path, seed: int = 0,
 
 
 def _sample_frame(model: LoadedModel, rows: int, generator: torch.Generator) -> pd.DataFrame:
-    y = sample(model.vae, rows, generator=generator)
+    y = sample(model.vae, rows, generator=generator, on_grid=True)  # grid columns drawn on their grid
     df = pd.DataFrame(y.numpy(), columns=list(model.schema.features))
     for j, (name, dtype) in enumerate(zip(model.schema.features, model.schema.dtypes, strict=True)):
         levels = model.schema.levels_of(j)

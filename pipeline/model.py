@@ -15,7 +15,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.schema import Schema
 from pipeline.tables import FLOAT32_MAX, file_sha256, is_numeric_dtype, to_tensor
-from vae import VAE, VAEError, check_values, load_model, read_manifest
+from vae import VAE, VAEError, check_log_domain, check_values, load_model, read_manifest
 from vae.store import WEIGHTS
 
 
@@ -55,8 +55,15 @@ class LoadedModel:
         """
         if not self._fits(df):
             self.schema.check(df, where)
-        if self.schema.categorical:
-            return self._coded(df, where, first_row)
+        y = self._coded(df, where, first_row) if self.schema.categorical else self._numeric(df, where)
+        if self.vae.any_log:
+            try:
+                check_log_domain(y, self.vae.spec, first_row)
+            except VAEError as exc:
+                raise PipelineError(f"{where}: {exc}") from None
+        return y
+
+    def _numeric(self, df: pd.DataFrame, where: str) -> torch.Tensor:
         frame = self.schema.features_in_order(df)
         with np.errstate(over="ignore"):  # a float64 beyond float32's range: named below
             cells = frame.to_numpy(dtype=np.float32, na_value=np.nan, copy=True)  # (N, D), column-major

@@ -25,6 +25,7 @@ from vae import (
     EpochStats,
     VAEError,
     anomaly_threshold,
+    check_log_domain,
     check_values,
     describe_table,
     fit,
@@ -173,8 +174,10 @@ def _train_claimed(data_path: Path, out: Path, params: Params, resume: bool, val
         spec = describe_table(
             y, schema.features, likelihood=params.model.likelihood,
             standardize=params.data.standardize, missing=params.data.missing,
-            levels=schema.levels or None,
+            levels=schema.levels or None, log_columns=params.model.log_columns, seed=params.train.seed,
         )
+        if y_val is not None:
+            check_log_domain(y_val, spec)
         vae = VAE(spec, params.model, seed=params.train.seed)
     except VAEError as exc:
         raise PipelineError(f"{data_path}: {exc}") from None

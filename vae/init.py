@@ -62,7 +62,8 @@ def linear_gaussian_fit(model: VAE, y: torch.Tensor) -> LinearGaussian | None:
     idx = dec.gauss_index.cpu()
     if idx.numel() == 0:
         return None
-    x = ((y.detach().to("cpu", torch.float64) - model.loc.double().cpu()) / model.scale.double().cpu())[:, idx]
+    y64 = model.cpu_transform(y.detach().to("cpu", torch.float64))
+    x = ((y64 - model.loc.double().cpu()) / model.scale.double().cpu())[:, idx]
     x = torch.nan_to_num(x, nan=0.0)  # missing cells at the mean: an approximate start
     mean = x.mean(0)
     ns = dec.noise_scale.double().cpu()[idx]  # noise parameter units -> standardized scale

@@ -221,21 +221,55 @@ class VAE(nn.Module):
         self.register_buffer("cat_pad", pad, persistent=False)  # (C, Lmax) positions in the logits
         self.register_buffer("cat_valid", valid, persistent=False)  # (C, Lmax) which are levels
         self.register_buffer("cat_sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)  # (C,)
+        # model.log_columns: these cells enter as log y, and the density has the Jacobian -log y
+        self.register_buffer("log_mask", torch.tensor([spec.is_log(j) for j in range(d)], dtype=torch.bool),
+                             persistent=False)
+        self.any_log = bool(self.log_mask.any())
 
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
 
+    def transform(self, y: torch.Tensor) -> torch.Tensor:
+        """y with the log-scale columns as log y (the others as they are)."""
+        if not self.any_log:
+            return y
+        mask = self.log_mask.to(y.device)
+        return torch.where(mask, y.clamp_min(torch.finfo(y.dtype).tiny).log(), y)
+
+    def cpu_transform(self, y: torch.Tensor) -> torch.Tensor:
+        """transform() of rows on the CPU (any dtype), whatever the model's device."""
+        if not self.any_log:
+            return y
+        return torch.where(self.log_mask.cpu(), y.clamp_min(torch.finfo(y.dtype).tiny).log(), y)
+
     def standardize(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, D) original units -> (scaled rows with missing cells at 0, observed mask or None)."""
-        x = (y - self.loc) / self.scale
+        x = (self.transform(y) - self.loc) / self.scale
         if not self.masked:
             return x, None
         mask = ~torch.isnan(x)
         return torch.where(mask, x, 0.0), mask.to(x.dtype)
 
     def unstandardize(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.gaussian, x * self.scale + self.loc, x)
+        y = torch.where(self.gaussian, x * self.scale + self.loc, x)
+        return torch.where(self.log_mask, y.exp(), y) if self.any_log else y
+
+    def on_grid(self, y: torch.Tensor) -> torch.Tensor:
+        """Rows y (N, D) with each column recorded on a grid moved to its nearest grid value: one
+        of its few training values (spec.support), or its lattice from the training minimum to
+        the maximum (spec.lattice). The other columns are left as they are."""
+        spec, y = self.spec, y.clone()
+        for j, values in enumerate(spec.support):
+            if values:
+                v = torch.tensor(values, dtype=y.dtype, device=y.device)
+                mid = (v[1:] + v[:-1]) / 2
+                y[:, j] = v[torch.bucketize(y[:, j].contiguous(), mid)]
+        for j, step in enumerate(spec.lattice):
+            if step > 0:
+                lo, hi = spec.minimum[j], spec.maximum[j]
+                y[:, j] = (lo + step * torch.round((y[:, j] - lo) / step)).clamp(lo, hi)
+        return y
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None) -> Posterior:
         if self.n_levels:
@@ -288,6 +322,8 @@ class VAE(nn.Module):
         if self.n_levels:
             cats = self._categorical_cells(x, out)
             cell = cell.expand(*cats.shape[:-1], -1).index_copy(-1, self.cat_index, cats)
+        if self.any_log:  # change of variables y -> log y: -log y = -(x s + m) on those columns
+            cell = cell - torch.where(self.log_mask, x * self.scale + self.loc, 0.0)
         return cell if mask is None else cell * mask
 
     def _correlated_cells(self, x: torch.Tensor, out: DecoderOut, mask: torch.Tensor | None) -> torch.Tensor:
