@@ -151,8 +151,8 @@ def choose_log_columns(y: torch.Tensor, candidates: Sequence[int], columns: Sequ
                        val_fraction: float = 0.2) -> list[int]:
     """model.log_columns auto: the candidate columns (strictly positive) whose log scale raises the
     validation log-likelihood of the full Gaussian over columns (the Gaussian ones; a seeded split
-    of the complete rows) by MIN_LOG_GAIN nats per row at least, each given those kept before
-    (greedy, table order).
+    of the complete rows) by MIN_LOG_GAIN nats per row at least: from none or all of them, whichever
+    scores higher, each column's scale toggled in table order and kept where it helps.
     Tables wider than MAX_JOINT_LOG_CHOICE compare each column's own Gaussian instead."""
     if not candidates:
         return []
@@ -168,13 +168,18 @@ def choose_log_columns(y: torch.Tensor, candidates: Sequence[int], columns: Sequ
     if len(columns) > MAX_JOINT_LOG_CHOICE:
         return [j for j in candidates if _full_gauss_val(train[:, [pos[j]]], val[:, [pos[j]]], [0])
                 > _full_gauss_val(train[:, [pos[j]]], val[:, [pos[j]]], []) + gain]
-    chosen: list[int] = []
-    best = _full_gauss_val(train, val, [])
+    # related columns move together (radius, perimeter and area are linear in each other only on
+    # the log scale): start from none or all, whichever scores higher, then toggle each column
+    everything = list(candidates)
+    none_score, all_score = _full_gauss_val(train, val, []), _full_gauss_val(train, val, [pos[c] for c in everything])
+    chosen, best = (everything, all_score) if all_score > none_score + gain else ([], none_score)
     for j in candidates:
-        score = _full_gauss_val(train, val, [*(pos[c] for c in chosen), pos[j]])
-        if score > best + gain:
-            chosen, best = [*chosen, j], score
-    return chosen
+        trial = [c for c in chosen if c != j] if j in chosen else sorted([*chosen, j])
+        score = _full_gauss_val(train, val, [pos[c] for c in trial])
+        # adding a log must gain; dropping one must not lose (a log is kept only where it pays)
+        if (j not in chosen and score > best + gain) or (j in chosen and score >= best - gain):
+            chosen, best = trial, score
+    return sorted(chosen)
 
 
 _BLOCK_ROWS = 65536  # determined_by_earlier's passes: bounded extra memory whatever the table's size
