@@ -165,3 +165,27 @@ def test_drop_columns_names_a_column_the_table_lacks(tmp_path, capsys):
                        "--set", "data.drop_columns=[notes]")
     assert code == 2 and "data.drop_columns names 'notes', which is not a column of the table" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_registered_model_with_text_columns_predicts_through_mlflow(trained, tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline.config import load_params
+    from pipeline.registry import register_model
+
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    try:
+        cars(60, seed=9).to_parquet(tmp_path / "t.parquet", index=False)
+        params = load_params(None, [*ARGS[1::2], "register.model_name=cars"])
+        register_model(trained / "model", params, table=tmp_path / "t.parquet")
+        info = mlflow.models.get_model_info("models:/cars@challenger")
+        inputs = {c["name"]: c["type"] for c in info.signature.inputs.to_dict()}
+        assert inputs["drv"] == "string" and inputs["displ"] == "double"
+        out = mlflow.pyfunc.load_model("models:/cars@challenger").predict(cars(60, seed=9).drop(columns="note"))
+        assert len(out) == 60 and out["log_likelihood"].notna().all()
+    finally:
+        mlflow.set_tracking_uri(previous)  # mlflow keeps it in a global too
