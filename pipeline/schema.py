@@ -66,8 +66,14 @@ def encode_levels(series: pd.Series, levels: Sequence[str], name: str, where: st
     see in training is an input error naming the column, row and level."""
     values = level_values(series)
     missing = values == None  # noqa: E711 (elementwise)
-    codes = pd.Index(list(levels)).get_indexer(values)  # -1: not a level (or missing)
+    index = pd.Index(list(levels))
+    codes = index.get_indexer(values)  # -1: not a level (or missing)
     unseen = (codes < 0) & ~missing
+    if unseen.any() and pd.api.types.is_float_dtype(series.dtype):
+        # a CSV chunk of integer levels with a gap reads as floats: 4.0 is the level "4"
+        whole = np.array([str(int(float(v))) if float(v).is_integer() else v for v in values[unseen]], dtype=object)
+        codes[unseen] = index.get_indexer(whole)
+        unseen = (codes < 0) & ~missing
     if unseen.any():
         row = int(np.flatnonzero(unseen)[0])
         shown = ", ".join(repr(v) for v in list(levels)[:8]) + (", ..." if len(levels) > 8 else "")
