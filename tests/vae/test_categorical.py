@@ -141,3 +141,19 @@ def test_codes_outside_the_levels_are_refused_by_column_and_row():
     with pytest.raises(vae.DataError, match=r"column 'c0' row 7 holds 3.0, not a level code 0..2"):
         _spec(y)
     assert math.isfinite(float(_mixed(50)[0, 0]))
+
+
+@pytest.mark.parametrize("mode", ["fixed", "shared", "per_feature", "heteroscedastic", "full", "lowrank"])
+@pytest.mark.parametrize("hidden", [(), (8,)], ids=["affine", "mlp"])
+def test_every_noise_kind_takes_categorical_columns(mode: str, hidden: tuple[int, ...]):
+    y = _mixed(300)
+    y[::17, 1] = float("nan")
+    spec = _spec(y, missing="mask")
+    model = vae.VAE(spec, vae.ModelConfig(latent_dim=2, hidden_dims=hidden, decoder_variance=mode, noise_rank=1), seed=0)
+    vae.fit(model, y, vae.TrainConfig(epochs=3, batch_size=64, val_fraction=0.2, device="cpu"))
+    ev = vae.evaluate(model, y, iw_samples=5, seed=0)
+    assert math.isfinite(ev.log_likelihood)
+    draws = vae.sample(model, 100, generator=torch.Generator().manual_seed(0))
+    assert set(draws[:, 1].tolist()) <= {0.0, 1.0, 2.0} and set(draws[:, 3].tolist()) <= {0.0, 1.0}
+    recon = vae.reconstruct(model, y[:20])
+    assert set(recon[:, 1].tolist()) <= {0.0, 1.0, 2.0}
