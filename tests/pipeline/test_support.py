@@ -68,3 +68,27 @@ def test_a_non_positive_value_in_a_log_column_is_named(trained, tmp_path, capsys
     code, _, err = run(capsys, "embed", str(trained / "model"), str(tmp_path / "bad.parquet"),
                        str(tmp_path / "e.parquet"), *ARGS)
     assert code == 2 and "column 'area' row 9 holds 0.0; the model takes its log (model.log_columns)" in err
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("5", "model.log_columns is 5; choose auto, none or a list of column names"),
+    ("[year, nope]", "model.log_columns names 'nope', which is not a feature column"),
+])
+def test_bad_log_columns_are_named(tmp_path, capsys, value, says):
+    measurements(100).to_parquet(tmp_path / "t.parquet", index=False)
+    code, _, err = run(capsys, "train", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "m"), *FAST_ARGS,
+                       "--set", f"model.log_columns={value}")
+    assert code == 2 and says in err, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_listed_log_column_with_a_zero_is_named(tmp_path, capsys):
+    table = measurements(100)
+    table.loc[12, "area"] = 0.0
+    table.to_parquet(tmp_path / "t.parquet", index=False)
+    code, _, err = run(capsys, "train", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "m"), *FAST_ARGS,
+                       "--set", "model.log_columns=[area]")
+    assert code == 2 and "column 'area' row 12 holds 0.0; model.log_columns needs values > 0" in err, err
+    code, _, err = run(capsys, "train", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "m"), *ARGS)
+    assert code == 0, err  # auto leaves that column as it is
+    assert not load_model_dir(tmp_path / "m").vae.spec.is_log(0)
