@@ -27,6 +27,9 @@ def _at_least(key: str, value: int, low: int) -> None:
 class DataParams:
     source: str = "sklearn:breast_cancer"  # a CSV/Parquet path, sklearn:NAME or synthetic:ROWSxCOLS
     id_columns: tuple[str, ...] = ()  # passed through untouched to every output
+    # columns left out of the model without editing the table (train, validate); the model records
+    # them, so later tables may still carry them
+    drop_columns: tuple[str, ...] = ()
     missing: MissingPolicy = "reject"
     standardize: bool = True  # reported figures stay in original units (Jacobian added)
     test_fraction: float = 0.2  # prepare: rows held out for evaluation and the promotion gate
@@ -35,6 +38,10 @@ class DataParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "id_columns", tuple(self.id_columns))
+        object.__setattr__(self, "drop_columns", tuple(self.drop_columns))
+        both = [c for c in self.drop_columns if c in self.id_columns]
+        if both:
+            raise ConfigError(f"data.drop_columns names {both[0]!r}, which data.id_columns lists too; keep it in one")
         taken = [c for c in self.id_columns if OUTPUT_COLUMN.fullmatch(c)]
         if taken:
             raise ConfigError(
@@ -151,6 +158,16 @@ class Params:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def drop_columns(df: Any, data: DataParams, where: str) -> Any:
+    """df without data.drop_columns; a name that is not a column of df is an error naming the key."""
+    if not data.drop_columns:
+        return df
+    absent = [c for c in data.drop_columns if c not in df.columns]
+    if absent:
+        raise PipelineError(f"{where}: data.drop_columns names {absent[0]!r}, which is not a column of the table")
+    return df.drop(columns=list(data.drop_columns))
 
 
 def _plain(section: Any) -> dict[str, Any]:

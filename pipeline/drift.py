@@ -9,6 +9,9 @@ large table does not fail on a shift too small to matter:
   (asymptotic two-sample p-value).
 A column drifts when an effect passes its limit (validate.drift_max_shift_std, drift_max_ks) and
 the test is significant at validate.drift_alpha, Bonferroni over the columns.
+A text column (modelled over its levels) has neither a mean nor an order: its level frequencies
+are compared instead, by their total variation distance (limit validate.drift_max_ks, a distance
+between distributions on the same [0, 1] scale) and the chi-square test of homogeneity.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pandas as pd
 import torch
 
 from pipeline.config import ValidateParams
-from pipeline.schema import Schema
+from pipeline.schema import Schema, level_values
 from pipeline.tables import is_numeric_dtype
 
 MIN_DRIFT_ROWS = 2  # a mean and a variance need two values
@@ -38,8 +41,12 @@ class Drift:
     ks: float | None  # KS distance to the training sketch; None without a sketch
     ks_p: float | None
     drifted: bool
+    levels_tv: float | None = None  # a text column: total variation distance of the level frequencies
+    levels_p: float | None = None  # its chi-square p-value (homogeneity with the training counts)
 
     def describe(self) -> str:
+        if self.levels_tv is not None:
+            return f"level frequencies moved by total variation {self.levels_tv:.3f} (chi-square p={self.levels_p:.2g})"
         text = f"mean shifted {self.shift_std:+.2f} training sd (p={self.shift_p:.2g})"
         if self.ks is not None:
             text += f", KS distance {self.ks:.3f} (p={self.ks_p:.2g})"
@@ -91,6 +98,8 @@ class DriftStats:
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
         d = len(schema.features)
+        self.cats = schema.categorical  # counted by level, not in the moments and sketch below
+        self.level_counts = {j: np.zeros(len(schema.levels[j]), dtype=np.int64) for j in self.cats}
         self.n, self.mean, self.m2 = np.zeros(d, dtype=np.int64), np.zeros(d), np.zeros(d)
         points = [np.unique(np.asarray(q, dtype=np.float64)) for q in schema.quantiles]  # (U_j,)
         self.sizes = np.array([u.size for u in points], dtype=np.int64)  # U_j
@@ -113,14 +122,49 @@ class DriftStats:
         order; read instead of df's columns where float32 holds those exactly (no second conversion).
         """
         every = np.arange(len(self.schema.features))
-        exact = cells is not None and cells.shape == (len(df), every.size) and _all_exact_in_float32(df, self.schema)
+        if self.cats:
+            self._count_levels(df, cells)
+        exact = (not self.cats and cells is not None and cells.shape == (len(df), every.size)
+                 and _all_exact_in_float32(df, self.schema))
         for start in range(0, len(df), CHUNK_ROWS):  # temporaries of one chunk, whatever df's size
             if exact and cells is not None:
                 self._add(every, cells[start : start + CHUNK_ROWS].numpy().T)  # (D, n)
                 continue
-            cols, values = _feature_values(self.schema.features, df.iloc[start : start + CHUNK_ROWS])
+            cols, values = _feature_values(self.schema.features, df.iloc[start : start + CHUNK_ROWS], set(self.cats))
             if cols.size:
                 self._add(cols, values)
+
+    def _count_levels(self, df: pd.DataFrame, cells: torch.Tensor | None) -> None:
+        """Add each text column's level counts: from the codes in cells, else from df's values
+        (a value that is no level, or missing, is not counted)."""
+        for j in self.cats:
+            name, n = self.schema.features[j], len(self.schema.levels[j])
+            if cells is not None and cells.shape == (len(df), len(self.schema.features)):
+                codes = cells[:, j].numpy()
+                codes = codes[~np.isnan(codes)].astype(np.int64)
+            elif name in df.columns:
+                codes = pd.Index(list(self.schema.levels[j])).get_indexer(level_values(df[name]))
+                codes = codes[codes >= 0].astype(np.int64)
+            else:
+                continue
+            self.level_counts[j] += np.bincount(codes, minlength=n)[:n]
+
+    def _level_drift(self, j: int, params: ValidateParams, alpha: float) -> Drift | None:
+        from scipy import special
+
+        new = self.level_counts[j].astype(np.float64)
+        n = int(new.sum())
+        if n < MIN_DRIFT_ROWS or j >= len(self.schema.level_counts):
+            return None
+        train = np.asarray(self.schema.level_counts[j], dtype=np.float64)
+        tv = float(0.5 * np.abs(new / n - train / train.sum()).sum())
+        table = np.stack([train, new])  # 2 x L contingency table
+        seen = table.sum(0) > 0
+        expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+        stat = float((((table - expected) ** 2)[:, seen] / expected[:, seen]).sum())
+        p = float(special.chdtrc(max(int(seen.sum()) - 1, 1), stat))
+        drifted = tv > params.drift_max_ks and p < alpha
+        return Drift(self.schema.features[j], n, 0.0, 1.0, None, None, drifted, tv, p)
 
     def _add(self, cols: np.ndarray, chunk: np.ndarray) -> None:
         """chunk (P, n): the values of the features cols (read only: copied to a kept buffer)."""
@@ -181,6 +225,10 @@ class DriftStats:
         alpha = params.drift_alpha / max(len(self.schema.features), 1)
         s, out = self.schema, []
         for j, name in enumerate(s.features):
+            if j in self.level_counts:
+                if (level := self._level_drift(j, params, alpha)) is not None:
+                    out.append(level)
+                continue
             n = int(self.n[j])
             if n < MIN_DRIFT_ROWS:
                 continue
@@ -217,11 +265,11 @@ def _all_exact_in_float32(df: pd.DataFrame, schema: Schema) -> bool:
     return all(_exact_in_float32(t) for t in df.dtypes[list(schema.features)])
 
 
-def _feature_values(features: Sequence[str], df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(indices of the features present in df, their values (P, N), read only): float32 where
-    every column converts to it exactly, else float64; NaN where missing or not a number."""
+def _feature_values(features: Sequence[str], df: pd.DataFrame, skip: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the features present in df, but not in skip, their values (P, N), read only):
+    float32 where every column converts to it exactly, else float64; NaN where missing or not a number."""
     have = set(df.columns)
-    cols = np.array([j for j, name in enumerate(features) if name in have], dtype=np.int64)
+    cols = np.array([j for j, name in enumerate(features) if name in have and j not in (skip or ())], dtype=np.int64)
     frame = df[[features[j] for j in cols]]
     text = [c for c, t in frame.dtypes.items() if not is_numeric_dtype(t)]
     if text:  # as pd.to_numeric(errors="coerce") reads them
@@ -250,5 +298,6 @@ def column_drift(schema: Schema, df: pd.DataFrame, params: ValidateParams) -> li
 
 
 def drift_summary(drifts: Sequence[Drift]) -> str:
-    """'a (+1.02 sd), b (-0.61 sd)' for the drifted columns; '' when none drifted."""
-    return ", ".join(f"{d.column!r} ({d.shift_std:+.2f} sd)" for d in drifts if d.drifted)
+    """'a (+1.02 sd), b (-0.61 sd), c (levels TV 0.31)' for the drifted columns; '' when none drifted."""
+    return ", ".join(f"{d.column!r} ({d.shift_std:+.2f} sd)" if d.levels_tv is None else
+                     f"{d.column!r} (levels TV {d.levels_tv:.2f})" for d in drifts if d.drifted)

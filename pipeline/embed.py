@@ -121,7 +121,7 @@ def _checked(model: LoadedModel, batches: Iterator[pd.DataFrame], path: Path,
     run by prefetch's thread, so that the encoder's thread only encodes and writes."""
     rows = 0
     for batch in batches:
-        y = model.features(batch, where=f"{path} (rows {rows}..)")
+        y = model.features(batch, where=f"{path} (rows {rows}..)", first_row=rows)
         if stats is not None:
             stats.update(batch, y)
         rows += len(batch)
@@ -216,10 +216,14 @@ def sample_file(model: LoadedModel, n: int, output_path: Path, seed: int = 0,
 
 
 def _sample_frame(model: LoadedModel, rows: int, generator: torch.Generator) -> pd.DataFrame:
-    y = sample(model.vae, rows, generator=generator)
+    y = sample(model.vae, rows, generator=generator, on_grid=True)  # grid columns drawn on their grid
     df = pd.DataFrame(y.numpy(), columns=list(model.schema.features))
-    for name, dtype in zip(model.schema.features, model.schema.dtypes, strict=True):
-        if dtype.startswith(("int", "uint", "bool", "Int", "UInt")):
+    for j, (name, dtype) in enumerate(zip(model.schema.features, model.schema.dtypes, strict=True)):
+        levels = model.schema.levels_of(j)
+        if levels:  # the drawn codes as their levels
+            names = np.asarray(levels, dtype=object)[df[name].to_numpy().astype(np.int64)]
+            df[name] = pd.Categorical(names, categories=list(levels)) if dtype == "category" else pd.array(names, dtype="str")
+        elif dtype.startswith(("int", "uint", "bool", "Int", "UInt")):
             df[name] = df[name].round().astype(dtype)
     return df
 

@@ -15,7 +15,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.schema import Schema
 from pipeline.tables import FLOAT32_MAX, file_sha256, is_numeric_dtype, to_tensor
-from vae import VAE, VAEError, check_values, load_model, read_manifest
+from vae import VAE, VAEError, check_log_domain, check_values, load_model, read_manifest
 from vae.store import WEIGHTS
 
 
@@ -43,16 +43,27 @@ class LoadedModel:
                           f"(its anomaly threshold was placed with them), not {score_samples} and {seed}", stacklevel=2)
         return stored
 
-    def features(self, df: pd.DataFrame, where: str) -> torch.Tensor:
+    def features(self, df: pd.DataFrame, where: str, first_row: int = 0) -> torch.Tensor:
         """The table's feature columns as the model reads them, (N, D) float32; a table that breaks
         the contract, or a NaN or inf cell the model cannot take, is refused by column and row.
 
         One copy and one pass over the cells when the table is fine (a streamed batch): the
         contract from df's dtypes at once, the cells from their least and greatest float32. Only a
         table that fails those takes the checks that name columns and rows (each a pass per column).
+        Text columns become their level codes; a level unseen in training is named with its row
+        (first_row: the position of df's first row in its file, for that message).
         """
         if not self._fits(df):
             self.schema.check(df, where)
+        y = self._coded(df, where, first_row) if self.schema.categorical else self._numeric(df, where)
+        if self.vae.any_log:
+            try:
+                check_log_domain(y, self.vae.spec, first_row)
+            except VAEError as exc:
+                raise PipelineError(f"{where}: {exc}") from None
+        return y
+
+    def _numeric(self, df: pd.DataFrame, where: str) -> torch.Tensor:
         frame = self.schema.features_in_order(df)
         with np.errstate(over="ignore"):  # a float64 beyond float32's range: named below
             cells = frame.to_numpy(dtype=np.float32, na_value=np.nan, copy=True)  # (N, D), column-major
@@ -66,12 +77,30 @@ class LoadedModel:
             raise PipelineError(f"{where}: {exc}") from None
         return y
 
-    def _fits(self, df: pd.DataFrame) -> bool:
-        """Whether df holds exactly the id and feature columns, the features numeric (Schema.problems() == [])."""
+    def _coded(self, df: pd.DataFrame, where: str, first_row: int) -> torch.Tensor:
+        """features() of a model with text columns: numeric cells checked as there, levels coded."""
         s = self.schema
-        if len(df.columns) != len(s.features) + len(s.id_columns) or set(df.columns) != {*s.features, *s.id_columns}:
+        y = torch.from_numpy(s.codes(df, where, first_row))
+        numeric = [name for j, name in enumerate(s.features) if not s.levels_of(j)]
+        if numeric and not bool(torch.isfinite(y.sum())):
+            to_tensor(s.features_in_order(df)[numeric], where)  # a cell beyond float32's range, by column and row
+        try:
+            if not bool(torch.isfinite(y.sum())):
+                check_values(y, s.features, self.vae.spec.missing)
+        except VAEError as exc:
+            raise PipelineError(f"{where}: {exc}") from None
+        return y
+
+    def _fits(self, df: pd.DataFrame) -> bool:
+        """Whether df holds exactly the id and feature columns (and any dropped ones), the features
+        numeric or, where the model has levels, of any dtype (Schema.problems() == [])."""
+        s = self.schema
+        extra = len([c for c in s.dropped if c in df.columns]) if s.dropped else 0
+        if len(df.columns) != len(s.features) + len(s.id_columns) + extra or not set(df.columns) <= {
+                *s.features, *s.id_columns, *s.dropped}:
             return False
-        return all(is_numeric_dtype(t) for t in df.dtypes[list(s.features)])
+        cats = {s.features[j] for j in s.categorical}
+        return all(is_numeric_dtype(t) or c in cats for c, t in df.dtypes[list(s.features)].items())
 
     @property
     def id_columns(self) -> tuple[str, ...]:

@@ -16,7 +16,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline.model import LoadedModel
-from pipeline.tables import to_tensor
 from vae import embed
 from vae import traversals as decode_traversals
 
@@ -146,6 +145,6 @@ def model_figures(
         paths += per_feature_reconstruction(metrics["per_feature_reconstruction"], out_dir)
     if table is not None:
         rows = table if len(table) <= PLOT_ROWS else table.sample(PLOT_ROWS, random_state=0)
-        z = embed(model.vae, to_tensor(model.schema.features_in_order(rows))).z.numpy()  # (N, K)
+        z = embed(model.vae, model.features(rows, "table")).z.numpy()  # (N, K); text columns as level codes
         paths += latent_view(z, out_dir)
     return paths

@@ -219,6 +219,8 @@ def _mlflow_type(dtype: str) -> DataType:
              "float32": DataType.float}
     if dtype in kinds:
         return kinds[dtype]
+    if dtype.lower() in ("str", "string", "object", "category"):  # a text column, modelled over its levels
+        return DataType.string
     return DataType.long if dtype.lower().startswith(("int", "uint")) else DataType.double
 
 

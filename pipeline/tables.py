@@ -385,10 +385,17 @@ def is_numeric_dtype(dtype: Any) -> bool:
     return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
 
 
+def is_text_dtype(dtype: Any) -> bool:
+    """Text or categorical columns (object, str, category): modelled over their levels."""
+    return (isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(dtype)
+            or pd.api.types.is_object_dtype(dtype))
+
+
 def split_features(
     df: pd.DataFrame, id_columns: Sequence[str], where: str
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(ids, features): id columns pass through; every other column must be numeric."""
+    """(ids, features): id columns pass through; every other column must be numeric or text
+    (a text or categorical column is modelled over its levels)."""
     missing = [c for c in id_columns if c not in df.columns]
     if missing:
         raise PipelineError(
@@ -400,11 +407,12 @@ def split_features(
     features = df[[c for c in df.columns if c not in set(id_columns)]]
     if features.shape[1] == 0:
         raise PipelineError(f"{where}: no feature columns besides the id columns (data.id_columns)")
-    bad = [(c, str(t)) for c, t in features.dtypes.items() if not is_numeric_dtype(t)]
+    bad = [(c, str(t)) for c, t in features.dtypes.items() if not is_numeric_dtype(t) and not is_text_dtype(t)]
     if bad:
         named = ", ".join(f"{c!r} ({t})" for c, t in bad)
         raise PipelineError(
-            f"{where}: non-numeric column {named}; drop it or list it in data.id_columns"
+            f"{where}: column {named} is neither numeric nor text; "
+            "convert it, drop it (data.drop_columns) or list it in data.id_columns"
         )
     bools = [c for c, t in features.dtypes.items() if pd.api.types.is_bool_dtype(t)]
     if bools:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from pipeline.config import Params
+from pipeline.config import Params, drop_columns
 from pipeline.errors import PipelineError
 from pipeline.outputs import TRAIN_LOCK, busy_message, claimed_dir
 from pipeline.schema import Schema
@@ -24,6 +25,7 @@ from vae import (
     EpochStats,
     VAEError,
     anomaly_threshold,
+    check_log_domain,
     check_values,
     describe_table,
     fit,
@@ -57,20 +59,25 @@ class TrainSummary:
 
 
 def _load(path: Path, params: Params, schema: Schema | None = None) -> tuple[torch.Tensor, Schema]:
-    df = read_table(path)
+    df = drop_columns(read_table(path), params.data, str(path))
     if schema is not None:
         schema.check(df, str(path))
         df = df[[*schema.id_columns, *schema.features]]
     _, features = split_features(df, params.data.id_columns, str(path))
     for name, why in float32_collapsed(features):
         raise PipelineError(f"{path}: column {name!r} {why}")
-    y = to_tensor(features, str(path))
+    schema = schema or Schema.from_frame(df, params.data.id_columns, str(path), params.data.drop_columns)
+    if schema.categorical:  # text columns as their level codes (an unseen level is named)
+        to_tensor(features[[c for j, c in enumerate(schema.features) if not schema.levels_of(j)]], str(path))
+        y = torch.from_numpy(np.ascontiguousarray(schema.codes(df, str(path))))
+    else:
+        y = to_tensor(features, str(path))
     if not bool(torch.isfinite(y.sum())):  # a NaN or inf cell: named here, against its own file
         try:
             check_values(y, [str(c) for c in features.columns], params.data.missing)
         except VAEError as exc:
             raise PipelineError(f"{path}: {exc}") from None
-    return y, schema or Schema.from_frame(df, params.data.id_columns)
+    return y, schema
 
 
 def check_out_dir(out: Path, resume: bool) -> None:
@@ -167,7 +174,10 @@ def _train_claimed(data_path: Path, out: Path, params: Params, resume: bool, val
         spec = describe_table(
             y, schema.features, likelihood=params.model.likelihood,
             standardize=params.data.standardize, missing=params.data.missing,
+            levels=schema.levels or None, log_columns=params.model.log_columns, seed=params.train.seed,
         )
+        if y_val is not None:
+            check_log_domain(y_val, spec)
         vae = VAE(spec, params.model, seed=params.train.seed)
     except VAEError as exc:
         raise PipelineError(f"{data_path}: {exc}") from None

@@ -19,9 +19,15 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from pipeline.config import DataParams, Params, ValidateParams
-from pipeline.schema import Schema
-from pipeline.tables import FLOAT32_MAX, float32_collapsed, is_numeric_dtype, read_table
+from pipeline.config import DataParams, Params, ValidateParams, drop_columns
+from pipeline.schema import Schema, level_values
+from pipeline.tables import (
+    FLOAT32_MAX,
+    float32_collapsed,
+    is_numeric_dtype,
+    is_text_dtype,
+    read_table,
+)
 from vae.atomic import write_atomic
 
 Severity = Literal["error", "warning"]
@@ -111,32 +117,59 @@ def validate_table(
 ) -> ValidationReport:
     """Check a table against the contract; success is False when an error-severity check fails."""
     # GX reports index labels: make them positions; names as str for GX and the report
-    df = df.reset_index(drop=True).rename(columns=str)
+    df = drop_columns(df.reset_index(drop=True).rename(columns=str), data, where)
+    if against is not None and against.dropped:  # the model's data.drop_columns: ignored where present
+        df = df.drop(columns=[c for c in against.dropped if c in df.columns])
     ids = set(against.id_columns if against is not None else data.id_columns)
     features = [c for c in df.columns if c not in ids]
     if against is not None:
         features = [c for c in features if c in set(against.features)]
-    numeric = [c for c in features if is_numeric_dtype(df[c].dtype)]
+        levels = {against.features[j]: against.levels[j] for j in against.categorical}
+        categorical = [c for c in features if c in levels]
+    else:
+        categorical = [c for c in features if not is_numeric_dtype(df[c].dtype) and is_text_dtype(df[c].dtype)]
+    numeric = [c for c in features if is_numeric_dtype(df[c].dtype) and c not in set(categorical)]
     precision = _precision_checks(df, numeric)
     imprecise = {c.column for c in precision if not c.success}
     checks = [
-        *_numeric_checks(df, features),
+        *_numeric_checks(df, features, categorical),
+        *_level_checks(df, categorical, against),
         *_finite_checks(df, numeric),
         *precision,
-        *_gx_checks(df, [c for c in numeric if c not in imprecise], data, params, against),
-        _duplicate_check(df, numeric, params.max_duplicate_fraction),
+        *_gx_checks(df, [c for c in numeric if c not in imprecise], data, params, against, categorical),
+        _duplicate_check(df, [*numeric, *categorical], params.max_duplicate_fraction),
         *_iid_checks(df, numeric, params),
-        *_drift_checks(df, numeric, params, against),
+        *_drift_checks(df, [*numeric, *categorical], params, against),
     ]
     success = not any(not c.success and c.severity == "error" for c in checks)
     return ValidationReport(success=success, checks=tuple(checks), n_rows=len(df), where=where)
 
 
-def _numeric_checks(df: pd.DataFrame, features: Sequence[str]) -> list[Check]:
-    bad = [c for c in features if not is_numeric_dtype(df[c].dtype)]
-    hint = "is not numeric; drop the column or list it in data.id_columns"
+def _numeric_checks(df: pd.DataFrame, features: Sequence[str], categorical: Sequence[str]) -> list[Check]:
+    bad = [c for c in features if not is_numeric_dtype(df[c].dtype) and c not in set(categorical)]
+    hint = ("is not numeric and the model has no levels for it; retrain with it or drop it (data.drop_columns)"
+            if categorical or any(is_text_dtype(df[c].dtype) for c in bad) else
+            "is neither numeric nor text; convert it, drop it (data.drop_columns) or list it in data.id_columns")
     checks = [Check("numeric", c, False, "error", f"dtype {df[c].dtype} {hint}") for c in bad]
-    return checks or [Check("numeric", None, True, "error", f"all {len(features)} are numeric")]
+    n = len(features) - len(categorical)
+    return checks or [Check("numeric", None, True, "error", f"all {n} non-text features are numeric")]
+
+
+def _level_checks(df: pd.DataFrame, categorical: Sequence[str], against: Schema | None) -> list[Check]:
+    """Text columns, modelled over their levels: one that holds a distinct value in every row is an
+    identifier, not a category (against a model, its levels are checked by GX instead)."""
+    checks = []
+    for c in categorical:
+        values = level_values(df[c])
+        seen = values[values != None]  # noqa: E711 (elementwise)
+        distinct = len(set(seen.tolist()))
+        if against is None and distinct == len(seen) and len(seen) > 2:
+            checks.append(Check("categorical", c, False, "error",
+                                f"{distinct} distinct values in {len(seen)} rows: an identifier, not a category; "
+                                "list it in data.id_columns or data.drop_columns"))
+        else:
+            checks.append(Check("categorical", c, True, "error", f"text, modelled over {distinct} levels"))
+    return checks
 
 
 def _rows(result: dict[str, Any]) -> tuple[int, ...]:
@@ -181,6 +214,7 @@ def _expectations(
     data: DataParams,
     params: ValidateParams,
     against: Schema | None,
+    categorical: Sequence[str] = (),
 ) -> list[Any]:
     import great_expectations.expectations as gxe
 
@@ -195,7 +229,7 @@ def _expectations(
         _expect(gxe.ExpectTableRowCountToBeBetween(min_value=params.min_rows), "row_count",
                 ok="{v} rows", fail=f"{{v}} rows; {need}"),
     ]
-    for c in numeric:
+    for c in [*numeric, *categorical]:
         if data.missing == "reject":
             out.append(_expect(gxe.ExpectColumnValuesToNotBeNull(column=c), "no_nulls",
                                ok="no null values",
@@ -204,6 +238,12 @@ def _expectations(
                            "not_constant", ok="{v} distinct values",
                            fail="{v} distinct value{s}; a constant or empty column carries nothing: drop it"))
     if against is not None:
+        for j in against.categorical:
+            c, levels = against.features[j], list(against.levels[j])
+            if c in categorical:
+                known = gxe.ExpectColumnValuesToBeInSet(column=c, value_set=levels)
+                text = "{n} value{s} ({p}) not among the " + f"{len(levels)} training levels" + "{u}"
+                out.append(_expect(known, "known_levels", ok=text, fail=text))
         ranges = zip(against.features, against.widened_range(params.range_tolerance), strict=True)
         for c, (lo, hi) in ((c, r) for c, r in ranges if c in numeric):
             between = gxe.ExpectColumnValuesToBeBetween(column=c, min_value=lo, max_value=hi,
@@ -221,6 +261,7 @@ def _gx_checks(
     data: DataParams,
     params: ValidateParams,
     against: Schema | None,
+    categorical: Sequence[str] = (),
 ) -> list[Check]:
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -234,7 +275,7 @@ def _gx_checks(
         .add_dataframe_asset("table")
         .add_batch_definition_whole_dataframe("whole")
     )
-    expectations = _expectations(df, numeric, data, params, against)
+    expectations = _expectations(df, numeric, data, params, against, categorical)
     for i, e in enumerate(expectations):
         e.meta["i"] = i  # GX returns results in its own order
     suite = ctx.suites.add(gx.ExpectationSuite(name="table_contract", expectations=expectations))
@@ -242,7 +283,8 @@ def _gx_checks(
         gx.ValidationDefinition(name="table_contract", data=batch, suite=suite)
     )
     # numeric features as float64 with NaN: bool and nullable dtypes then compare like numbers
-    frame = df.assign(**{c: df[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in numeric})
+    frame = df.assign(**{c: df[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in numeric},
+                      **{c: level_values(df[c]) for c in categorical})  # levels as str, None where missing
     result = vd.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY")
     results: list[Any] = list(result.results)
     checks = {r.expectation_config.meta["i"]: _gx_check(r) for r in results}
@@ -271,7 +313,9 @@ def _gx_check(r: Any) -> Check:
     template = meta["ok"] if r.success else meta["fail"]
     n, v = result.get("unexpected_count"), result.get("observed_value")
     p = f"{(result.get('unexpected_percent') or 0.0) / 100:.2%}"
-    message = template.format(n=n, v=v, p=p, s="" if (n if n is not None else v) == 1 else "s")
+    unseen = sorted({str(u) for u in result.get("partial_unexpected_list") or []})
+    u = f": {', '.join(map(repr, unseen[:MAX_ROWS_SHOWN]))}" if unseen and not r.success else ""
+    message = template.format(n=n, v=v, p=p, s="" if (n if n is not None else v) == 1 else "s", u=u)
     return Check(meta["check"], column, bool(r.success), "error", message, _rows(result))
 
 
@@ -373,6 +417,8 @@ def _drift_checks(
     for d in column_drift(against, df[list(numeric)], params):
         hint = ": the table does not look like the training table" if d.drifted else ""
         brief = f"{d.shift_std:+.2f} sd" + ("" if d.ks is None else f", KS {d.ks:.2f}")
+        if d.levels_tv is not None:
+            brief = f"levels TV {d.levels_tv:.2f}"
         checks.append(Check("drift", d.column, not d.drifted, severity, f"{d.describe()}; {limits}{hint}",
                             brief=brief))
     return checks

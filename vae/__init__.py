@@ -17,14 +17,14 @@ from vae.store import (
     save_checkpoint,
     save_model,
 )
-from vae.table import TableSpec, check_values, describe_table
+from vae.table import TableSpec, check_log_domain, check_values, describe_table
 from vae.train import EpochStats, FitResult, TrainState, fit, resolve_device
 
 __all__ = [
     "VAE", "Baselines", "ConfigError", "DataError", "DecoderOut", "Embedding", "EpochStats", "Evaluation",
     "FitResult", "LossTerms", "ModelConfig", "ModelDirError", "Posterior", "PrecisionGap", "RowScores", "TableSpec",
     "TrainConfig", "TrainState", "TrainingDivergedError", "VAEError", "anomaly_threshold",
-    "check_values", "config_from_dict", "describe_table", "embed", "evaluate", "fit", "fit_baselines", "init_linear_gaussian", "kl_per_dim",
+    "check_log_domain", "check_values", "config_from_dict", "describe_table", "embed", "evaluate", "fit", "fit_baselines", "init_linear_gaussian", "kl_per_dim",
     "kl_weight", "load_baselines", "load_checkpoint", "load_model", "loss_terms", "precision_gap", "read_manifest", "reconstruct",
     "reparameterize", "resolve_device", "sample", "save_checkpoint", "save_model", "score_rows",
     "summarize", "traversals",

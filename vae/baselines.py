@@ -3,7 +3,9 @@
 `diag_gauss` (independent Gaussians), `full_gauss` (one full-covariance Gaussian) and `ppca`
 (probabilistic PCA with the model's latent size, on the scale the model's noise is learned on;
 Tipping & Bishop 1999), all maximum likelihood, scored in nats per row in the table's original
-units. Binary columns get independent Bernoullis in every baseline; with missing cells the
+units. Binary columns get independent Bernoullis in every baseline, categorical columns
+independent categoricals at their training level frequencies (so that a model's gain over
+`full_gauss` is what it adds to the full Gaussian and the frequencies); with missing cells the
 Gaussians are fitted on the complete rows and score each row's observed cells (their marginal).
 """
 
@@ -29,9 +31,13 @@ class Baselines:
     ppca_cov: torch.Tensor  # (G, G) W W^T + s^2 I, on the original scale
     binary_index: torch.Tensor  # (B,) the Bernoulli columns
     binary_p: torch.Tensor  # (B,) their frequency of ones
+    # the categorical columns and the log frequency of each level (C, Lmax), -inf past a column's
+    # levels; None in baselines saved before categorical columns existed
+    cat_index: torch.Tensor | None = None
+    cat_log_p: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor]) -> Baselines:
@@ -46,7 +52,7 @@ class Baselines:
         observed = ~torch.isnan(g)
         mask = None if bool(observed.all()) else observed.double()
         counts = observed.double().sum(-1)
-        binary = self._bernoulli(y)
+        binary = self._bernoulli(y) + self._categorical(y)
         out = {}
         for name, cov in (("diag_gauss", torch.diag(self.cov.diagonal())), ("full_gauss", self.cov), ("ppca", self.ppca_cov)):
             # on the scale of the columns' spread: Cholesky of a correlation-like matrix, then the Jacobian
@@ -62,6 +68,14 @@ class Baselines:
         p = self.binary_p
         cells = torch.where(b == 1, p.log(), (1 - p).log())
         return torch.where(torch.isnan(b), 0.0, cells).sum(-1)
+
+    def _categorical(self, y: torch.Tensor) -> torch.Tensor:
+        if self.cat_index is None or self.cat_log_p is None or self.cat_index.numel() == 0:
+            return torch.zeros(y.shape[0], dtype=y.dtype)
+        codes = y[:, self.cat_index]  # (N, C)
+        missing = torch.isnan(codes)
+        picked = self.cat_log_p.T.gather(0, torch.where(missing, 0.0, codes).long())  # (N, C)
+        return torch.where(missing, 0.0, picked).sum(-1)
 
 
 def _ppca_cov(cov: torch.Tensor, k: int) -> torch.Tensor:
@@ -95,7 +109,9 @@ def fit_baselines(y: torch.Tensor, spec: TableSpec, latent_dim: int) -> Baseline
     """Fit on training rows y (N, D, original units); None when too few complete rows."""
     y = y.detach().double().cpu()
     gauss = torch.tensor([k == "gaussian" for k in spec.kinds])
-    gi, bi = torch.nonzero(gauss).flatten(), torch.nonzero(~gauss).flatten()
+    gi = torch.nonzero(gauss).flatten()
+    bi = torch.nonzero(torch.tensor([k == "bernoulli" for k in spec.kinds])).flatten()
+    ci = [j for j, k in enumerate(spec.kinds) if k == "categorical"]
     g = y[:, gi]
     g = g[~torch.isnan(g).any(-1)]
     if g.shape[0] <= gi.numel():
@@ -106,4 +122,12 @@ def fit_baselines(y: torch.Tensor, spec: TableSpec, latent_dim: int) -> Baseline
     s = g.std(0, correction=0) if spec.standardized else torch.ones(gi.numel(), dtype=g.dtype)
     ppca = _positive_definite(s[:, None] * _ppca_cov(cov / (s[:, None] * s[None, :]), latent_dim) * s[None, :])
     p = torch.nanmean(y[:, bi], dim=0).clamp(1e-6, 1 - 1e-6)
-    return Baselines(gi, mean, cov, ppca, bi, p)
+    if not ci:
+        return Baselines(gi, mean, cov, ppca, bi, p)
+    width = max(len(spec.levels_of(j)) for j in ci)
+    log_p = torch.full((len(ci), width), -math.inf, dtype=torch.float64)
+    for c, j in enumerate(ci):
+        col = y[:, j][~torch.isnan(y[:, j])].long()
+        counts = torch.bincount(col, minlength=len(spec.levels_of(j))).double()
+        log_p[c, : counts.numel()] = (counts / counts.sum()).clamp_min(1e-12).log()
+    return Baselines(gi, mean, cov, ppca, bi, p, torch.tensor(ci, dtype=torch.long), log_p)

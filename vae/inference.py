@@ -55,7 +55,10 @@ class Workspace:
 
 
 def _plain_cpu_mlp(model: VAE) -> bool:
-    """Whether _encode_into can run the encoder: float32 Linear layers and known activations, on the CPU."""
+    """Whether _encode_into can run the encoder: float32 Linear layers and known activations, on the
+    CPU, and no categorical column (whose one-hot inputs model.encode builds)."""
+    if model.n_levels:
+        return False
     layers = [*model.encoder.net, *([model.encoder.linear] if model.encoder.linear is not None else [])]
     linear = [m for m in layers if isinstance(m, nn.Linear)]
     return (all(isinstance(m, nn.Linear) or type(m) in _IN_PLACE for m in layers)
@@ -80,7 +83,8 @@ def _encode_into(model: VAE, rows: torch.Tensor, ws: Workspace) -> Posterior:
     else:
         # (B, D) in rows' memory order, as model.standardize allocates it (a Parquet batch: column-major)
         column_major = rows.stride(0) < rows.stride(1)
-        x = torch.sub(rows, model.loc, out=ws.buffer(-1, n, rows.shape[1], column_major)).div_(model.scale)
+        src = model.transform(rows)  # log-scale columns as log y (rows itself when there are none)
+        x = torch.sub(src, model.loc, out=ws.buffer(-1, n, rows.shape[1], column_major)).div_(model.scale)
     h = x
     for i, layer in enumerate(layers):
         if isinstance(layer, nn.Linear):  # F.linear is this addmm
@@ -144,18 +148,22 @@ def reconstruct(model: VAE, y: torch.Tensor, batch_rows: int = 4096) -> torch.Te
 
 @torch.inference_mode()
 def sample(
-    model: VAE, n: int, *, generator: torch.Generator | None = None, batch_rows: int = 4096, noise: bool = True
+    model: VAE, n: int, *, generator: torch.Generator | None = None, batch_rows: int = 4096, noise: bool = True,
+    on_grid: bool = False,
 ) -> torch.Tensor:
     """n new rows from p(z) p(y|z) in original units; noise=False returns E[y|z] instead.
 
-    generator: on any device; a CPU one gives the same rows whatever the model's device (vae.draws)."""
+    generator: on any device; a CPU one gives the same rows whatever the model's device (vae.draws).
+    on_grid: columns recorded on a grid are drawn on it (VAE.on_grid): the model's density, read
+    as the probability of the grid cell around each value, as the data were recorded."""
     model.eval()
     parts = []
     for i in range(0, n, batch_rows):
         m = min(batch_rows, n - i)
         z = standard_normal((m, model.latent_dim), generator, _device(model))
         out = model.decode(z)
-        parts.append((model.sample_from(out, generator) if noise else model.mean_of(out)).cpu())
+        rows = model.sample_from(out, generator) if noise else model.mean_of(out)
+        parts.append((model.on_grid(rows) if on_grid else rows).cpu())
     return torch.cat(parts) if parts else torch.empty(0, model.spec.n_features)
 
 

@@ -62,7 +62,8 @@ def linear_gaussian_fit(model: VAE, y: torch.Tensor) -> LinearGaussian | None:
     idx = dec.gauss_index.cpu()
     if idx.numel() == 0:
         return None
-    x = ((y.detach().to("cpu", torch.float64) - model.loc.double().cpu()) / model.scale.double().cpu())[:, idx]
+    y64 = model.cpu_transform(y.detach().to("cpu", torch.float64))
+    x = ((y64 - model.loc.double().cpu()) / model.scale.double().cpu())[:, idx]
     x = torch.nan_to_num(x, nan=0.0)  # missing cells at the mean: an approximate start
     mean = x.mean(0)
     ns = dec.noise_scale.double().cpu()[idx]  # noise parameter units -> standardized scale
@@ -115,25 +116,43 @@ def init_linear_gaussian(model: VAE, y: torch.Tensor) -> LinearGaussian | None:
     return fit
 
 
+def level_frequencies(model: VAE, y: torch.Tensor) -> list[torch.Tensor]:
+    """Per categorical column of the model, the share of each level among the observed cells of
+    y (N, D): float64, on the CPU, each at least 1e-12 (a level absent from these rows)."""
+    y64 = y.detach().to("cpu", torch.float64)
+    out = []
+    for j, n in zip(model.cat_index.tolist(), model.cat_sizes.tolist(), strict=True):
+        col = y64[:, j]
+        counts = torch.bincount(col[~torch.isnan(col)].long(), minlength=n).double()
+        out.append((counts / counts.sum().clamp_min(1)).clamp_min(1e-12))
+    return out
+
+
 def _init_decoder(model: VAE, y: torch.Tensor, fit: LinearGaussian) -> None:
     dec, d, k = model.decoder, model.spec.n_features, model.latent_dim
     idx = dec.gauss_index.cpu()
-    weight, bias = torch.zeros(d, k, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    n = dec.n_out  # means (D), then the categorical columns' logits
+    weight, bias = torch.zeros(n, k, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     weight[idx], bias[idx] = fit.weight, fit.mean
-    binary = (~model.gaussian).cpu()
+    binary = torch.tensor([kind == "bernoulli" for kind in model.spec.kinds])
     if bool(binary.any()):  # independent Bernoulli columns at their observed frequency
         p = torch.nanmean(y.detach().to("cpu", torch.float64)[:, binary], dim=0).clamp(1e-4, 1 - 1e-4)
-        bias[binary] = torch.log(p / (1 - p))
+        bias[:d][binary] = torch.log(p / (1 - p))
+    # independent categorical columns at their level frequencies (logits log p, weights 0): with the
+    # Gaussian part at its closed-form fit, p(y) is the full Gaussian times the frequencies, and
+    # the exact posterior ignores the levels, so the encoder's one-hot weights start at 0 as well
+    for off, freq in zip(model.cat_offset.tolist(), level_frequencies(model, y), strict=True):
+        bias[d + off : d + off + freq.numel()] = freq.log()
     last = _last(dec.net)
     layer = dec.linear if dec.linear is not None else last
     if dec.linear is not None:
         last.weight.zero_()
         last.bias.zero_()
-    layer.weight[:d].copy_(weight.to(layer.weight))
-    layer.bias[:d].copy_(bias.to(layer.bias))
+    layer.weight[:n].copy_(weight.to(layer.weight))
+    layer.bias[:n].copy_(bias.to(layer.bias))
     if dec.by_z:  # D(z) = I at the start, and the head closed until training opens it
-        last.weight[d:].zero_()
-        last.bias[d:].zero_()
+        last.weight[n:].zero_()
+        last.bias[n:].zero_()
         dec.noise_gate.zero_()
     sigma_u = fit.noise_units.diagonal().sqrt()  # (G,) parameter units
     mode = dec.mode
@@ -142,8 +161,8 @@ def _init_decoder(model: VAE, y: torch.Tensor, fit: LinearGaussian) -> None:
     floor = dec.min_sigma if mode in ("shared", "fixed") else dec.sigma_floor.double().cpu()[idx]  # (G,) parameter units
     raw = inverse_softplus((sigma_u - floor).clamp_min(1e-3 * floor))
     if mode == "heteroscedastic":
-        last.weight[d:].zero_()
-        last.bias[d:].index_copy_(0, idx.to(last.bias.device), raw.to(last.bias))
+        last.weight[n:].zero_()
+        last.bias[n:].index_copy_(0, idx.to(last.bias.device), raw.to(last.bias))
     elif mode == "per_feature" and dec.raw_sigma is not None:
         dec.raw_sigma.index_copy_(0, idx.to(dec.raw_sigma.device), raw.to(dec.raw_sigma))
     elif mode == "shared" and dec.raw_sigma is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ class DecoderOut:
     sigma: torch.Tensor  # (..., D) or broadcastable (D,) / (1,): Gaussian std, standardized scale
     scale_tril: torch.Tensor | None = None  # (G, G) Cholesky factor of the Gaussian columns' noise
     log_scale: torch.Tensor | None = None  # (..., G) model.noise_by_z: noise L L^T scaled to D L L^T D, D = exp
+    logits: torch.Tensor | None = None  # (..., L) the categorical columns' level logits, column after column
 
 
 class Encoder(nn.Module):
@@ -91,7 +92,9 @@ class Decoder(nn.Module):
     noise_gate: torch.Tensor  # model.noise_by_z only
 
     def __init__(self, n_out: int, config: ModelConfig, noise_scale: torch.Tensor, gaussian: torch.Tensor,
-                 noise_unit: float = 1.0, resolution: torch.Tensor | None = None):
+                 noise_unit: float = 1.0, resolution: torch.Tensor | None = None, n_logits: int = 0):
+        """n_out: the columns (D); n_logits: the levels of the categorical columns, all together
+        (their logits follow the D means in the network's output, before any noise head)."""
         super().__init__()
         self.mode = config.decoder_variance
         self.min_sigma = config.min_sigma / noise_unit
@@ -101,10 +104,11 @@ class Decoder(nn.Module):
         hetero = self.mode == "heteroscedastic"
         n_gauss = int(gaussian.sum())
         self.by_z = config.noise_by_z and self.mode in ("full", "lowrank") and n_gauss > 0
-        # noise outputs of the network after the means: s(z) (heteroscedastic) or log D(z) (by_z)
-        self.n_out, self.n_head = n_out, n_out if hetero else n_gauss if self.by_z else 0
-        self.net = mlp([config.latent_dim, *config.hidden_dims, n_out + self.n_head], config.activation)
-        self.linear = nn.Linear(config.latent_dim, n_out) if config.hidden_dims and config.linear_path else None
+        # noise outputs of the network after the means and logits: s(z) (heteroscedastic) or log D(z) (by_z)
+        self.n_loc, self.n_logits, self.n_head = n_out, n_logits, n_out if hetero else n_gauss if self.by_z else 0
+        self.n_out = n_out + n_logits  # means and logits: what the linear path adds to
+        self.net = mlp([config.latent_dim, *config.hidden_dims, self.n_out + self.n_head], config.activation)
+        self.linear = nn.Linear(config.latent_dim, self.n_out) if config.hidden_dims and config.linear_path else None
         n_sigma = {"shared": 1, "per_feature": n_out}.get(self.mode, 0)
         # softplus(raw) + min_sigma = 1 at start: unit variance on the standardized scale
         start = math.log(math.expm1(max(1.0 - self.min_sigma, 1e-6)))
@@ -127,12 +131,20 @@ class Decoder(nn.Module):
             lin = self.linear(z)
             out = torch.cat([out[..., : self.n_out] + lin, out[..., self.n_out :]], dim=-1) if self.n_head else out + lin
         out = out.float()
+        if not self.n_logits:
+            return self._heads(out)
+        logits = out[..., self.n_loc : self.n_out]
+        rest = torch.cat([out[..., : self.n_loc], out[..., self.n_out :]], dim=-1) if self.n_head else out[..., : self.n_loc]
+        return replace(self._heads(rest), logits=logits)
+
+    def _heads(self, out: torch.Tensor) -> DecoderOut:
+        """The means (D) and the noise head of out."""
         if self.noise is not None:
             base = self.noise.cholesky()  # the noise's parameter units
             tril = base if self.unit_noise else self.noise_scale[self.gauss_index, None] * base
             if not self.by_z:
                 return DecoderOut(out, self.noise_scale, tril)
-            loc, log_scale = out.split([self.n_out, self.n_head], dim=-1)
+            loc, log_scale = out.split([self.n_loc, self.n_head], dim=-1)
             # each conditional std of D Sigma D is D_jj L_jj (its Cholesky factor is D L): floor it
             # as L_jj is, or a density on rounded values grows without bound. noise_scale
             # multiplies both sides alike; L_jj >= its floor makes the bound <= 0, so a closed
@@ -174,6 +186,10 @@ class VAE(nn.Module):
         d = spec.n_features
         self.masked = spec.missing == "mask"
         gauss = torch.tensor([k == "gaussian" for k in spec.kinds])
+        bern = torch.tensor([k == "bernoulli" for k in spec.kinds])
+        cat = [j for j, k in enumerate(spec.kinds) if k == "categorical"]
+        sizes = [len(spec.levels_of(j)) for j in cat]
+        n_levels = sum(sizes)
         scale = torch.tensor(spec.scale, dtype=torch.float32)
         # without standardization the noise is learned in the table's units (see Decoder)
         unit = 1.0 if spec.standardized or not bool(gauss.any()) else float(scale[gauss].pow(2).mean().sqrt())
@@ -181,33 +197,109 @@ class VAE(nn.Module):
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            n_in = d * (2 if self.masked else 1)
+            # inputs: the D standardized cells (a categorical column's cell at 0), then the one-hot
+            # levels of the categorical columns, then (data.missing: mask) the D-column mask
+            n_in = d + n_levels + (d if self.masked else 0)
             self.encoder = Encoder(n_in, config.hidden_dims, config.latent_dim, config.activation, config.linear_path)
-            self.decoder = Decoder(d, config, noise_scale, gauss, unit, torch.where(gauss, resolution_floor(spec), 0.0))
-        self.all_gaussian, self.all_bernoulli = bool(gauss.all()), not bool(gauss.any())
+            self.decoder = Decoder(d, config, noise_scale, gauss, unit, torch.where(gauss, resolution_floor(spec), 0.0),
+                                   n_logits=n_levels)
+        self.all_gaussian, self.all_bernoulli = bool(gauss.all()), bool(bern.all())
+        self.any_gaussian, self.n_levels = bool(gauss.any()), n_levels
         self.register_buffer("loc", torch.tensor(spec.loc, dtype=torch.float32))
         self.register_buffer("scale", scale)
         self.register_buffer("gaussian", gauss)
         # per-cell constant of log N in original units: -1/2 log 2pi - log s_j (change of variables)
         self.register_buffer("cell_const", torch.where(gauss, -0.5 * LOG_2PI - scale.log(), 0.0))
+        # categorical columns (not saved with the weights: they follow from the table spec)
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        width = max(sizes, default=0)
+        pad = torch.tensor([[o + min(i, n - 1) for i in range(width)] for o, n in zip(offsets, sizes, strict=True)],
+                           dtype=torch.long).reshape(len(cat), width)
+        valid = torch.tensor([[i < n for i in range(width)] for n in sizes], dtype=torch.bool).reshape(len(cat), width)
+        self.register_buffer("cat_index", torch.tensor(cat, dtype=torch.long), persistent=False)  # (C,)
+        self.register_buffer("cat_offset", torch.tensor(offsets, dtype=torch.long), persistent=False)  # (C,)
+        self.register_buffer("cat_pad", pad, persistent=False)  # (C, Lmax) positions in the logits
+        self.register_buffer("cat_valid", valid, persistent=False)  # (C, Lmax) which are levels
+        self.register_buffer("cat_sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)  # (C,)
+        # model.log_columns: these cells enter as log y, and the density has the Jacobian -log y
+        self.register_buffer("log_mask", torch.tensor([spec.is_log(j) for j in range(d)], dtype=torch.bool),
+                             persistent=False)
+        self.any_log = bool(self.log_mask.any())
 
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
 
+    def transform(self, y: torch.Tensor) -> torch.Tensor:
+        """y with the log-scale columns as log y (the others as they are)."""
+        if not self.any_log:
+            return y
+        mask = self.log_mask.to(y.device)
+        return torch.where(mask, y.clamp_min(torch.finfo(y.dtype).tiny).log(), y)
+
+    def cpu_transform(self, y: torch.Tensor) -> torch.Tensor:
+        """transform() of rows on the CPU (any dtype), whatever the model's device."""
+        if not self.any_log:
+            return y
+        return torch.where(self.log_mask.cpu(), y.clamp_min(torch.finfo(y.dtype).tiny).log(), y)
+
     def standardize(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, D) original units -> (scaled rows with missing cells at 0, observed mask or None)."""
-        x = (y - self.loc) / self.scale
+        x = (self.transform(y) - self.loc) / self.scale
         if not self.masked:
             return x, None
         mask = ~torch.isnan(x)
         return torch.where(mask, x, 0.0), mask.to(x.dtype)
 
     def unstandardize(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.gaussian, x * self.scale + self.loc, x)
+        y = torch.where(self.gaussian, x * self.scale + self.loc, x)
+        return torch.where(self.log_mask, y.exp(), y) if self.any_log else y
+
+    def on_grid(self, y: torch.Tensor) -> torch.Tensor:
+        """Rows y (N, D) with each column recorded on a grid moved to its nearest grid value: one
+        of its few training values (spec.support), or its lattice from the training minimum to
+        the maximum (spec.lattice). The other columns are left as they are."""
+        spec, y = self.spec, y.clone()
+        for j, values in enumerate(spec.support):
+            if values:
+                v = torch.tensor(values, dtype=y.dtype, device=y.device)
+                mid = (v[1:] + v[:-1]) / 2
+                y[:, j] = v[torch.bucketize(y[:, j].contiguous(), mid)]
+        for j, step in enumerate(spec.lattice):
+            if step > 0:
+                lo, hi = spec.minimum[j], spec.maximum[j]
+                y[:, j] = (lo + step * torch.round((y[:, j] - lo) / step)).clamp(lo, hi)
+        return y
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None) -> Posterior:
+        if self.n_levels:
+            x = self._with_one_hot(x, mask)
         return self.encoder(x if mask is None else torch.cat([x, mask], dim=-1))
+
+    def _with_one_hot(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(..., D + L): the cells with each categorical column's code replaced by 0, then the
+        one-hot levels of those columns (all 0 for a missing cell)."""
+        codes = self.codes(x)  # (..., C)
+        hot = x.new_zeros((*x.shape[:-1], self.n_levels))
+        on = x.new_ones(codes.shape) if mask is None else mask.index_select(-1, self.cat_index).to(x.dtype)
+        hot.scatter_(-1, codes + self.cat_offset, on)
+        return torch.cat([x.index_fill(-1, self.cat_index, 0.0), hot], dim=-1)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) the level codes of the categorical columns of x (a missing cell, 0 in x, reads 0)."""
+        return x.index_select(-1, self.cat_index).long()
+
+    def categorical_log_probs(self, out: DecoderOut) -> torch.Tensor:
+        """(..., C, Lmax) log softmax of each categorical column's logits; -inf beyond its levels."""
+        assert out.logits is not None
+        padded = out.logits[..., self.cat_pad].masked_fill(~self.cat_valid, -math.inf)
+        return F.log_softmax(padded, dim=-1)
+
+    def _categorical_cells(self, x: torch.Tensor, out: DecoderOut) -> torch.Tensor:
+        """(..., C) log p(level | z) of each categorical cell."""
+        logp = self.categorical_log_probs(out)
+        codes = self.codes(x).expand(*logp.shape[:-1])
+        return logp.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
 
     def decode(self, z: torch.Tensor) -> DecoderOut:
         return self.decoder(z)
@@ -218,7 +310,7 @@ class VAE(nn.Module):
         With a full noise covariance the cells are the chain rule's factors log p(y_j | y_<j, z)
         over the Gaussian columns in table order: they still add up to log p(y|z).
         """
-        if self.all_bernoulli:
+        if not self.any_gaussian:  # Bernoulli (categorical cells replaced below)
             cell = x * out.loc - F.softplus(out.loc)
         elif out.scale_tril is not None:
             cell = self._correlated_cells(x, out, mask)
@@ -227,6 +319,11 @@ class VAE(nn.Module):
             cell = -0.5 * ((x - out.loc) / out.sigma) ** 2 - out.sigma.log() + self.cell_const
             if not self.all_gaussian:
                 cell = torch.where(self.gaussian, cell, x * out.loc - F.softplus(out.loc))
+        if self.n_levels:
+            cats = self._categorical_cells(x, out)
+            cell = cell.expand(*cats.shape[:-1], -1).index_copy(-1, self.cat_index, cats)
+        if self.any_log:  # change of variables y -> log y: -log y = -(x s + m) on those columns
+            cell = cell - torch.where(self.log_mask, x * self.scale + self.loc, 0.0)
         return cell if mask is None else cell * mask
 
     def _correlated_cells(self, x: torch.Tensor, out: DecoderOut, mask: torch.Tensor | None) -> torch.Tensor:
@@ -242,9 +339,13 @@ class VAE(nn.Module):
         return cell.index_copy(-1, idx, gauss.expand(*cell.shape[:-1], -1).contiguous())
 
     def mean_of(self, out: DecoderOut) -> torch.Tensor:
-        """E[y|z] in original units: the Gaussian mean, or the Bernoulli probability."""
+        """E[y|z] in original units: the Gaussian mean, the Bernoulli probability, or the code of
+        the most probable level (a categorical column has no mean)."""
         probs = torch.sigmoid(out.loc)
         x = out.loc if self.all_gaussian else torch.where(self.gaussian, out.loc, probs)
+        if self.n_levels:
+            mode = self.categorical_log_probs(out).argmax(-1).to(x.dtype)
+            x = x.index_copy(-1, self.cat_index, mode)
         return self.unstandardize(x)
 
     def sample_from(self, out: DecoderOut, generator: torch.Generator | None) -> torch.Tensor:
@@ -262,4 +363,10 @@ class VAE(nn.Module):
             return self.unstandardize(gauss)
         u = uniform(out.loc.shape, generator, out.loc.device)
         flips = (u < torch.sigmoid(out.loc)).to(gauss.dtype)
-        return self.unstandardize(torch.where(self.gaussian, gauss, flips))
+        y = torch.where(self.gaussian, gauss, flips)
+        if self.n_levels:  # inverse CDF of each categorical column at one more uniform draw
+            cdf = self.categorical_log_probs(out).exp().cumsum(-1)  # (..., C, Lmax)
+            v = uniform(cdf.shape[:-1], generator, cdf.device).unsqueeze(-1)
+            drawn = torch.minimum((cdf < v).sum(-1), self.cat_sizes - 1).to(y.dtype)
+            y = y.index_copy(-1, self.cat_index, drawn)
+        return self.unstandardize(y)

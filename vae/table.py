@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -11,7 +12,8 @@ import torch
 from vae.config import Likelihood, MissingPolicy
 from vae.errors import DataError
 
-ColumnKind = Literal["gaussian", "bernoulli"]
+ColumnKind = Literal["gaussian", "bernoulli", "categorical"]
+Level = str | int
 
 
 @dataclass(frozen=True)
@@ -31,13 +33,42 @@ class TableSpec:
     # kept): the decoder's noise never claims a value more precisely than it was recorded (see
     # recording_step, determined_by_earlier, vae.model.resolution_floor)
     resolution: tuple[float, ...] = ()
+    # the levels of each categorical column in code order (its cells hold the code 0..L-1 as a
+    # float), () for the other columns; () for models saved before categorical columns existed
+    levels: tuple[tuple[Level, ...], ...] = ()
+    # model.log_columns: the Gaussian columns modelled as log y (loc, scale and resolution are then
+    # those of log y; the density keeps the Jacobian -log y); () for none
+    log: tuple[bool, ...] = ()
+    # the recorded grid, for sampling on it (original units): a column with at most MAX_SUPPORT
+    # distinct values keeps them (`support`), one on a wider grid its step (`lattice`, the values
+    # from minimum to maximum); () / 0.0 for continuous columns; () for models saved before
+    support: tuple[tuple[float, ...], ...] = ()
+    lattice: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        for key in ("levels", "support"):
+            object.__setattr__(self, key, tuple(tuple(v) for v in getattr(self, key)))
 
     @property
     def n_features(self) -> int:
         return len(self.names)
 
+    def levels_of(self, j: int) -> tuple[Level, ...]:
+        """The levels of column j (() unless categorical)."""
+        return self.levels[j] if j < len(self.levels) else ()
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-ready; a table without categorical columns leaves `levels` out (as saved before it existed)."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        for key in ("levels", "support"):
+            d[key] = [list(v) for v in getattr(self, key)]
+        for key in ("levels", "log", "support", "lattice"):  # keys added later: left out when unused
+            if not any(getattr(self, key)):
+                del d[key]
+        return d
+
+    def is_log(self, j: int) -> bool:
+        return j < len(self.log) and self.log[j]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TableSpec:
@@ -77,6 +108,78 @@ def recording_step(col: torch.Tensor) -> float:
     tol = 1e-9 * float(values.abs().max())  # values that differ by float noise are one value
     gaps = gaps[gaps > tol]
     return float(gaps.min()) if gaps.numel() else 0.0
+
+
+MAX_SUPPORT = 64  # a column with at most this many distinct values is sampled on them
+MIN_LOG_GAIN = 0.005  # nats per validation row a log scale must add to be chosen (log is ~linear far from 0)
+MAX_JOINT_LOG_CHOICE = 100  # model.log_columns auto: columns chosen jointly (full Gaussian) up to this width
+LogColumns = Literal["auto", "none"] | Sequence[str]
+
+
+def check_log_domain(y: torch.Tensor, spec: TableSpec, first_row: int = 0) -> None:
+    """A column modelled on the log scale takes values > 0 only: the first other is named (its
+    row counted from first_row)."""
+    for j in (j for j in range(spec.n_features) if spec.is_log(j)):
+        col = y[:, j]
+        bad = col <= 0
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0])
+            raise DataError(f"column {spec.names[j]!r} row {first_row + row} holds {float(col[row])}; the model takes its log "
+                            "(model.log_columns), so its values must be > 0")
+
+
+def _full_gauss_val(train: torch.Tensor, val: torch.Tensor, logs: Sequence[int]) -> float:
+    """Validation log-likelihood (sum over rows, table units) of the full Gaussian fitted on
+    train, with the columns logs on the log scale (Jacobian -log y)."""
+    t, v = train.clone(), val.clone()
+    idx = list(logs)
+    jacobian = float(val[:, idx].log().sum()) if idx else 0.0
+    if idx:
+        t[:, idx], v[:, idx] = t[:, idx].log(), v[:, idx].log()
+    mean = t.mean(0)
+    cov = torch.cov(t.T, correction=0).reshape(t.shape[1], t.shape[1])
+    cov = cov + 1e-9 * torch.diag(cov.diagonal().clamp_min(1e-300))
+    tril, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:
+        return -math.inf
+    u = torch.linalg.solve_triangular(tril, (v - mean).T, upper=False)
+    ll = -0.5 * u.pow(2).sum(0) - tril.diagonal().log().sum() - 0.5 * t.shape[1] * math.log(2 * math.pi)
+    return float(ll.sum()) - jacobian
+
+
+def choose_log_columns(y: torch.Tensor, candidates: Sequence[int], columns: Sequence[int], seed: int = 0,
+                       val_fraction: float = 0.2) -> list[int]:
+    """model.log_columns auto: the candidate columns (strictly positive) whose log scale raises the
+    validation log-likelihood of the full Gaussian over columns (the Gaussian ones; a seeded split
+    of the complete rows) by MIN_LOG_GAIN nats per row at least: from none or all of them, whichever
+    scores higher, each column's scale toggled in table order and kept where it helps.
+    Tables wider than MAX_JOINT_LOG_CHOICE compare each column's own Gaussian instead."""
+    if not candidates:
+        return []
+    data = y[:, list(columns)]
+    data = data[~torch.isnan(data).any(1)]
+    n_val = max(1, round(data.shape[0] * val_fraction))
+    if data.shape[0] - n_val <= len(columns) + 1:
+        return []
+    perm = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(seed))
+    train, val = data[perm[n_val:]], data[perm[:n_val]]
+    pos = {c: i for i, c in enumerate(columns)}
+    gain = MIN_LOG_GAIN * n_val
+    if len(columns) > MAX_JOINT_LOG_CHOICE:
+        return [j for j in candidates if _full_gauss_val(train[:, [pos[j]]], val[:, [pos[j]]], [0])
+                > _full_gauss_val(train[:, [pos[j]]], val[:, [pos[j]]], []) + gain]
+    # related columns move together (radius, perimeter and area are linear in each other only on
+    # the log scale): start from none or all, whichever scores higher, then toggle each column
+    everything = list(candidates)
+    none_score, all_score = _full_gauss_val(train, val, []), _full_gauss_val(train, val, [pos[c] for c in everything])
+    chosen, best = (everything, all_score) if all_score > none_score + gain else ([], none_score)
+    for j in candidates:
+        trial = [c for c in chosen if c != j] if j in chosen else sorted([*chosen, j])
+        score = _full_gauss_val(train, val, [pos[c] for c in trial])
+        # adding a log must gain; dropping one must not lose (a log is kept only where it pays)
+        if (j not in chosen and score > best + gain) or (j in chosen and score >= best - gain):
+            chosen, best = trial, score
+    return sorted(chosen)
 
 
 _BLOCK_ROWS = 65536  # determined_by_earlier's passes: bounded extra memory whatever the table's size
@@ -125,10 +228,24 @@ def describe_table(
     likelihood: Likelihood = "auto",
     standardize: bool = True,
     missing: MissingPolicy = "reject",
+    levels: Sequence[Sequence[Level]] | None = None,
+    log_columns: LogColumns = "none",
+    seed: int = 0,
 ) -> TableSpec:
-    """Inspect a training table (rows, features) and fix the per-column choices."""
+    """Inspect a training table (rows, features) and fix the per-column choices.
+
+    levels: per column, the levels of a categorical column (whose cells hold codes 0..L-1) or
+    () for a numeric one; None: every column numeric.
+    """
     names = [f"x{j}" for j in range(y.shape[-1])] if names is None else list(names)
     check_values(y, names, missing)
+    if not isinstance(log_columns, str):
+        unknown = [c for c in log_columns if c not in names]
+        if unknown:
+            raise DataError(f"model.log_columns names {unknown[0]!r}, which is not a feature column")
+    cats = [tuple(v) for v in levels] if levels is not None else [()] * len(names)
+    if len(cats) != len(names):
+        raise DataError(f"levels are given for {len(cats)} columns but the table has {len(names)}")
     if y.shape[0] < 2:
         raise DataError(f"the table has {y.shape[0]} rows; at least 2 are needed")
     y64 = y.detach().to("cpu", torch.float64)
@@ -139,6 +256,15 @@ def describe_table(
         col = y64[observed[:, j], j]
         if col.numel() == 0:
             raise DataError(f"column {name!r} has no observed value")
+        if cats[j]:
+            _check_codes(col, y64[:, j], name, len(cats[j]))
+            kinds.append("categorical")
+            loc.append(0.0)
+            scale.append(1.0)
+            lo.append(0.0)
+            hi.append(float(len(cats[j]) - 1))
+            step.append(0.0)
+            continue
         mean, std = float(col.mean()), float(col.std(unbiased=False))
         if std == 0.0:
             raise DataError(f"column {name!r} is constant ({float(col[0])}); drop it from the table")
@@ -157,7 +283,50 @@ def describe_table(
         hi.append(float(col.max()))
         step.append(recording_step(col) if kind == "gaussian" else 0.0)
     gauss = [j for j, k in enumerate(kinds) if k == "gaussian"]
-    for j, det in zip(gauss, determined_by_earlier(y64[:, gauss], [step[j] for j in gauss]), strict=True):
+    positive = [j for j in gauss if lo[j] > 0]
+    if log_columns == "auto":
+        logs = choose_log_columns(y64, positive, gauss, seed)
+    elif log_columns == "none":
+        logs = []
+    else:
+        logs = [names.index(c) for c in log_columns]
+        for j in logs:
+            if kinds[j] != "gaussian":
+                raise DataError(f"model.log_columns names {names[j]!r}, a {kinds[j]} column; only real-valued columns take a log scale")
+            if lo[j] <= 0:
+                row = int(torch.nonzero(y64[:, j] <= 0)[0])
+                raise DataError(f"column {names[j]!r} row {row} holds {float(y64[row, j])}; model.log_columns needs "
+                                "values > 0 (use auto to pick the columns where it fits)")
+    grid = [step[j] for j in range(len(names))]  # original units, before a log scale changes step
+    support = [tuple(float(v) for v in torch.unique(y64[observed[:, j], j]))
+               if kinds[j] == "gaussian" and grid[j] > 0 and
+               torch.unique(y64[observed[:, j], j]).numel() <= MAX_SUPPORT else () for j in range(len(names))]
+    lattice = [grid[j] if grid[j] > 0 and not support[j] and _on_lattice(y64[observed[:, j], j], grid[j]) else 0.0
+               for j in range(len(names))]
+    t64 = y64.clone()
+    for j in logs:
+        col = y64[observed[:, j], j].log()
+        t64[:, j] = y64[:, j].log()
+        loc[j], scale[j], step[j] = float(col.mean()), float(col.std(unbiased=False)), recording_step(col)
+    for j, det in zip(gauss, determined_by_earlier(t64[:, gauss], [step[j] for j in gauss]), strict=True):
         step[j] = 0.0 if det else step[j]
     return TableSpec(tuple(names), tuple(kinds), tuple(loc), tuple(scale), tuple(lo), tuple(hi), missing, standardize,
-                     tuple(step))
+                     tuple(step), tuple(cats) if any(cats) else (),
+                     tuple(j in logs for j in range(len(names))) if logs else (),
+                     tuple(support) if any(support) else (), tuple(lattice) if any(lattice) else ())
+
+
+def _on_lattice(col: torch.Tensor, step: float) -> bool:
+    """Whether every value is the least one plus a whole number of steps (counts, rounded readings)."""
+    k = (col - col.min()) / step
+    return bool(((k - k.round()).abs() < 1e-6).all())
+
+
+def _check_codes(observed: torch.Tensor, column: torch.Tensor, name: str, n_levels: int) -> None:
+    """A categorical column's observed cells are codes 0..n_levels-1, and more than one of them."""
+    bad = ~torch.isnan(column) & ((column != column.round()) | (column < 0) | (column >= n_levels))
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0])
+        raise DataError(f"column {name!r} row {row} holds {float(column[row])}, not a level code 0..{n_levels - 1}")
+    if int(torch.unique(observed).numel()) < 2:
+        raise DataError(f"column {name!r} holds one level only; drop it from the table")

@@ -133,17 +133,12 @@ def test_split_features_passes_ids_and_casts_bools(frame: pd.DataFrame) -> None:
     assert set(features["flag"].unique()) == {0, 1}
 
 
-@pytest.mark.parametrize(
-    ("column", "values"),
-    [
-        ("name", ["x", "y", "z"]),
-        ("when", pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"])),
-    ],
-)
-def test_split_features_names_non_numeric_column(column: str, values: object) -> None:
-    df = pd.DataFrame({"a": [1.0, 2.0, 3.0], column: values})
-    with pytest.raises(PipelineError, match=rf"data/new\.csv: non-numeric column '{column}'"):
-        split_features(df, [], "data/new.csv")
+def test_split_features_keeps_text_and_names_other_non_numeric_columns() -> None:
+    df = pd.DataFrame({"a": [1.0, 2.0, 3.0], "name": ["x", "y", "x"]})
+    assert list(split_features(df, [], "data/new.csv")[1].columns) == ["a", "name"]  # text: categorical
+    when = df.assign(when=pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"]))
+    with pytest.raises(PipelineError, match=r"data/new\.csv: column 'when' \(datetime64.*\) is neither numeric nor text"):
+        split_features(when, [], "data/new.csv")
 
 
 def test_split_features_names_missing_id_column() -> None:

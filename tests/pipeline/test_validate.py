@@ -85,11 +85,15 @@ def test_infinite_values_fail_even_with_mask(clean: pd.DataFrame) -> None:
         assert report.failures()[0].rows == (7,)
 
 
-def test_text_column_fails_unless_it_is_an_id(clean: pd.DataFrame) -> None:
+def test_a_text_column_is_categorical_unless_it_names_each_row(clean: pd.DataFrame) -> None:
     report = run(clean.assign(site=["a", "b", "c"] * 100))
-    assert failed(report) == {("numeric", "site")}
-    assert "dtype str is not numeric" in report.failures()[0].message
+    assert report.success
+    assert any(c.name == "categorical" and c.column == "site" and "3 levels" in c.message for c in report.checks)
+    named = run(clean.assign(site=[f"s{i}" for i in range(300)]))
+    assert failed(named) == {("categorical", "site")}
+    assert "300 distinct values in 300 rows: an identifier" in named.failures()[0].message
     assert run(clean.assign(site="a"), data=DataParams(id_columns=("sample_id", "site"))).success
+    assert run(clean.assign(site=[f"s{i}" for i in range(300)]), data=DataParams(id_columns=("sample_id",), drop_columns=("site",))).success
 
 
 def test_constant_column_fails(clean: pd.DataFrame) -> None:
