@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -81,3 +82,28 @@ def test_exp_run_with_a_param(repo):
     history = (path / "models" / "vae" / "history.csv").read_text()
     assert history.count(",select\n") == 5  # then the refit's epochs on all rows (train.refit)
     assert json.loads((path / "reports" / "metrics.json").read_text()) != metrics_before
+
+
+def test_plots_show_labelled_curves_over_an_epoch_count_that_runs_on_through_the_refit(repo):
+    """`dvc plots show`: ELBO and KL charts with labelled axes, x counting on through the refit (where
+    `epoch` starts again), no chart of another column (phase); its output folder is git-ignored."""
+    path, env = repo
+    done = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=path, env=env,
+                          capture_output=True, text=True, check=True)
+    plots = json.loads(done.stdout)["data"]
+    assert sorted(k.split("::")[-1] for k in plots) == ["ELBO per epoch", "KL per epoch"], list(plots)
+    for key, (plot,) in plots.items():
+        content = plot["content"]
+        text = json.dumps(content["encoding"]) + json.dumps(content["layer"])
+        assert '"phase"' not in text and '"field": "epoch"' not in text, key
+        assert content["encoding"]["x"] == {"field": "total_epoch", "type": "quantitative",
+                                            "title": "epoch, counted over both stages"}
+        assert "nats / row" in text, key
+    history = pd.read_csv(path / "reports" / "history.csv")
+    assert (history["phase"] == "refit").any() and history["epoch"].is_monotonic_increasing is False
+    assert history["total_epoch"].tolist() == list(range(1, len(history) + 1))
+    assert list(history.columns[1:]) == ["epoch", "step", "beta", "lr", "train_elbo", "train_recon", "train_kl",
+                                         "val_elbo", "val_recon", "val_kl", "phase"]
+    subprocess.run([sys.executable, "-m", "dvc", "plots", "show"], cwd=path, env=env, capture_output=True, check=True)
+    assert (path / "dvc_plots" / "index.html").exists()
+    assert subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=path).returncode == 0
