@@ -25,16 +25,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _progress(total_epochs: int) -> Callable[[EpochStats], None]:
-    """Epochs with ELBO: one rewritten line on a terminal, plain log lines otherwise."""
+    """Epochs with ELBO: one rewritten line on a terminal, a few plain log lines otherwise."""
+    from pipeline.progress import TrainingProgress
     from pipeline.steps import epoch_line
 
-    tty, every = sys.stderr.isatty(), max(1, total_epochs // 20)
+    if not sys.stderr.isatty():
+        return TrainingProgress(lambda line: print(line, file=sys.stderr, flush=True))
 
     def show(s: EpochStats) -> None:
-        if tty:
-            print(f"\r{epoch_line(s, total_epochs)}\033[K", end="", file=sys.stderr, flush=True)
-        elif s.epoch % every == 0 or s.epoch == total_epochs:
-            print(epoch_line(s, total_epochs), file=sys.stderr, flush=True)
+        print(f"\r{epoch_line(s, total_epochs)}\033[K", end="", file=sys.stderr, flush=True)
 
     return show
 
@@ -65,7 +64,7 @@ def cmd_validate(a: argparse.Namespace, p: Params) -> int:
 
 
 def cmd_train(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.steps import train
+    from pipeline.steps import train, train_line
     from vae import distributed as data_parallel
 
     try:  # under torchrun every rank runs this; rank 0 reports and writes
@@ -77,9 +76,7 @@ def cmd_train(a: argparse.Namespace, p: Params) -> int:
         data_parallel.shutdown()
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    best = "" if s.best_val_elbo is None else f", best val ELBO {s.best_val_elbo:.3f} at epoch {s.best_epoch}"
-    refit = f"; then {s.refit_epochs} epochs on all rows (train.refit)" if s.refit_epochs else ""
-    print(f"trained {s.directory}: {s.epochs} epochs{' (stopped early)' if s.stopped_early else ''}{best}{refit}")
+    print(train_line(s))
     return 0
 
 

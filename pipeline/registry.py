@@ -378,10 +378,10 @@ def _against_champion(params: Params, challenger: str, champion: str, data_path:
             "gate_required": repr(required)}
     if not (math.isfinite(ll_new) and ll_new > required):
         _tag(name, challenger, {**_gate_tags(ll_new, data_path, "refused"), **tags})
-        raise GateRefused(
-            f"promotion refused: version {challenger} of {name} scores log-likelihood {ll_new:.4f} nats/row "
-            f"on {data_path}, which does not beat champion version {champion} ({ll_old:.4f}) + "
-            f"register.min_improvement {margin:g} = {required:.4f}; @{CHAMPION} stays on version {champion}")
+        message = (f"promotion refused: version {challenger} of {name} scores log-likelihood {ll_new:.4f} nats/row "
+                   f"on {data_path}, which does not beat champion version {champion} ({ll_old:.4f}) + "
+                   f"register.min_improvement {margin:g} = {required:.4f}; @{CHAMPION} stays on version {champion}")
+        raise GateRefused(message, Promotion(False, challenger, champion, ll_new, ll_old, required, message))
     _crown(name, challenger, champion, {**_gate_tags(ll_new, data_path, "promoted"), **tags})
     return Promotion(True, challenger, champion, ll_new, ll_old, required,
                      f"version {challenger} of {name} is now @{CHAMPION}: log-likelihood {ll_new:.4f} > "
@@ -401,8 +401,9 @@ def _first_champion(params: Params, challenger: str, data_path: Path) -> Promoti
     ll_new = _log_likelihood(model, data_path, params, f"challenger version {challenger}")
     if not math.isfinite(ll_new):
         _tag(name, challenger, _gate_tags(ll_new, data_path, "refused"))
-        raise GateRefused(f"promotion refused: version {challenger} of {name} scores a non-finite "
-                          f"log-likelihood ({ll_new}) on {data_path}")
+        message = (f"promotion refused: version {challenger} of {name} scores a non-finite "
+                   f"log-likelihood ({ll_new}) on {data_path}")
+        raise GateRefused(message, Promotion(False, challenger, None, ll_new, None, None, message))
     _crown(name, challenger, None, {**_gate_tags(ll_new, data_path, "promoted"), "validation_status": "passed"})
     return Promotion(True, challenger, None, ll_new, None, None,
                      f"version {challenger} of {name} is now @{CHAMPION} (there was none): validation of "
