@@ -184,6 +184,14 @@ def cmd_run(a: argparse.Namespace, p: Params) -> int:
     return 0
 
 
+def cmd_summary(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.summary import summary_lines
+
+    for line in summary_lines(a.metrics, a.registered, a.model, p.register.model_name):
+        print(line)
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace, p: Params) -> int:
     import os
 
@@ -257,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="model directory (default models/runs/<time>)")
     c.add_argument("--dvc", action="store_true",
                    help="write the dvc.yaml stages' outputs and record them with dvc commit (and push)")
+    c = add("summary", cmd_summary, "what the last pipeline run gave: log-likelihood against the full Gaussian, "
+            "where the model, plots and MLflow UI are, the current @champion")
+    c.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"), help="default: %(default)s")
+    c.add_argument("--registered", type=Path, default=Path("reports/registered.json"), help="default: %(default)s")
+    c.add_argument("--model", type=Path, default=Path("models/vae"), help="default: %(default)s")
     c = add("serve", cmd_serve, "scheduled retraining: serve vaepipe-train/retrain (needs a Prefect server)")
     c.add_argument("--cron", default="0 3 * * *", help="when to retrain (default: 03:00 every day)")
     c.add_argument("--no-dvc", action="store_true",

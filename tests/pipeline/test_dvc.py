@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,3 +108,30 @@ def test_plots_show_labelled_curves_over_an_epoch_count_that_runs_on_through_the
     subprocess.run([sys.executable, "-m", "dvc", "plots", "show"], cwd=path, env=env, capture_output=True, check=True)
     assert (path / "dvc_plots" / "index.html").exists()
     assert subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=path).returncode == 0
+
+
+def test_summary_says_what_the_run_gave_in_a_few_lines(repo):
+    """`make run` ends with `vaepipe summary`, not the metrics JSON: the held-out log-likelihood beside
+    the full Gaussian, where the model, plots and MLflow UI are, and @champion."""
+    path, env = repo
+    assert "\t@$(BIN)/vaepipe summary" in (ROOT / "Makefile").read_text().split("\nrun:", 1)[1].split("\n\n")[0]
+    out = _sh([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "evaluate"], path, env)
+    assert "kl_per_dim" not in out and "log_likelihood" not in out, out  # the JSON went to reports/metrics.json
+    done = subprocess.run([sys.executable, "-m", "pipeline", "summary"], cwd=path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    metrics = json.loads((path / "reports" / "metrics.json").read_text())
+    ll, full = metrics["log_likelihood"], metrics["baselines"]["full_gauss"]
+    assert len(lines) <= 10, done.stdout
+    assert lines[0].startswith(f"log-likelihood: {ll:.3f} ± {metrics['log_likelihood_stderr']:.3f} nats/row on 80 "
+                               "held-out rows"), lines[0]
+    assert f"full-covariance Gaussian: {full:.3f} nats/row; the VAE adds {ll - full:+.3f} nats/row" in done.stdout
+    assert "model directory: models/vae" in lines
+    assert re.search(r"model: registered as models:/measurement-vae/1 \(MLflow run 'synthetic 288x6 \d{4}-\d\d-\d\d ",
+                     done.stdout), done.stdout  # 400 rows, less 20 % for test, less 10 % of the rest for validation
+    assert "@champion: models:/measurement-vae/1 (this run's model)" in done.stdout
+    plots = next(line for line in lines if line.startswith("plots: "))[7:].split(" (")[0]
+    assert (Path(plots) / "loss_curves.png").is_file(), plots
+    assert f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{path / 'mlflow' / 'mlflow.db'}; then http://" in done.stdout
+    assert "`dvc plots show` writes dvc_plots/index.html" in done.stdout
