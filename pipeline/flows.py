@@ -218,6 +218,13 @@ def training_flow(params_path: str | None = None, overrides: list[str] | None = 
     result = {"model_dir": str(model_dir), "source": params.data.source, "metrics": metrics,
               "champion_metrics": champion_metrics, "version": registered.version, "promotion": promotion,
               "decision": decision, "seconds": time.perf_counter() - started}
-    # the run's final state says what the gate decided (`prefect deployment run --watch`, the UI)
-    return Completed(message=decision, name="Promoted" if promotion["promoted"] else "Champion kept",
-                     data=result)
+    # the run's final state says what the gate decided (its name ends `prefect deployment run --watch`)
+    return Completed(message=decision, name=_state_name(promotion), data=result)
+
+
+def _state_name(promotion: dict[str, Any]) -> str:
+    """The final state's name, which `prefect deployment run --watch` ends with: 'Promoted v3', 'Champion kept v2'."""
+    if promotion["promoted"]:
+        return f"Promoted v{promotion['challenger_version']}"
+    old = promotion.get("champion_version")
+    return "Not promoted" if old is None else f"Champion kept v{old}"

@@ -43,7 +43,7 @@ def _run(store: Path, name: str, rows: int, seed: int, *extra: str):
 
 def test_first_run_says_it_promoted_v1_and_logs_a_few_progress_lines(prefect_harness, store, task_log) -> None:
     state = _run(store, "good", 400, 1, "train.epochs=60", "train.early_stopping_patience=60")
-    assert state.is_completed() and state.name == "Promoted", state
+    assert state.is_completed() and state.name == "Promoted v1", state
     assert re.fullmatch(r"promoted v1, the first champion \(-?\d+\.\d{3} nats/row held out\)", state.message), state.message
     assert state.result()["decision"] == state.message
     lines = [r.getMessage() for r in task_log.records if r.name == "prefect.task_runs"]
@@ -66,7 +66,7 @@ def test_first_run_says_it_promoted_v1_and_logs_a_few_progress_lines(prefect_har
 
 def test_a_worse_run_says_it_was_refused_and_which_version_stays(prefect_harness, store) -> None:
     state = _run(store, "small", 40, 3)  # 20 rows to fit 6 columns: a worse model on its own test rows
-    assert state.is_completed() and state.name == "Champion kept", state
+    assert state.is_completed() and state.name == "Champion kept v1", state
     found = re.fullmatch(r"refused: v2 scores (-?\d+\.\d{3}) nats/row held out, not above v1's (-?\d+\.\d{3}); "
                          r"@champion stays v1", state.message)
     assert found and float(found[1]) <= float(found[2]), state.message
