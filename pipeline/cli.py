@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError, user_error
@@ -179,7 +179,8 @@ def cmd_run(a: argparse.Namespace, p: Params) -> int:
 
     _quiet_user_tracebacks(a.debug)
 
-    result = training_flow(params_path=a.params, overrides=a.set, out=a.out, dvc=a.dvc)
+    # the flow ends in a State named for the gate's decision; calling it gives that state's result
+    result = cast(dict[str, Any], training_flow(params_path=a.params, overrides=a.set, out=a.out, dvc=a.dvc))
     _print_json({k: result[k] for k in ("model_dir", "source", "version", "promotion", "metrics")})
     return 0
 

@@ -98,3 +98,23 @@ def test_per_feature_bars_are_nats_beyond_each_column_s_own_fit_whatever_its_uni
     # the same column in units 1000 times smaller: its reconstruction drops by log 1000, its gain does not
     scaled = plots.feature_gains({"a": own + 1.25 - math.log(1000)}, ["a"], ["gaussian"], [0.0], [sd * 1000])
     assert scaled["a"] == pytest.approx(1.25)
+
+
+def test_summary_reads_a_champion_logged_under_the_older_names(registered) -> None:
+    """A version registered before the test_ prefix (bare log_likelihood, no version tag) still shows
+    its held-out log-likelihood as @champion."""
+    from pipeline.summary import registry_lines
+
+    _, _, v = registered
+    client = MlflowClient()
+    source = client.get_model_version(v.name, v.version).source
+    old = client.create_run(client.get_run(v.run_id).info.experiment_id, run_name="vae")
+    client.log_metric(old.info.run_id, "log_likelihood", -3.25)
+    client.set_terminated(old.info.run_id)
+    mv = client.create_model_version(v.name, source, run_id=old.info.run_id)
+    client.set_registered_model_alias(v.name, "champion", mv.version)
+    lines = registry_lines(v.name, v.version)
+    assert (f"@champion: models:/{v.name}/{mv.version}, held-out log-likelihood -3.250 nats/row when registered"
+            in lines), lines
+    assert any(line.startswith(f"model: registered as models:/{v.name}/{v.version} (MLflow run 'train 240x6 ")
+               for line in lines), lines
