@@ -49,7 +49,7 @@ def loss_figure(history: pd.DataFrame, marks: Mapping[str, Any] | None = None) -
     curves = (("train", ~refit, "train"), ("val", ~refit, "validation"), ("train", refit, "refit, all rows"),
               ("val", refit, "refit, validation rows (trained on)"))
     lines = _epoch_marks(x, refit, marks or {})
-    for ax, (term, title) in zip(fig.subplots(1, 3), LOSS_TERMS, strict=True):
+    for i, (ax, (term, title)) in enumerate(zip(fig.subplots(1, 3), LOSS_TERMS, strict=True)):
         for split, rows, label in curves:
             col = f"{split}_{term}"
             if col in history and history.loc[rows, col].notna().any():
@@ -57,7 +57,8 @@ def loss_figure(history: pd.DataFrame, marks: Mapping[str, Any] | None = None) -
         for at, label, style in lines:
             ax.axvline(at, color="grey", linestyle=style, linewidth=1, label=label)
         ax.set(title=title, xlabel="epoch (selection, then refit)", ylabel="nats / row")
-        ax.legend(fontsize=7)
+        if i == 0:
+            ax.legend(fontsize=7)
     return fig
 
 
@@ -66,8 +67,10 @@ def _epoch_marks(x: pd.Series, refit: pd.Series, marks: Mapping[str, Any]) -> li
     lines: list[tuple[float, str, str]] = []
     if refit.any():
         lines.append((float(x[refit].iloc[0]) - 0.5, "refit on all rows begins", "-"))
-    for at in marks.get("noise_opened", []):
-        lines.append((float(at), "z-dependent noise opens", ":"))
+    for j, at in enumerate(marks.get("noise_opened", [])):
+        lines.append((float(at), "z-dependent noise opens" if j == 0 else "_", ":"))  # "_": no second legend entry
+    if refit.any() and marks.get("selected_epoch"):
+        lines.append((float(marks["selected_epoch"]), "best validation epoch of the selection", "-."))
     chosen = marks.get("chosen_epoch")
     if chosen is not None:
         lines.append((float(chosen), "chosen epoch (the model's weights)", "--"))

@@ -233,7 +233,7 @@ def fit_marks(result: FitResult) -> dict[str, Any]:
         chosen = state.selected_epoch if state.best_val < state.selected_val else selection + state.best_epoch
     else:
         chosen = state.best_epoch  # 0: the closed-form start
-    return {"chosen_epoch": chosen, "selection_epochs": selection,
+    return {"chosen_epoch": chosen, "selection_epochs": selection, "selected_epoch": state.selected_epoch,
             "noise_opened": [i + 1 for i, h in enumerate(history) if h.get("noise_opened")]}
 
 
