@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError, user_error
@@ -42,16 +42,15 @@ def _version() -> str:
 
 
 def _progress(total_epochs: int) -> Callable[[EpochStats], None]:
-    """Epochs with ELBO: one rewritten line on a terminal, plain log lines otherwise."""
+    """Epochs with ELBO: one rewritten line on a terminal, a few plain log lines otherwise."""
+    from pipeline.progress import TrainingProgress
     from pipeline.steps import epoch_line
 
-    tty, every = sys.stderr.isatty(), max(1, total_epochs // 20)
+    if not sys.stderr.isatty():
+        return TrainingProgress(lambda line: print(line, file=sys.stderr, flush=True))
 
     def show(s: EpochStats) -> None:
-        if tty:
-            print(f"\r{epoch_line(s, total_epochs)}\033[K", end="", file=sys.stderr, flush=True)
-        elif s.epoch % every == 0 or s.epoch == total_epochs:
-            print(epoch_line(s, total_epochs), file=sys.stderr, flush=True)
+        print(f"\r{epoch_line(s, total_epochs)}\033[K", end="", file=sys.stderr, flush=True)
 
     return show
 
@@ -82,7 +81,7 @@ def cmd_validate(a: argparse.Namespace, p: Params) -> int:
 
 
 def cmd_train(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.steps import train
+    from pipeline.steps import train, train_line
     from vae import distributed as data_parallel
 
     try:  # under torchrun every rank runs this; rank 0 reports and writes
@@ -94,9 +93,7 @@ def cmd_train(a: argparse.Namespace, p: Params) -> int:
         data_parallel.shutdown()
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    best = "" if s.best_val_elbo is None else f", best val ELBO {s.best_val_elbo:.3f} at epoch {s.best_epoch}"
-    refit = f"; then {s.refit_epochs} epochs on all rows (train.refit)" if s.refit_epochs else ""
-    print(f"trained {s.directory}: {s.epochs} epochs{' (stopped early)' if s.stopped_early else ''}{best}{refit}")
+    print(train_line(s))
     return 0
 
 
@@ -199,8 +196,17 @@ def cmd_run(a: argparse.Namespace, p: Params) -> int:
 
     _quiet_user_tracebacks(a.debug)
 
-    result = training_flow(params_path=a.params, overrides=a.set, out=a.out, dvc=a.dvc)
+    # the flow ends in a State named for the gate's decision; calling it gives that state's result
+    result = cast(dict[str, Any], training_flow(params_path=a.params, overrides=a.set, out=a.out, dvc=a.dvc))
     _print_json({k: result[k] for k in ("model_dir", "source", "version", "promotion", "metrics")})
+    return 0
+
+
+def cmd_summary(a: argparse.Namespace, p: Params) -> int:
+    from pipeline.summary import summary_lines
+
+    for line in summary_lines(a.metrics, a.registered, a.model, p.register.model_name):
+        print(line)
     return 0
 
 
@@ -255,6 +261,7 @@ _EXAMPLES = {
     "models": "vaepipe models --set register.model_name=measurement-vae",
     "run": "vaepipe run --set train.epochs=200",
     "serve": 'vaepipe serve --cron "0 3 * * 1"',
+    "summary": "vaepipe summary --metrics reports/metrics.json",
 }
 
 
@@ -323,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", metavar="DIR", help="model directory (default models/runs/<time>)")
     c.add_argument("--dvc", action="store_true",
                    help="write the dvc.yaml stages' outputs and record them with dvc commit (and push)")
+    c = add("summary", cmd_summary, "what the last pipeline run gave: log-likelihood against the full Gaussian, "
+            "where the model, plots and MLflow UI are, the current @champion")
+    c.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"),
+                   help="the metrics JSON of the held-out rows (default: %(default)s)")
+    c.add_argument("--registered", type=Path, default=Path("reports/registered.json"),
+                   help="the register stage's name and version (default: %(default)s)")
+    c.add_argument("--model", type=Path, default=Path("models/vae"), help="the model directory (default: %(default)s)")
     c = add("serve", cmd_serve, "scheduled retraining: serve vaepipe-train/retrain (needs a Prefect server)")
     c.add_argument("--cron", default="0 3 * * *", help="when to retrain, a cron line (default: 03:00 every day)")
     c.add_argument("--no-dvc", action="store_true",

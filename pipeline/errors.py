@@ -26,9 +26,13 @@ class ValidationFailed(PipelineError):
 
 
 class GateRefused(PipelineError):
-    """The promotion gate kept the champion."""
+    """The promotion gate kept the champion; `promotion` holds the gate's figures where it scored both."""
 
     exit_code = 1
+
+    def __init__(self, message: str, promotion: object = None) -> None:
+        super().__init__(message)
+        self.promotion = promotion
 
 
 class StoreUnreachable(PipelineError):

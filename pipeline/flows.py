@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline import embed as embed_step
@@ -18,6 +19,7 @@ from pipeline.config import Params, load_params
 from pipeline.errors import user_error
 from pipeline.model import ResolvedModel, load_model_dir, resolve_ref
 from pipeline.outputs import parts_dir
+from pipeline.progress import TrainingProgress
 from pipeline.registry import RegisteredVersion
 from pipeline.tables import resolve_source
 from vae.store import write_atomic
@@ -64,7 +66,8 @@ def validate_task(path: Path, params: Params, report_path: Path | None = None) -
 def train_task(path: Path, out: Path, params: Params, val_path: Path | None) -> Path:
     logger = get_run_logger()
     summary = steps.train(path, out, params, val_path=val_path, validate=False, validated=True,
-                          on_epoch=lambda s: logger.info(steps.epoch_line(s, params.train.epochs)))
+                          on_epoch=TrainingProgress(logger.info))
+    logger.info(steps.train_line(summary))
     return summary.directory
 
 
@@ -74,13 +77,16 @@ def evaluate_task(model: str, path: Path, params: Params, json_path: Path | None
 
 
 @task(cache_policy=NO_CACHE)
-def compare_task(challenger: dict[str, Any], champion: dict[str, Any] | None, path: Path) -> None:
-    """One table of challenger and champion on the same held-out rows (nats per row)."""
+def compare_task(challenger: dict[str, Any], champion: dict[str, Any] | None, path: Path,
+                 versions: tuple[str, str | None], decision: str) -> None:
+    """One table of challenger and champion (their versions) on the same held-out rows, and the gate's decision."""
+    new = f"challenger v{versions[0]}"
+    old = "champion" if versions[1] is None else f"champion v{versions[1]}"
     keys = [k for k, v in challenger.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-    rows = [{"metric": k, "challenger": challenger[k], "champion": None if champion is None else champion.get(k)}
-            for k in keys]
+    rows = [{"metric": k, new: challenger[k], old: None if champion is None else champion.get(k)} for k in keys]
     create_table_artifact(key="metrics", table=rows,
-                          description=f"challenger and champion on the same held-out rows {path} (nats per row)")
+                          description=f"{decision}. Challenger and champion on the same held-out rows {path} "
+                                      "(nats per row)")
 
 
 @task(cache_policy=NO_CACHE)
@@ -172,7 +178,7 @@ def embedding_flow(model: str, input_dir: Path, output_dir: Path, params: Params
 
 @flow(name="vaepipe-train", log_prints=True)
 def training_flow(params_path: str | None = None, overrides: list[str] | None = None, out: str | None = None,
-                  dvc: bool = False) -> dict[str, Any]:
+                  dvc: bool = False) -> Any:
     """newest table -> drift vs @champion -> prepare -> validate -> train -> evaluate challenger and
     champion -> register -> promote (the gate) [-> dvc commit, dvc push].
 
@@ -197,16 +203,28 @@ def training_flow(params_path: str | None = None, overrides: list[str] | None = 
     champion = champion_task(params)
     champion_metrics = None if champion is None else evaluate_task(
         f"models:/{params.register.model_name}/{champion}", splits["test"], params, None)
-    compare_task(metrics, champion_metrics, splits["test"])
     if dvc:
         dvc_commit_task(versioning.TRAINING_STAGES)  # before register: its lineage reads dvc.lock
     registered = register_task(model_dir, params, metrics, splits["test"])
     promotion = promote_task(params, registered.version, splits["test"])
+    decision = steps.decision_line(promotion, params.register.min_improvement)
+    compare_task(metrics, champion_metrics, splits["test"], (registered.version, champion), decision)
     if dvc:
         write_atomic(versioning.REGISTERED,
                      versioning.registration_json(registered.name, registered.version))
         dvc_commit_task((versioning.REGISTER_STAGE,))
         dvc_push_task()
-    return {"model_dir": str(model_dir), "source": params.data.source, "metrics": metrics,
-            "champion_metrics": champion_metrics, "version": registered.version, "promotion": promotion,
-            "seconds": time.perf_counter() - started}
+    get_run_logger().info(decision)
+    result = {"model_dir": str(model_dir), "source": params.data.source, "metrics": metrics,
+              "champion_metrics": champion_metrics, "version": registered.version, "promotion": promotion,
+              "decision": decision, "seconds": time.perf_counter() - started}
+    # the run's final state says what the gate decided (its name ends `prefect deployment run --watch`)
+    return Completed(message=decision, name=_state_name(promotion), data=result)
+
+
+def _state_name(promotion: dict[str, Any]) -> str:
+    """The final state's name, which `prefect deployment run --watch` ends with: 'Promoted v3', 'Champion kept v2'."""
+    if promotion["promoted"]:
+        return f"Promoted v{promotion['challenger_version']}"
+    old = promotion.get("champion_version")
+    return "Not promoted" if old is None else f"Champion kept v{old}"

@@ -7,6 +7,7 @@ backend or pyplot state is touched and it is safe off the main thread.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,21 +33,47 @@ def _save(fig: Figure, out_dir: Path, name: str) -> Path:
     return path
 
 
-def loss_curves(history: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """history.csv as a frame: train_/val_ elbo, recon, kl (nats/row) per epoch (and the refit's)."""
-    fig = Figure(figsize=(12, 3.5), layout="constrained")
-    refit = history["phase"] == "refit" if "phase" in history else pd.Series(False, index=history.index)
-    curves = (("train", ~refit, "train"), ("val", ~refit, "val"), ("train", refit, "refit, all rows"))
-    for ax, (term, title) in zip(fig.subplots(1, 3), LOSS_TERMS, strict=True):
-        for split, rows, label in curves:
-            col, part = f"{split}_{term}", history[rows]
-            if col in part and part[col].notna().any():
-                ax.plot(part["epoch"], part[col], label=label, marker="." if len(part) < 30 else None)
-        ax.set(title=title, xlabel="epoch", ylabel="nats / row")
-        ax.legend()
+def loss_curves(history: pd.DataFrame, out_dir: Path, marks: Mapping[str, Any] | None = None) -> list[Path]:
+    """history.csv as a frame: train_/val_ elbo, recon, kl (nats/row) per epoch, the refit's after the
+    selection's (total_epoch). marks: the model's metadata["fit"] (the chosen epoch, the noise head's
+    opening), drawn as vertical lines; the switch to the refit is drawn from the phase column."""
+    fig = loss_figure(history, marks)
     return [_save(fig, Path(out_dir), "loss_curves.png")]
 
 
+def loss_figure(history: pd.DataFrame, marks: Mapping[str, Any] | None = None) -> Figure:
+    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    x = history["total_epoch"] if "total_epoch" in history else pd.Series(range(1, len(history) + 1), index=history.index)
+    refit = history["phase"] == "refit" if "phase" in history else pd.Series(False, index=history.index)
+    curves = (("train", ~refit, "train"), ("val", ~refit, "validation"), ("train", refit, "refit, all rows"),
+              ("val", refit, "refit, validation rows (trained on)"))
+    lines = _epoch_marks(x, refit, marks or {})
+    for i, (ax, (term, title)) in enumerate(zip(fig.subplots(1, 3), LOSS_TERMS, strict=True)):
+        for split, rows, label in curves:
+            col = f"{split}_{term}"
+            if col in history and history.loc[rows, col].notna().any():
+                ax.plot(x[rows], history.loc[rows, col], label=label, marker="." if int(rows.sum()) < 30 else None)
+        for at, label, style in lines:
+            ax.axvline(at, color="grey", linestyle=style, linewidth=1, label=label)
+        ax.set(title=title, xlabel="epoch (selection, then refit)", ylabel="nats / row")
+        if i == 0:
+            ax.legend(fontsize=7)
+    return fig
+
+
+def _epoch_marks(x: pd.Series, refit: pd.Series, marks: Mapping[str, Any]) -> list[tuple[float, str, str]]:
+    """(x, label, line style) of the chosen epoch, the refit's start and the noise head's openings."""
+    lines: list[tuple[float, str, str]] = []
+    if refit.any():
+        lines.append((float(x[refit].iloc[0]) - 0.5, "refit on all rows begins", "-"))
+    for j, at in enumerate(marks.get("noise_opened", [])):
+        lines.append((float(at), "z-dependent noise opens" if j == 0 else "_", ":"))  # "_": no second legend entry
+    if refit.any() and marks.get("selected_epoch"):
+        lines.append((float(marks["selected_epoch"]), "best validation epoch of the selection", "-."))
+    chosen = marks.get("chosen_epoch")
+    if chosen is not None:
+        lines.append((float(chosen), "chosen epoch (the model's weights)", "--"))
+    return lines
 def _two_dims(z: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
     """The first two latent means, or the first two principal components of all of them."""
     if z.shape[1] <= 2:
@@ -75,15 +102,34 @@ def latent_view(z: np.ndarray, out_dir: Path, color: np.ndarray | None = None, t
     return [_save(fig, Path(out_dir), "latent.png")]
 
 
-def per_feature_reconstruction(per_feature: Mapping[str, float], out_dir: Path) -> list[Path]:
-    """Bars of E_q[log p(y_i|z)] per feature (the metrics JSON's per_feature_reconstruction)."""
-    items = sorted(per_feature.items(), key=lambda kv: kv[1])[:MAX_BARS]  # worst first
+def feature_gains(per_feature: Mapping[str, float], features: Sequence[str], kinds: Sequence[str],
+                  mean: Sequence[float], std: Sequence[float]) -> dict[str, float]:
+    """Per feature, E_q[log p(y_i|z)] minus the expected log-likelihood of the column's own fit on its
+    training rows (nats/row): -1/2 log(2 pi e sd^2) for a Gaussian column, p log p + (1-p) log(1-p) for a
+    binary one. Units cancel: rescaling a column by c moves both terms by -log c. Columns of other kinds
+    are left out."""
+    columns = {n: (k, m, sd) for n, k, m, sd in zip(features, kinds, mean, std, strict=True)}
+    gains = {}
+    for name, recon in per_feature.items():
+        kind, p, sd = columns.get(name, ("", math.nan, math.nan))
+        if kind == "gaussian" and sd > 0:
+            gains[name] = recon + 0.5 * math.log(2 * math.pi * math.e * sd**2)
+        elif kind == "bernoulli" and 0 < p < 1:
+            gains[name] = recon - (p * math.log(p) + (1 - p) * math.log(1 - p))
+    return gains
+
+
+def per_feature_reconstruction(gains: Mapping[str, float], out_dir: Path, total: int | None = None) -> list[Path]:
+    """Bars of feature_gains: what the latent explains of each column, least first."""
+    items = sorted(gains.items(), key=lambda kv: kv[1])[:MAX_BARS]
+    total = len(gains) if total is None else total
     fig = Figure(figsize=(7, 1.5 + 0.25 * len(items)), layout="constrained")
     ax = fig.subplots()
     ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1])
     ax.margins(y=0.01)
-    shown = "" if len(items) == len(per_feature) else f", worst {len(items)} of {len(per_feature)}"
-    ax.set(xlabel="reconstruction log-likelihood (nats / row)", title=f"per-feature reconstruction{shown}")
+    shown = "" if len(items) == total else f", the {len(items)} lowest of {total}"
+    ax.set(xlabel="reconstruction minus the column's own Gaussian (nats / row)",
+           title=f"per-feature reconstruction beyond each column's marginal fit{shown}")
     return [_save(fig, Path(out_dir), "per_feature_reconstruction.png")]
 
 
@@ -138,11 +184,13 @@ def model_figures(
     table: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Loss curves and traversals always; per-feature bars with metrics; latent view with a table."""
-    paths = loss_curves(history, out_dir)
+    paths = loss_curves(history, out_dir, model.metadata.get("fit"))
     values = decode_traversals(model.vae).numpy()  # (K, steps, D)
     paths += traversals(values, model.schema.features, out_dir, scale=model.schema.std)
     if metrics and metrics.get("per_feature_reconstruction"):
-        paths += per_feature_reconstruction(metrics["per_feature_reconstruction"], out_dir)
+        per_feature, schema = metrics["per_feature_reconstruction"], model.schema
+        gains = feature_gains(per_feature, schema.features, model.vae.spec.kinds, schema.mean, schema.std)
+        paths += per_feature_reconstruction(gains, out_dir, len(per_feature))
     if table is not None:
         rows = table if len(table) <= PLOT_ROWS else table.sample(PLOT_ROWS, random_state=0)
         z = embed(model.vae, model.features(rows, "table")).z.numpy()  # (N, K); text columns as level codes

@@ -47,6 +47,9 @@ from vae.store import CHECKPOINT, HISTORY, MANIFEST, WEIGHTS
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 HISTORY_METRICS = ("train_elbo", "train_recon", "train_kl", "val_elbo", "val_recon", "val_kl", "lr", "beta")
+SCHEDULES = ("lr", "beta")  # logged per epoch only when they change
+HELD_OUT = "test_"  # MLflow metric names of the metrics JSON: which rows they were computed on
+HELD_OUT_COUNTS = ("n_rows", "iw_samples")  # logged as params test.n_rows, test.iw_samples
 REGISTRATION_TAG = "vaepipe.registration_key"  # run tag: registration_key of the model it logged
 EXAMPLE_ROWS = 5  # rows of the input example stored with the model (and used for its signature)
 _REF = re.compile(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))")
@@ -100,7 +103,7 @@ def register_model(
         version, run_id = str(earlier.version), str(earlier.run_id)
     else:
         with tempfile.TemporaryDirectory(prefix="vaepipe-register-") as tmp, \
-                mlflow.start_run(run_name=model.directory.name, tags={REGISTRATION_TAG: key}) as run:
+                mlflow.start_run(run_name=run_name(model), tags={REGISTRATION_TAG: key}) as run:
             _log_run(run.info.run_id, model, history, metrics, frame, Path(tmp))
             info = _log_pyfunc(model, _stage(model.directory, Path(tmp)), name, _input_example(model, frame))
         version, run_id = str(info.registered_model_version), run.info.run_id
@@ -146,14 +149,47 @@ def _log_run(run_id: str, model: LoadedModel, history: pd.DataFrame, metrics: di
     MlflowClient().log_batch(run_id, metrics=_history_metrics(history))
     mlflow.log_dict(config, "params.json")
     if metrics is not None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_scalar(v)})
-        baselines = metrics.get("baselines")
-        baselines = baselines if isinstance(baselines, dict) else {}
-        mlflow.log_metrics({f"baseline_{k}": float(v) for k, v in baselines.items() if _is_scalar(v)})
+        counts = {f"test.{k}": metrics[k] for k in HELD_OUT_COUNTS if _is_scalar(metrics.get(k))}
+        mlflow.log_params({k: str(v) for k, v in counts.items()})  # constants of the evaluation, not metrics
+        mlflow.log_metrics(held_out_metrics(metrics))
         mlflow.log_dict(metrics, "metrics.json")
     mlflow.set_tags(lineage_tags(model, config))
     plots.model_figures(model, history, tmp / "plots", metrics=metrics, table=frame)
     mlflow.log_artifacts(str(tmp / "plots"), "plots")
+
+
+def held_out_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metrics JSON as MLflow metrics: `test_` + its key (the rows it was computed on), the
+    baselines as test_baseline_NAME, and what the VAE adds over the full Gaussian."""
+    out = {f"{HELD_OUT}{k}": float(v) for k, v in metrics.items() if _is_scalar(v) and k not in HELD_OUT_COUNTS}
+    baselines = metrics.get("baselines")
+    baselines = baselines if isinstance(baselines, dict) else {}
+    out |= {f"{HELD_OUT}baseline_{k}": float(v) for k, v in baselines.items() if _is_scalar(v)}
+    if _is_scalar(metrics.get("log_likelihood")) and _is_scalar(baselines.get("full_gauss")):
+        out[f"{HELD_OUT}gain_over_full_gauss"] = float(metrics["log_likelihood"]) - float(baselines["full_gauss"])
+    return out
+
+
+def held_out(run_metrics: dict[str, float], key: str) -> float | None:
+    """A held-out metric of a run: `test_KEY`, or KEY as runs logged before the prefix."""
+    value = run_metrics.get(f"{HELD_OUT}{key}", run_metrics.get(key))
+    return None if value is None else float(value)
+
+
+def run_name(model: LoadedModel) -> str:
+    """The table, its size and the date, e.g. 'breast_cancer 455x30 2026-12-07 01:15'."""
+    data = model.metadata.get("data", {})
+    path = Path(str(data.get("path", "")))
+    source = str(model.metadata.get("params", {}).get("data", {}).get("source", ""))
+    prepared = str(model.metadata.get("params", {}).get("data", {}).get("prepared_dir", ""))
+    if source and prepared and path.parent.resolve() == Path(prepared).resolve():  # a split of data.source
+        scheme, _, rest = source.partition(":")
+        table = (rest if scheme == "sklearn" else scheme) if rest and not Path(source).exists() else Path(source).stem
+    else:
+        table = path.stem or model.directory.name
+    rows = data.get("rows")
+    size = f"{rows}x{len(model.schema.features)}" if rows is not None else f"{len(model.schema.features)} columns"
+    return f"{table} {size} {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}"
 
 
 def _param_text(value: Any) -> str:
@@ -165,13 +201,17 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _history_metrics(history: pd.DataFrame) -> list[Metric]:
-    """Per-epoch curves; the refit on all rows (train.refit) under `refit_` keys of its own."""
+    """Per-epoch curves, step = the epoch counted over both stages; the refit on all rows
+    (train.refit) under `refit_` keys of its own. lr and beta only where they changed (a KL
+    warm-up, a rollback): otherwise they are the params train.lr and train.beta."""
     now = int(time.time() * 1000)
     phase = history["phase"] if "phase" in history else pd.Series("select", index=history.index)
+    step = history["total_epoch"] if "total_epoch" in history else pd.Series(range(1, len(history) + 1))
+    keys = [k for k in HISTORY_METRICS if k in history and (k not in SCHEDULES or history[k].nunique() > 1)]
     return [
         Metric(key if p != "refit" else f"refit_{key}", float(value), now, int(epoch))
-        for key in HISTORY_METRICS if key in history
-        for epoch, value, p in zip(history["epoch"], history[key], phase, strict=True) if pd.notna(value)
+        for key in keys
+        for epoch, value, p in zip(step, history[key], phase, strict=True) if pd.notna(value)
     ]
 
 
@@ -380,10 +420,10 @@ def _against_champion(params: Params, challenger: str, champion: str, data_path:
             "gate_required": repr(required)}
     if not (math.isfinite(ll_new) and ll_new > required):
         _tag(name, challenger, {**_gate_tags(ll_new, data_path, "refused"), **tags})
-        raise GateRefused(
-            f"promotion refused: version {challenger} of {name} scores log-likelihood {ll_new:.4f} nats/row "
-            f"on {data_path}, which does not beat champion version {champion} ({ll_old:.4f}) + "
-            f"register.min_improvement {margin:g} = {required:.4f}; @{CHAMPION} stays on version {champion}")
+        message = (f"promotion refused: version {challenger} of {name} scores log-likelihood {ll_new:.4f} nats/row "
+                   f"on {data_path}, which does not beat champion version {champion} ({ll_old:.4f}) + "
+                   f"register.min_improvement {margin:g} = {required:.4f}; @{CHAMPION} stays on version {champion}")
+        raise GateRefused(message, Promotion(False, challenger, champion, ll_new, ll_old, required, message))
     _crown(name, challenger, champion, {**_gate_tags(ll_new, data_path, "promoted"), **tags})
     return Promotion(True, challenger, champion, ll_new, ll_old, required,
                      f"version {challenger} of {name} is now @{CHAMPION}: log-likelihood {ll_new:.4f} > "
@@ -403,8 +443,9 @@ def _first_champion(params: Params, challenger: str, data_path: Path) -> Promoti
     ll_new = _log_likelihood(model, data_path, params, f"challenger version {challenger}")
     if not math.isfinite(ll_new):
         _tag(name, challenger, _gate_tags(ll_new, data_path, "refused"))
-        raise GateRefused(f"promotion refused: version {challenger} of {name} scores a non-finite "
-                          f"log-likelihood ({ll_new}) on {data_path}")
+        message = (f"promotion refused: version {challenger} of {name} scores a non-finite "
+                   f"log-likelihood ({ll_new}) on {data_path}")
+        raise GateRefused(message, Promotion(False, challenger, None, ll_new, None, None, message))
     _crown(name, challenger, None, {**_gate_tags(ll_new, data_path, "promoted"), "validation_status": "passed"})
     return Promotion(True, challenger, None, ll_new, None, None,
                      f"version {challenger} of {name} is now @{CHAMPION} (there was none): validation of "

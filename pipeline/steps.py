@@ -201,13 +201,45 @@ def promote(params: Params, *, version: str | None = None, data: Path | None = N
     except GateRefused as exc:
         if refuse_raises:
             raise
-        return {"promoted": False, "message": str(exc)}
-    return {"promoted": result.promoted, "message": result.message,
-            "challenger_version": result.challenger_version, "champion_version": result.champion_version}
+        return {"promoted": False, "message": str(exc), **_gate_figures(exc.promotion)}
+    return {"promoted": result.promoted, "message": result.message, **_gate_figures(result)}
+
+
+def _gate_figures(result: Any) -> dict[str, Any]:
+    """The versions and held-out log-likelihoods (nats/row) the gate compared; {} when it scored none."""
+    if result is None:
+        return {}
+    keys = ("challenger_version", "champion_version", "challenger_log_likelihood", "champion_log_likelihood",
+            "required")
+    return {k: getattr(result, k) for k in keys}
+
+
+def decision_line(promotion: dict[str, Any], margin: float = 0.0) -> str:
+    """The gate's decision in one line: "promoted v3 over v2 (x > y nats/row)" or "refused: ..."."""
+    new, old = promotion.get("challenger_version"), promotion.get("champion_version")
+    ll_new, ll_old = promotion.get("challenger_log_likelihood"), promotion.get("champion_log_likelihood")
+    plus = f" + {margin:g}" if margin else ""
+    if promotion.get("promoted") and ll_old is not None:
+        return f"promoted v{new} over v{old} ({ll_new:.3f} > {ll_old:.3f}{plus} nats/row held out)"
+    if new is not None and new == old:
+        return f"v{new} is already @champion: nothing moved"
+    if promotion.get("promoted"):
+        return f"promoted v{new}, the first champion ({ll_new:.3f} nats/row held out)"
+    if ll_new is not None and ll_old is not None:
+        return (f"refused: v{new} scores {ll_new:.3f} nats/row held out, not above v{old}'s {ll_old:.3f}{plus}; "
+                f"@champion stays v{old}")
+    return f"refused: {promotion.get('message', '')}".replace("refused: promotion refused: ", "refused: ")
 
 
 def new_run_dir(root: Path = Path("models/runs")) -> Path:
     return root / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def train_line(s: train_step.TrainSummary) -> str:
+    """What a finished training run did, in one line."""
+    best = "" if s.best_val_elbo is None else f", best val ELBO {s.best_val_elbo:.3f} at epoch {s.best_epoch}"
+    refit = f"; then {s.refit_epochs} epochs on all rows (train.refit)" if s.refit_epochs else ""
+    return f"trained {s.directory}: {s.epochs} epochs{' (stopped early)' if s.stopped_early else ''}{best}{refit}"
 
 
 def epoch_line(s: EpochStats, epochs: int) -> str:

@@ -215,7 +215,8 @@ def _train_claimed(data_path: Path, out: Path, params: Params, resume: bool, val
     metadata = {
         "schema": schema.to_dict(),
         "params": params.to_dict(),
-        "data": record["data"],
+        "data": {**record["data"], "rows": int(y.shape[0])},
+        "fit": fit_marks(result),
         "validation": {"success": validated},
         "anomaly": {"quantile": params.embed.anomaly_quantile, "threshold": threshold,
                     "score_samples": params.embed.score_samples, "seed": params.embed.seed},
@@ -231,6 +232,19 @@ def _train_claimed(data_path: Path, out: Path, params: Params, resume: bool, val
     refit = sum(h.phase == "refit" for h in result.history)
     return TrainSummary(out, len(result.history) - refit, result.best_epoch, result.stopped_early,
                         best_val, threshold, sum(h.seconds for h in result.history), refit)
+
+
+def fit_marks(result: FitResult) -> dict[str, Any]:
+    """Where the curves' events fall, in total_epoch (history.csv's count over both stages):
+    the epoch whose weights the model keeps, the refit's first epoch, the noise head's openings."""
+    history, state = result.state.history, result.state
+    selection = sum(h["phase"] == "select" for h in history)
+    if state.phase == "refit":  # the refit's best epoch on the validation rows, unless the selection's weights stayed
+        chosen = state.selected_epoch if state.best_val < state.selected_val else selection + state.best_epoch
+    else:
+        chosen = state.best_epoch  # 0: the closed-form start
+    return {"chosen_epoch": chosen, "selection_epochs": selection, "selected_epoch": state.selected_epoch,
+            "noise_opened": [i + 1 for i, h in enumerate(history) if h.get("noise_opened")]}
 
 
 def _after_rank_0(out: Path, result: FitResult) -> TrainSummary:

@@ -80,15 +80,18 @@ def weights_mismatch(model: VAE, state: Any) -> str | None:
 
 
 TIMING_FIELDS = ("seconds",)  # wall-clock: reported live, never written to a file
+LIVE_FIELDS = ("stage_epochs", "noise_opened", "stage_over")  # for progress lines; the model's metadata keeps the events
 
 
 def history_csv(history: Sequence[EpochStats]) -> bytes:
+    """One row per epoch; `epoch` restarts in the refit, `total_epoch` counts on over both stages."""
     out = io.StringIO()
-    names = [f.name for f in fields(EpochStats) if f.name not in TIMING_FIELDS]
+    names = ["total_epoch", *(f.name for f in fields(EpochStats)
+                               if f.name not in ("total_epoch", *TIMING_FIELDS, *LIVE_FIELDS))]
     writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    for row in history:
-        writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
+    for i, row in enumerate(history):  # by position: a checkpoint of older code has no total_epoch
+        writer.writerow({**{k: "" if v is None else v for k, v in asdict(row).items()}, "total_epoch": i + 1})
     return out.getvalue().encode()
 
 

@@ -47,6 +47,10 @@ class EpochStats:
     val_kl: float | None
     seconds: float
     phase: str = "select"  # select: training rows, early stopping on validation; refit: all rows
+    total_epoch: int = 0  # 1-based count over both stages: the x axis of the curves
+    stage_epochs: int = 0  # the most epochs this stage runs: train.epochs, or the refit's chosen count
+    noise_opened: bool = False  # model.noise_by_z: the z-dependent noise scales open after this epoch
+    stage_over: bool = False  # the stage's last epoch (its count reached, or early stopping)
 
 
 @dataclass
@@ -361,14 +365,14 @@ def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None]
     return v
 
 
-def _open_noise_head(trainer: _Trainer) -> None:
+def _open_noise_head(trainer: _Trainer) -> bool:
     """model.noise_by_z trains in two stages: the means and the shared noise first; when early
     stopping would end that stage, the z-dependent scales open and training goes on with fresh
     patience (the refit opens them after the same epoch). The first stage takes at most half of
     train.epochs."""
     state, dec = trainer.state, trainer.model.decoder
     if not dec.by_z:
-        return
+        return False
     if state.phase == "refit":  # noise_open_epoch is the selection's (0: it never opened)
         opening = state.epoch == state.noise_open_epoch
     else:  # noise_open_epoch is 0 until the head opens
@@ -377,6 +381,7 @@ def _open_noise_head(trainer: _Trainer) -> None:
             state.finished, state.bad_epochs, state.noise_open_epoch = False, 0, state.epoch
     if opening:
         dec.noise_gate.fill_(1.0)
+    return opening
 
 
 def _finish_epoch(
@@ -397,7 +402,8 @@ def _finish_epoch(
     else:  # the refit tracks its best epoch but never stops early: it runs the chosen count
         v = _track_best(trainer, val, warm=state.phase == "select" and state.step >= cfg.kl_warmup_steps,
                         train_elbo=recon - kl)
-    _open_noise_head(trainer)
+    opened = _open_noise_head(trainer)
+    stage_epochs = cfg.epochs if state.phase == "select" else state.selected_epoch
     stats = EpochStats(
         epoch=state.epoch, step=state.step, beta=beta, lr=state.lr,
         train_elbo=recon - kl, train_recon=recon, train_kl=kl,
@@ -406,6 +412,10 @@ def _finish_epoch(
         val_kl=None if v is None else float(v.kl),
         seconds=seconds,
         phase=state.phase,
+        total_epoch=len(state.history) + 1,
+        stage_epochs=stage_epochs,
+        noise_opened=opened,
+        stage_over=state.finished or state.epoch >= stage_epochs,
     )
     state.history.append(asdict(stats))
     trainer.snapshot()

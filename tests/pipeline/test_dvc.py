@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -81,3 +83,58 @@ def test_exp_run_with_a_param(repo):
     history = (path / "models" / "vae" / "history.csv").read_text()
     assert history.count(",select\n") == 5  # then the refit's epochs on all rows (train.refit)
     assert json.loads((path / "reports" / "metrics.json").read_text()) != metrics_before
+
+
+def test_plots_show_labelled_curves_over_an_epoch_count_that_runs_on_through_the_refit(repo):
+    """`dvc plots show`: ELBO and KL charts with labelled axes, x counting on through the refit (where
+    `epoch` starts again), no chart of another column (phase); its output folder is git-ignored."""
+    path, env = repo
+    done = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=path, env=env,
+                          capture_output=True, text=True, check=True)
+    plots = json.loads(done.stdout)["data"]
+    assert sorted(k.split("::")[-1] for k in plots) == ["ELBO per epoch", "KL per epoch"], list(plots)
+    for key, (plot,) in plots.items():
+        content = plot["content"]
+        text = json.dumps(content["encoding"]) + json.dumps(content["layer"])
+        assert '"phase"' not in text and '"field": "epoch"' not in text, key
+        assert content["encoding"]["x"] == {"field": "total_epoch", "type": "quantitative",
+                                            "title": "epoch, counted over both stages"}
+        assert "nats / row" in text, key
+    history = pd.read_csv(path / "reports" / "history.csv")
+    assert (history["phase"] == "refit").any() and history["epoch"].is_monotonic_increasing is False
+    assert history["total_epoch"].tolist() == list(range(1, len(history) + 1))
+    assert list(history.columns[1:]) == ["epoch", "step", "beta", "lr", "train_elbo", "train_recon", "train_kl",
+                                         "val_elbo", "val_recon", "val_kl", "phase"]
+    subprocess.run([sys.executable, "-m", "dvc", "plots", "show"], cwd=path, env=env, capture_output=True, check=True)
+    assert (path / "dvc_plots" / "index.html").exists()
+    assert subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=path).returncode == 0
+
+
+def test_summary_says_what_the_run_gave_in_a_few_lines(repo):
+    """`make run` ends with `vaepipe summary`, not the metrics JSON: the held-out log-likelihood beside
+    the full Gaussian, where the model, plots and MLflow UI are, and @champion."""
+    path, env = repo
+    assert "\t@$(BIN)/vaepipe summary" in (ROOT / "Makefile").read_text().split("\nrun:", 1)[1].split("\n\n")[0]
+    out = _sh([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "evaluate"], path, env)
+    assert "kl_per_dim" not in out and "log_likelihood" not in out, out  # the JSON went to reports/metrics.json
+    done = subprocess.run([sys.executable, "-m", "pipeline", "summary"], cwd=path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    metrics = json.loads((path / "reports" / "metrics.json").read_text())
+    ll, full = metrics["log_likelihood"], metrics["baselines"]["full_gauss"]
+    assert len(lines) <= 10, done.stdout
+    assert lines[0].startswith(f"log-likelihood: {ll:.3f} ± {metrics['log_likelihood_stderr']:.3f} nats/row on 80 "
+                               "held-out rows"), lines[0]
+    assert f"full-covariance Gaussian: {full:.3f} nats/row; the VAE adds {ll - full:+.3f} nats/row" in done.stdout
+    assert "model directory: models/vae" in lines
+    version = json.loads((path / "reports" / "registered.json").read_text())["version"]  # 2 after an exp run
+    assert re.search(rf"model: registered as models:/measurement-vae/{version} \(MLflow run 'synthetic 288x6 "
+                     r"\d{4}-\d\d-\d\d \d\d:\d\d'\); (promoted|refused) ", done.stdout), done.stdout
+    # 288 rows: 400, less 20 % for test, less 10 % of the rest for validation; the first repro's version is champion
+    mine = " (this run's model)" if version == "1" else ""
+    assert f"@champion: models:/measurement-vae/1{mine}, held-out log-likelihood " in done.stdout
+    plots = next(line for line in lines if line.startswith("plots: "))[7:].split(" (")[0]
+    assert (Path(plots) / "loss_curves.png").is_file(), plots
+    assert f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{path / 'mlflow' / 'mlflow.db'}; then http://" in done.stdout
+    assert "`dvc plots show` writes dvc_plots/index.html" in done.stdout

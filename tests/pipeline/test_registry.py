@@ -104,7 +104,7 @@ def test_register_logs_the_run_and_creates_version_1_as_challenger(
     assert run.params["train.epochs"] == "10" and run.params["model.hidden_dims"] == "[16]"
     assert [m.step for m in client.get_metric_history(v.run_id, "train_elbo")] == list(range(1, 11))
     assert len(client.get_metric_history(v.run_id, "val_elbo")) == 10
-    assert run.metrics["log_likelihood"] == -12.5 and "log_likelihood_stderr" not in run.metrics
+    assert run.metrics["test_log_likelihood"] == -12.5 and "test_log_likelihood_stderr" not in run.metrics
     assert run.tags["data_hash"].startswith("sha256:") and run.tags["seed"] == "0"
     assert run.tags["git_commit"] and run.tags["version.mlflow"] == mlflow.__version__
     assert json.loads(run.tags["config"])["train"]["epochs"] == 10

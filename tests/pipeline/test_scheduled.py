@@ -45,6 +45,7 @@ class Project:
     env: dict[str, str]
     log: Path
     drops: int = 0
+    watched: str = ""  # what the last `--watch` printed
 
     def drop(self, df: pd.DataFrame) -> None:
         """A new table arrives in data.source (the newest one is trained on)."""
@@ -58,6 +59,7 @@ class Project:
         done = subprocess.run(["prefect", "deployment", "run", "vaepipe-train/retrain", "--watch",
                                "--watch-timeout", "240"], env=self.env, cwd=self.repo,
                               capture_output=True, text=True, timeout=300)
+        self.watched = " ".join(done.stdout.split())  # the console wraps long lines
         found = re.search(r"UUID: ([0-9a-f-]{36})", done.stdout)
         assert found, f"{done.stdout}\n{done.stderr}"
         with urllib.request.urlopen(f"{self.api}/flow_runs/{found[1]}", timeout=10) as r:
@@ -126,6 +128,10 @@ def test_a_triggered_run_registers_a_champion_and_versions_it_with_dvc(project: 
     code, run = project.run()
     assert code == 0 and run["state"]["type"] == "COMPLETED", project.log.read_text()[-3000:]
     assert project.versions() == ["1"] and project.champion() == "1"
+    # what the gate decided: the final state's name (which `--watch` ends with) and message
+    assert run["state"]["name"] == "Promoted v1", run["state"]
+    assert re.fullmatch(r"promoted v1, the first champion \(-?\d+\.\d{3} nats/row held out\)", run["state"]["message"])
+    assert project.watched.endswith("Flow run finished successfully in 'Promoted v1'."), project.watched[-300:]
     model_md5 = project.lock_md5("train", "models/vae")
     assert (project.repo / ".dvc" / "cache" / "files" / "md5" / model_md5[:2] / model_md5[2:]).exists()
     assert json.loads((project.repo / "reports" / "registered.json").read_text())["version"] == "1"
@@ -142,6 +148,10 @@ def test_a_run_on_clearly_worse_data_leaves_the_champion(project: Project) -> No
     assert code == 0 and run["state"]["type"] == "COMPLETED", project.log.read_text()[-3000:]
     assert project.versions() == ["1", "2"] and project.champion() == "1"
     assert project.client().get_model_version(NAME, "2").tags["gate_result"] == "refused"
+    assert run["state"]["name"] == "Champion kept v1", run["state"]
+    assert re.fullmatch(r"refused: v2 scores -?\d+\.\d{3} nats/row held out, not above v1's -?\d+\.\d{3}; "
+                        r"@champion stays v1", run["state"]["message"]), run["state"]["message"]
+    assert project.watched.endswith("Flow run finished successfully in 'Champion kept v1'."), project.watched[-300:]
     assert project.lock_md5("prepare", "data/prepared") != before  # this run's data is versioned too
 
 
