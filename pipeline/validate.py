@@ -325,7 +325,8 @@ _IID_TEXT = {
     "autocorrelation": (
         "lag-1 autocorrelation along row order",
         "max_autocorrelation",
-        "neighbouring rows are alike: shuffle the rows or check how they were collected",
+        "neighbouring rows are alike (runs of high and of low values): shuffle the rows or check how they "
+        "were collected",
     ),
     "trend": (
         "Spearman correlation with the row number",
@@ -349,6 +350,9 @@ def _iid_checks(df: pd.DataFrame, numeric: Sequence[str], params: ValidateParams
     for c in numeric:
         for s in iid_stats(df[c].to_numpy(dtype=np.float64, na_value=np.nan)):
             what, key, hint = _IID_TEXT[s.name]
+            if s.name == "autocorrelation" and s.value < 0:
+                hint = ("neighbouring rows alternate (a high value tends to follow a low one): rows interleaved "
+                        "from two sources or taken in pairs? shuffle the rows or check how they were collected")
             limit = getattr(params, key)
             fired = abs(s.value) > limit and s.p_value < alpha
             message = f"{what} {s.value:+.3f} (limit {limit} validate.{key}, p={s.p_value:.2g})"
