@@ -57,7 +57,7 @@ class RegisteredVersion:
     name: str
     version: str
     run_id: str
-    alias: str
+    alias: str | None  # None: registered without an alias (a DVC experiment's model)
     model_uri: str  # models:/NAME/VERSION
 
 
@@ -79,13 +79,16 @@ def register_model(
     model_dir: Path,
     params: Params,
     *,
-    alias: str = CHALLENGER,
+    alias: str | None = CHALLENGER,
     metrics: dict[str, Any] | None = None,
     table: Path | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RegisteredVersion:
-    """Log MODEL_DIR in one run, register it as a new version of register.model_name, set alias.
+    """Log MODEL_DIR in one run, register it as a new version of register.model_name, set alias
+    (None: no alias) and the version tags.
 
     metrics: the metrics JSON to log; None takes MODEL_DIR/metrics.json when `evaluate` wrote one.
+    A model whose table contract differs from @champion's is refused before any registry write.
     """
     model = load_model_dir(Path(model_dir))  # a bad directory fails before any registry write
     metrics = metrics if metrics is not None else model.metrics()
@@ -93,6 +96,7 @@ def register_model(
     frame = _table_frame(model, Path(table)) if table is not None else None
     name = params.register.model_name
     experiment_id = stores.configure_mlflow(params.register.experiment)
+    check_champion_contract(_contract_frame(model.schema), name, str(model.directory), params.data.source)
     key = registration_key(model.directory)
     client = MlflowClient()
     earlier = _version_of_earlier_run(client, experiment_id, name, key)
@@ -104,10 +108,43 @@ def register_model(
             _log_run(run.info.run_id, model, history, metrics, frame, Path(tmp))
             info = _log_pyfunc(model, _stage(model.directory, Path(tmp)), name, _input_example(model, frame))
         version, run_id = str(info.registered_model_version), run.info.run_id
-    for tag, value in _version_tags(model, metrics, run_id).items():
+    for tag, value in {**_version_tags(model, metrics, run_id), **(tags or {})}.items():
         client.set_model_version_tag(name, version, tag, value)
-    client.set_registered_model_alias(name, alias, version)
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version)
     return RegisteredVersion(name, version, run_id, alias, f"models:/{name}/{version}")
+
+
+def _contract_frame(schema: Any) -> pd.DataFrame:
+    """An empty frame with a schema's id and feature columns and dtypes: what Schema.problems reads."""
+    columns = {c: pd.Series(dtype="object") for c in schema.id_columns}
+    for c, t in zip(schema.features, schema.dtypes, strict=True):
+        try:
+            columns[c] = pd.Series(dtype=t)
+        except TypeError:
+            columns[c] = pd.Series(dtype="object")
+    return pd.DataFrame(columns)
+
+
+def check_champion_contract(frame: pd.DataFrame, name: str, what: str, source: str = "") -> None:
+    """Refuse (exit 2) a table or model whose columns are not those of NAME's @champion: it cannot
+    be compared with that champion, nor registered under its name, unless the user names it apart."""
+    version = current_champion(name)
+    if version is None:
+        return
+    champion = _version_model(name, version).schema
+    problems = champion.problems(frame)
+    if not problems:
+        return
+    base = source.split(":", 1)[1] if source.startswith("sklearn:") else "" if ":" in source else Path(source).stem
+    stem = re.sub(r"[^\w-]+", "-", base).strip("-")
+    suggestion = f"{stem}-vae" if stem else f"{name}-2"
+    raise PipelineError(
+        f"{what} has another table contract than @{CHAMPION} version {version} of {name} ({'; '.join(problems)}, "
+        f"against that champion's {len(champion.features)} columns {', '.join(map(repr, champion.features[:4]))}"
+        f"{', ...' if len(champion.features) > 4 else ''}): it cannot be compared with that champion or registered "
+        f"under its name. Give this table's models a name of their own: set register.model_name in params.yaml "
+        f"(or --set register.model_name={suggestion})")
 
 
 def registration_key(directory: Path) -> str:

@@ -21,7 +21,13 @@ import pandas as pd
 
 from pipeline.config import DataParams, Params, ValidateParams
 from pipeline.schema import Schema
-from pipeline.tables import FLOAT32_MAX, float32_collapsed, is_numeric_dtype, read_table
+from pipeline.tables import (
+    FLOAT32_MAX,
+    float32_collapsed,
+    is_numeric_dtype,
+    load_source,
+    resolve_source,
+)
 from vae.atomic import write_atomic
 
 Severity = Literal["error", "warning"]
@@ -86,15 +92,17 @@ def save_report(report: ValidationReport, path: Path) -> Path:
 
 
 def validate_path(
-    path: Path,
+    path: Path | str,
     params: Params,
     against: Schema | None = None,
     report_path: Path | None = None,
 ) -> ValidationReport:
-    """Read a table and validate it; unreadable files raise PipelineError (exit 2)."""
-    df = read_table(Path(path))
+    """Read a table (or a data.source: folder, sklearn:NAME, synthetic:) and validate it as
+    recorded; unreadable files raise PipelineError (exit 2)."""
+    source = resolve_source(str(path))
+    df = load_source(source, seed=params.data.seed)
     report = validate_table(
-        df, data=params.data, params=params.validate, against=against, where=str(path)
+        df, data=params.data, params=params.validate, against=against, where=source
     )
     if report_path is not None:
         save_report(report, report_path)
