@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -179,7 +180,7 @@ def _readme_block(marker: str) -> str:
     blocks = re.findall(r"```(\w+)\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     found = [body for _, body in blocks if marker in body]
     assert len(found) == 1, f"README: {len(found)} code blocks hold {marker!r}"
-    return found[0]
+    return textwrap.dedent(found[0])  # a block inside a list item is indented
 
 
 def test_the_readme_loads_the_champion_as_written(repo: Repo) -> None:
