@@ -142,6 +142,9 @@ def test_an_experiment_moves_no_alias(repo: Repo) -> None:
     assert f"vaepipe promote --version {new}" in out
     repo.sh("git", "checkout", "--", ".")  # back to the committed workspace
     repo.dvc("checkout")
+    promoted = repo.vaepipe("promote", "--version", new, ok=None)  # on purpose, behind the gate
+    assert promoted.returncode in (0, 1) and f"version {new} of {NAME}" in promoted.stdout + promoted.stderr
+    assert repo.aliases()["champion"] == (new if promoted.returncode == 0 else before["champion"])
 
 
 def test_another_table_needs_a_name_of_its_own(repo: Repo) -> None:
