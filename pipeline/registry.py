@@ -134,16 +134,20 @@ def check_champion_contract(frame: pd.DataFrame, name: str, what: str, source: s
         return
     champion = _version_model(name, version).schema
     problems = champion.problems(frame)
-    if not problems:
-        return
+    if problems:
+        raise _contract_error(what, name, version, champion, problems, source, "or registered under its name")
+
+
+def _contract_error(what: str, name: str, version: str, champion: Any, problems: list[str], source: str,
+                    also: str) -> PipelineError:
     base = source.split(":", 1)[1] if source.startswith("sklearn:") else "" if ":" in source else Path(source).stem
     stem = re.sub(r"[^\w-]+", "-", base).strip("-")
     suggestion = f"{stem}-vae" if stem else f"{name}-2"
-    raise PipelineError(
+    return PipelineError(
         f"{what} has another table contract than @{CHAMPION} version {version} of {name} ({'; '.join(problems)}, "
         f"against that champion's {len(champion.features)} columns {', '.join(map(repr, champion.features[:4]))}"
-        f"{', ...' if len(champion.features) > 4 else ''}): it cannot be compared with that champion or registered "
-        f"under its name. Give this table's models a name of their own: set register.model_name in params.yaml "
+        f"{', ...' if len(champion.features) > 4 else ''}): it cannot be compared with that champion {also}. "
+        f"Give this table's models a name of their own: set register.model_name in params.yaml "
         f"(or --set register.model_name={suggestion})")
 
 
@@ -408,8 +412,13 @@ def _log_likelihood(model: LoadedModel, data_path: Path, params: Params, who: st
 def _against_champion(params: Params, challenger: str, champion: str, data_path: Path) -> Promotion:
     """The gate: the challenger must beat the champion by register.min_improvement on the same table."""
     name, margin = params.register.model_name, params.register.min_improvement
-    ll_new = _log_likelihood(_version_model(name, challenger), data_path, params, f"challenger version {challenger}")
-    ll_old = _log_likelihood(_version_model(name, champion), data_path, params, f"champion version {champion}")
+    new_model, old_model = _version_model(name, challenger), _version_model(name, champion)
+    problems = old_model.schema.problems(_contract_frame(new_model.schema))
+    if problems:  # registered before registration checked it: no gate between two tables
+        raise _contract_error(f"version {challenger} of {name}", name, champion, old_model.schema, problems,
+                              params.data.source, "on one table; nothing moves")
+    ll_new = _log_likelihood(new_model, data_path, params, f"challenger version {challenger}")
+    ll_old = _log_likelihood(old_model, data_path, params, f"champion version {champion}")
     required = ll_old + margin
     tags = {"gate_champion_version": champion, "gate_champion_log_likelihood": repr(ll_old),
             "gate_required": repr(required)}

@@ -372,3 +372,16 @@ def test_a_model_of_another_table_is_not_registered_under_the_champions_name(sto
     assert [v.version for v in MlflowClient().search_model_versions(f"name = '{NAME}'")] == before
     v = register_model(out, store.params(f"data.source={other}", "register.model_name=other-vae"))
     assert (v.name, v.version) == ("other-vae", "1")
+
+
+def test_the_gate_names_the_key_when_two_versions_hold_different_tables(store: Store) -> None:
+    """Versions of two tables under one name (registered while there was no champion, or before
+    registration checked): promote says what to do instead of failing to evaluate the champion."""
+    other = store.root / "other-model"  # trained above on 'x0', 'x1', 'x2', 'depth'
+    params = store.params("register.model_name=mixed")
+    first = register_model(store.model(10), params)
+    second = register_model(other, params)
+    promote(params, store.test, version=first.version)
+    with pytest.raises(PipelineError, match=r"version 2 of mixed has another table contract.*register\.model_name"):
+        promote(params, store.test, version=second.version)
+    assert champion("mixed") == first.version
