@@ -58,7 +58,7 @@ def cmd_validate(a: argparse.Namespace, p: Params) -> int:
 
     if a.report is not None:
         check_output(a.report, [] if a.data.startswith(("sklearn:", "synthetic:")) else [Path(a.data)], None)
-    report = validate_data(Path(a.data), p, against=a.against, report_path=a.report, raise_on_failure=False)
+    report = validate_data(a.data, p, against=a.against, report_path=a.report, raise_on_failure=False)
     for line in report.summary_lines():
         print(line)
     return 0 if report.success else 1
