@@ -64,7 +64,7 @@ def _print_json(obj: Any) -> None:
 def cmd_prepare(a: argparse.Namespace, p: Params) -> int:
     from pipeline.steps import prepare_data
 
-    for name, path in prepare_data(p).items():
+    for name, path in prepare_data(p, a.tables).items():
         print(f"{name}: {path}")
     return 0
 
@@ -73,8 +73,8 @@ def cmd_validate(a: argparse.Namespace, p: Params) -> int:
     from pipeline.steps import validate_data
 
     if a.report is not None:
-        check_output(a.report, [Path(a.data)], None)
-    report = validate_data(Path(a.data), p, against=a.against, report_path=a.report, raise_on_failure=False)
+        check_output(a.report, [] if a.data.startswith(("sklearn:", "synthetic:")) else [Path(a.data)], None)
+    report = validate_data(a.data, p, against=a.against, report_path=a.report, raise_on_failure=False)
     for line in report.summary_lines():
         print(line)
     return 0 if report.success else 1
@@ -162,21 +162,30 @@ def _read_metrics(path: Path) -> dict[str, Any]:
 
 def cmd_register(a: argparse.Namespace, p: Params) -> int:
     from pipeline.steps import check_alias, promote, register
+    from pipeline.versioning import dvc_experiment, registration_json
 
     check_alias(a.alias)
     if a.output is not None:
         check_output(a.output, [f for f in (a.metrics, a.table, a.data) if f is not None], None)
     metrics = _read_metrics(a.metrics) if a.metrics else None
-    v = register(Path(a.model), p, alias=a.alias, metrics=metrics, table=a.table)
-    print(f"registered {v.name} version {v.version} as @{v.alias} ({v.model_uri})")
-    if a.promote:
+    experiment = dvc_experiment()  # `dvc exp run`: no alias moves, no gate
+    v = register(Path(a.model), p, alias=None if experiment else a.alias, metrics=metrics, table=a.table,
+                 tags=experiment)
+    if experiment:
+        name = experiment["dvc_experiment"]
+        print(f"registered {v.name} version {v.version} for DVC experiment {name}, without an alias ({v.model_uri}); "
+              f"@challenger and @champion stay where they are. To promote it on purpose: "
+              f"vaepipe promote --version {v.version} (behind the gate)")
+    else:
+        print(f"registered {v.name} version {v.version} as @{v.alias} ({v.model_uri})")
+    if a.promote and not experiment:
         result = promote(p, version=v.version, data=a.data, refuse_raises=False)
         print(result["message"])
     if a.output:
-        from pipeline.versioning import registration_json
         from vae.store import write_atomic
 
-        write_atomic(Path(a.output), registration_json(v.name, v.version))
+        write_atomic(Path(a.output),
+                     registration_json(v.name, v.version, experiment["dvc_experiment"] if experiment else None))
     return 0
 
 
@@ -223,7 +232,7 @@ def cmd_serve(a: argparse.Namespace, p: Params) -> int:
 
     dvc = not a.no_dvc
     if dvc:
-        versioning.check_project(p.data.prepared_dir)
+        versioning.check_project(p.data.prepared_dir, p.data.source)
     _quiet_user_tracebacks(a.debug)
     schedule.serve(a.cron, a.params, a.set, dvc)
     return 0
@@ -285,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
         return cmd
 
     model_help = "a model directory written by `vaepipe train`, or models:/NAME@ALIAS or models:/NAME/VERSION"
-    add("prepare", cmd_prepare, "load data.source and write the train/val/test splits (data.prepared_dir)")
+    c = add("prepare", cmd_prepare, "load data.source and write the train/val/test splits (data.prepared_dir)")
+    c.add_argument("--tables", type=Path, metavar="DIR",
+                   help="refuse a file data.source outside DIR (the folder the DVC stage depends on)")
     c = add("validate", cmd_validate, "check a table (exit 0 valid, 1 invalid)")
-    c.add_argument("data", help="the table to check: a CSV or Parquet file, or a folder of Parquet files")
+    c.add_argument("data", help="a table, or any data.source (folder, sklearn:NAME, synthetic:RxC), as recorded")
     c.add_argument("--against", metavar="MODEL", help="also check columns, ranges and drift against a model: " + model_help)
     c.add_argument("--report", type=Path, metavar="PATH", help="write the full result as JSON to PATH")
     c = add("train", cmd_train, "train a model into a self-contained directory")

@@ -56,7 +56,7 @@ def prepare_task(params: Params) -> dict[str, Path]:
 
 
 @task(cache_policy=NO_CACHE)
-def validate_task(path: Path, params: Params, report_path: Path | None = None) -> None:
+def validate_task(path: Path | str, params: Params, report_path: Path | None = None) -> None:
     report = steps.validate_data(path, params, report_path=report_path, raise_on_failure=False)
     _report_artifact("validation", "Validation", report, f"validation of {path}")
     steps.raise_if_failed(report, path)
@@ -187,14 +187,16 @@ def training_flow(params_path: str | None = None, overrides: list[str] | None = 
     params = load_params(Path(params_path) if params_path else None, overrides or [])
     stores.check_store()  # the flow ends in the registry: find a dead server before training
     if dvc:
-        versioning.check_project(params.data.prepared_dir)
+        versioning.check_project(params.data.prepared_dir, params.data.source)
         if overrides or (params_path and Path(params_path) != Path("params.yaml")):
             get_run_logger().warning("dvc.lock records params.yaml; this run's --params/--set are not in it")
     started = time.perf_counter()
     params = replace(params, data=replace(params.data, source=newest_table_task(params)))
     drift_task(params.data.source, params)
     splits = prepare_task(params)
-    validate_task(splits["train"], params, versioning.VALIDATION if dvc else None)
+    # the table as recorded, in its own row order (the dvc.yaml stage validates the same): the
+    # i.i.d. checks see what a split, a subset of the rows, would hide
+    validate_task(params.data.source, params, versioning.VALIDATION if dvc else None)
     model_dir = train_task(splits["train"], Path(out) if out else steps.new_run_dir(), params, splits["val"])
     if dvc:
         model_dir = install_model_task(model_dir)

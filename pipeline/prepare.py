@@ -45,11 +45,29 @@ def split_rows(
     return {name: np.sort(parts[name]) for name in SPLITS}
 
 
-def prepare(data: DataParams, val_fraction: float, out_dir: Path) -> dict[str, Path]:
+def check_tracked(source: str, tables: Path) -> None:
+    """A file or folder data.source must lie inside TABLES, the folder a DVC stage depends on:
+    elsewhere DVC would not see the table change (sklearn:/synthetic: sources are their params)."""
+    if source.startswith(("sklearn:", "synthetic:")):
+        return
+    path, root = Path(source).resolve(), Path(tables).resolve()
+    if path == root or root in path.parents:
+        return
+    name = Path(source).name
+    raise PipelineError(
+        f"data.source {source} is outside {tables}, the folder the DVC stage depends on: DVC would not see "
+        f"the table change. Move it there and point data.source at it (mv {source} {tables}/ and set "
+        f"data.source: {Path(tables) / name}), then version it with `dvc add {Path(tables) / name}`")
+
+
+def prepare(data: DataParams, val_fraction: float, out_dir: Path, tables: Path | None = None) -> dict[str, Path]:
     """Write out_dir/{train,val,test}.parquet; the same params give byte-identical files.
 
-    A split that would overwrite the source table itself is refused before it is read."""
+    A split that would overwrite the source table itself is refused before it is read; with
+    tables (the DVC stage's dependency), so is a file source outside that folder."""
     out_dir = Path(out_dir)
+    if tables is not None:
+        check_tracked(data.source, tables)
     source = resolve_source(data.source)
     sources = [] if source.startswith(("sklearn:", "synthetic:")) else [Path(source)]
     for name in SPLITS:

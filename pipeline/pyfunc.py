@@ -13,11 +13,14 @@ from typing import Any
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from pipeline.config import EmbedParams, ValidateParams
 from pipeline.drift import column_drift, drift_summary
 from pipeline.embed import embed_frame
+from pipeline.errors import PipelineError
 from pipeline.model import LoadedModel, load_model_dir
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,10 @@ class VAEPyfunc(PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
-        out = embed_frame(self.model, model_input, self.params, where="predict input")
+        try:
+            out = embed_frame(self.model, model_input, self.params, where="predict input")
+        except PipelineError as exc:  # the input's fault: MLflow's server answers 400 with this line
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         if len(model_input) >= MIN_DRIFT_ROWS and self.drift.drift != "off":
             drifted = drift_summary(column_drift(self.model.schema, model_input, self.drift))
             if drifted:

@@ -60,7 +60,7 @@ class RegisteredVersion:
     name: str
     version: str
     run_id: str
-    alias: str
+    alias: str | None  # None: registered without an alias (a DVC experiment's model)
     model_uri: str  # models:/NAME/VERSION
 
 
@@ -82,13 +82,16 @@ def register_model(
     model_dir: Path,
     params: Params,
     *,
-    alias: str = CHALLENGER,
+    alias: str | None = CHALLENGER,
     metrics: dict[str, Any] | None = None,
     table: Path | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RegisteredVersion:
-    """Log MODEL_DIR in one run, register it as a new version of register.model_name, set alias.
+    """Log MODEL_DIR in one run, register it as a new version of register.model_name, set alias
+    (None: no alias) and the version tags.
 
     metrics: the metrics JSON to log; None takes MODEL_DIR/metrics.json when `evaluate` wrote one.
+    A model whose table contract differs from @champion's is refused before any registry write.
     """
     model = load_model_dir(Path(model_dir))  # a bad directory fails before any registry write
     metrics = metrics if metrics is not None else model.metrics()
@@ -96,6 +99,7 @@ def register_model(
     frame = _table_frame(model, Path(table)) if table is not None else None
     name = params.register.model_name
     experiment_id = stores.configure_mlflow(params.register.experiment)
+    check_champion_contract(_contract_frame(model.schema), name, str(model.directory), params.data.source)
     key = registration_key(model.directory)
     client = MlflowClient()
     earlier = _version_of_earlier_run(client, experiment_id, name, key)
@@ -107,10 +111,47 @@ def register_model(
             _log_run(run.info.run_id, model, history, metrics, frame, Path(tmp))
             info = _log_pyfunc(model, _stage(model.directory, Path(tmp)), name, _input_example(model, frame))
         version, run_id = str(info.registered_model_version), run.info.run_id
-    for tag, value in _version_tags(model, metrics, run_id).items():
+    for tag, value in {**_version_tags(model, metrics, run_id), **(tags or {})}.items():
         client.set_model_version_tag(name, version, tag, value)
-    client.set_registered_model_alias(name, alias, version)
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version)
     return RegisteredVersion(name, version, run_id, alias, f"models:/{name}/{version}")
+
+
+def _contract_frame(schema: Any) -> pd.DataFrame:
+    """An empty frame with a schema's id and feature columns and dtypes: what Schema.problems reads."""
+    columns = {c: pd.Series(dtype="object") for c in schema.id_columns}
+    for c, t in zip(schema.features, schema.dtypes, strict=True):
+        try:
+            columns[c] = pd.Series(dtype=t)
+        except TypeError:
+            columns[c] = pd.Series(dtype="object")
+    return pd.DataFrame(columns)
+
+
+def check_champion_contract(frame: pd.DataFrame, name: str, what: str, source: str = "") -> None:
+    """Refuse (exit 2) a table or model whose columns are not those of NAME's @champion: it cannot
+    be compared with that champion, nor registered under its name, unless the user names it apart."""
+    version = current_champion(name)
+    if version is None:
+        return
+    champion = _version_model(name, version).schema
+    problems = champion.problems(frame)
+    if problems:
+        raise _contract_error(what, name, version, champion, problems, source, "or registered under its name")
+
+
+def _contract_error(what: str, name: str, version: str, champion: Any, problems: list[str], source: str,
+                    also: str) -> PipelineError:
+    base = source.split(":", 1)[1] if source.startswith("sklearn:") else "" if ":" in source else Path(source).stem
+    stem = re.sub(r"[^\w-]+", "-", base).strip("-")
+    suggestion = f"{stem}-vae" if stem else f"{name}-2"
+    return PipelineError(
+        f"{what} has another table contract than @{CHAMPION} version {version} of {name} ({'; '.join(problems)}, "
+        f"against that champion's {len(champion.features)} columns {', '.join(map(repr, champion.features[:4]))}"
+        f"{', ...' if len(champion.features) > 4 else ''}): it cannot be compared with that champion {also}. "
+        f"Give this table's models a name of their own: set register.model_name in params.yaml "
+        f"(or --set register.model_name={suggestion})")
 
 
 def registration_key(directory: Path) -> str:
@@ -413,8 +454,13 @@ def _log_likelihood(model: LoadedModel, data_path: Path, params: Params, who: st
 def _against_champion(params: Params, challenger: str, champion: str, data_path: Path) -> Promotion:
     """The gate: the challenger must beat the champion by register.min_improvement on the same table."""
     name, margin = params.register.model_name, params.register.min_improvement
-    ll_new = _log_likelihood(_version_model(name, challenger), data_path, params, f"challenger version {challenger}")
-    ll_old = _log_likelihood(_version_model(name, champion), data_path, params, f"champion version {champion}")
+    new_model, old_model = _version_model(name, challenger), _version_model(name, champion)
+    problems = old_model.schema.problems(_contract_frame(new_model.schema))
+    if problems:  # registered before registration checked it: no gate between two tables
+        raise _contract_error(f"version {challenger} of {name}", name, champion, old_model.schema, problems,
+                              params.data.source, "on one table; nothing moves")
+    ll_new = _log_likelihood(new_model, data_path, params, f"challenger version {challenger}")
+    ll_old = _log_likelihood(old_model, data_path, params, f"champion version {champion}")
     required = ll_old + margin
     tags = {"gate_champion_version": champion, "gate_champion_log_likelihood": repr(ll_old),
             "gate_required": repr(required)}

@@ -26,8 +26,8 @@ from pipeline.tables import PARQUET_SUFFIXES, table_shape
 from vae import EpochStats, VAEError, resolve_device
 
 
-def prepare_data(params: Params) -> dict[str, Path]:
-    return prepare_step.prepare(params.data, params.train.val_fraction, Path(params.data.prepared_dir))
+def prepare_data(params: Params, tables: Path | None = None) -> dict[str, Path]:
+    return prepare_step.prepare(params.data, params.train.val_fraction, Path(params.data.prepared_dir), tables)
 
 
 def default_eval_table(params: Params) -> Path:
@@ -51,11 +51,13 @@ def raise_if_failed(report: validate_step.ValidationReport, path: Path | str) ->
 
 
 def validate_data(
-    path: Path, params: Params, against: str | None = None, report_path: Path | None = None,
+    path: Path | str, params: Params, against: str | None = None, report_path: Path | None = None,
     raise_on_failure: bool = True,
 ) -> validate_step.ValidationReport:
+    """PATH: a table file, or any data.source (a folder: its newest table; sklearn:NAME; synthetic:)
+    validated as recorded, in its own row order, before any split."""
     schema = resolve_model(against).schema if against else None
-    report = validate_step.validate_path(Path(path), params, against=schema, report_path=report_path)
+    report = validate_step.validate_path(path, params, against=schema, report_path=report_path)
     if raise_on_failure:
         raise_if_failed(report, path)
     return report
@@ -66,7 +68,7 @@ def validate_against_champion(source: str, params: Params) -> validate_step.Vali
 
     None when there is no champion yet: nothing to compare with.
     """
-    from pipeline.registry import current_champion
+    from pipeline.registry import check_champion_contract, current_champion
     from pipeline.tables import load_source
 
     name = params.register.model_name
@@ -75,6 +77,7 @@ def validate_against_champion(source: str, params: Params) -> validate_step.Vali
         return None
     schema = resolve_model(f"models:/{name}/{version}").schema
     df = load_source(source, seed=params.data.seed)
+    check_champion_contract(df, name, source, source)  # another table: no drift to speak of, another name
     return validate_step.validate_table(df, data=params.data, params=params.validate, against=schema,
                                         where=f"{source} against {name} version {version} (@champion)")
 
@@ -181,13 +184,16 @@ def check_alias(alias: str) -> str:
     return alias
 
 
-def register(model_dir: Path, params: Params, *, alias: str = "challenger",
-             metrics: dict[str, Any] | None = None, table: Path | None = None) -> Any:
-    check_alias(alias)
+def register(model_dir: Path, params: Params, *, alias: str | None = "challenger",
+             metrics: dict[str, Any] | None = None, table: Path | None = None,
+             tags: dict[str, str] | None = None) -> Any:
+    """alias None: no alias (a DVC experiment's model); tags: extra version tags."""
+    if alias is not None:
+        check_alias(alias)
     stores.check_store()  # before the slow imports: a dead server fails in seconds
     from pipeline.registry import register_model
 
-    return register_model(Path(model_dir), params, alias=alias, metrics=metrics, table=table)
+    return register_model(Path(model_dir), params, alias=alias, metrics=metrics, table=table, tags=tags)
 
 
 def promote(params: Params, *, version: str | None = None, data: Path | None = None,

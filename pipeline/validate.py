@@ -26,7 +26,8 @@ from pipeline.tables import (
     float32_collapsed,
     is_numeric_dtype,
     is_text_dtype,
-    read_table,
+    load_source,
+    resolve_source,
 )
 from vae.atomic import write_atomic
 
@@ -92,15 +93,17 @@ def save_report(report: ValidationReport, path: Path) -> Path:
 
 
 def validate_path(
-    path: Path,
+    path: Path | str,
     params: Params,
     against: Schema | None = None,
     report_path: Path | None = None,
 ) -> ValidationReport:
-    """Read a table and validate it; unreadable files raise PipelineError (exit 2)."""
-    df = read_table(Path(path))
+    """Read a table (or a data.source: folder, sklearn:NAME, synthetic:) and validate it as
+    recorded; unreadable files raise PipelineError (exit 2)."""
+    source = resolve_source(str(path))
+    df = load_source(source, seed=params.data.seed)
     report = validate_table(
-        df, data=params.data, params=params.validate, against=against, where=str(path)
+        df, data=params.data, params=params.validate, against=against, where=source
     )
     if report_path is not None:
         save_report(report, report_path)
@@ -369,7 +372,8 @@ _IID_TEXT = {
     "autocorrelation": (
         "lag-1 autocorrelation along row order",
         "max_autocorrelation",
-        "neighbouring rows are alike: shuffle the rows or check how they were collected",
+        "neighbouring rows are alike (runs of high and of low values): shuffle the rows or check how they "
+        "were collected",
     ),
     "trend": (
         "Spearman correlation with the row number",
@@ -393,6 +397,9 @@ def _iid_checks(df: pd.DataFrame, numeric: Sequence[str], params: ValidateParams
     for c in numeric:
         for s in iid_stats(df[c].to_numpy(dtype=np.float64, na_value=np.nan)):
             what, key, hint = _IID_TEXT[s.name]
+            if s.name == "autocorrelation" and s.value < 0:
+                hint = ("neighbouring rows alternate (a high value tends to follow a low one): rows interleaved "
+                        "from two sources or taken in pairs? shuffle the rows or check how they were collected")
             limit = getattr(params, key)
             fired = abs(s.value) > limit and s.p_value < alpha
             message = f"{what} {s.value:+.3f} (limit {limit} validate.{key}, p={s.p_value:.2g})"

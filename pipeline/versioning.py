@@ -8,6 +8,7 @@ them to the default remote when one is configured. Run from the project's root (
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,14 +30,22 @@ TRAINING_STAGES = ("prepare", "validate", "train", "evaluate")
 REGISTER_STAGE = "register"
 
 
-def check_project(prepared_dir: str) -> None:
-    """Refuse before any work when the cwd is not the project or the splits go elsewhere."""
+TABLES = Path("data/tables")  # the prepare stage's dependency: where a user's tables live
+
+
+def check_project(prepared_dir: str, source: str | None = None) -> None:
+    """Refuse before any work when the cwd is not the project, the splits go elsewhere or a file
+    data.source lies outside TABLES (dvc.lock would not record the table that was trained on)."""
     if not PIPELINE.is_file():
         raise PipelineError(f"versioning with DVC needs {PIPELINE} in the working directory {Path.cwd()}; "
                             "run from the project's root")
     if Path(prepared_dir) != PREPARED:
         raise PipelineError(f"data.prepared_dir is {prepared_dir!r} but dvc.yaml tracks {PREPARED}; "
                             "leave data.prepared_dir at its default to version with DVC")
+    if source is not None:
+        from pipeline.prepare import check_tracked
+
+        check_tracked(source, TABLES)
 
 
 def install_model(trained: Path) -> Path:
@@ -52,12 +61,26 @@ def install_model(trained: Path) -> Path:
     return MODEL
 
 
-def registration_json(name: str, version: str) -> bytes:
+def registration_json(name: str, version: str, experiment: str | None = None) -> bytes:
     """reports/registered.json: what `vaepipe register --output` and the flow write.
 
     No run id: a DVC out holds what a rerun reproduces (the version's run is in the registry).
+    experiment: the DVC experiment that registered the version (it has no alias).
     """
-    return json.dumps({"name": name, "version": version}).encode()
+    body = {"name": name, "version": version} | ({"experiment": experiment} if experiment else {})
+    return json.dumps(body).encode()
+
+
+def dvc_experiment() -> dict[str, str] | None:
+    """The DVC experiment this process runs in, as version tags; None outside one.
+
+    `dvc exp run` sets DVC_EXP_NAME and DVC_EXP_BASELINE_REV in its stages' environment (`dvc repro`
+    sets only DVC_ROOT and DVC_STAGE), so an experiment's register stage can keep the registry's
+    aliases, which production reads, where they are."""
+    name = os.environ.get("DVC_EXP_NAME", "").strip()
+    if not name:
+        return None
+    return {"dvc_experiment": name, "dvc_experiment_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
 
 
 def dvc(*args: str) -> subprocess.CompletedProcess[str]:

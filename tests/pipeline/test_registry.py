@@ -273,9 +273,21 @@ def test_predict_warns_about_drifted_columns(store: Store, caplog: pytest.LogCap
     (lambda df: df.assign(extra=1.0), "extra column 'extra'"),
 ])
 def test_the_table_contract_names_missing_and_extra_columns(store: Store, change, says: str) -> None:
+    """A bad request is the client's fault: an MlflowException with a 400 code (the server's answer)."""
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").unwrap_python_model()
-    with pytest.raises(PipelineError, match=says):
+    with pytest.raises(mlflow.exceptions.MlflowException, match=says) as raised:
         model.predict(None, change(store.test_frame))
+    assert raised.value.get_http_status_code() == 400
+
+
+def test_predict_names_the_column_and_row_of_a_nan_cell(store: Store) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    frame = store.test_frame.copy()
+    frame.loc[3, "x2"] = np.nan
+    with pytest.raises(mlflow.exceptions.MlflowException) as raised:
+        model.predict(frame)
+    assert raised.value.get_http_status_code() == 400
+    assert "'x2'" in raised.value.message and "row 3" in raised.value.message, raised.value.message
 
 
 @pytest.fixture(scope="module")
@@ -346,3 +358,30 @@ def test_plots_cover_one_many_latent_dims_and_many_features(tmp_path: Path) -> N
     ]
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
 
+
+
+def test_a_model_of_another_table_is_not_registered_under_the_champions_name(store: Store) -> None:
+    """Its columns are not the champion's: no comparison, no new version, a message naming the key."""
+    other = write_table_atomic(synthetic_table(200, 4, seed=3).rename(columns={"x3": "depth"}),
+                               store.root / "other.parquet")
+    out = store.root / "other-model"
+    train_model(other, out, store.params("train.epochs=3"))
+    before = [v.version for v in MlflowClient().search_model_versions(f"name = '{NAME}'")]
+    with pytest.raises(PipelineError, match=r"missing columns 'x3', 'x4', 'x5'.*register\.model_name=other-vae"):
+        register_model(out, store.params(f"data.source={other}"))
+    assert [v.version for v in MlflowClient().search_model_versions(f"name = '{NAME}'")] == before
+    v = register_model(out, store.params(f"data.source={other}", "register.model_name=other-vae"))
+    assert (v.name, v.version) == ("other-vae", "1")
+
+
+def test_the_gate_names_the_key_when_two_versions_hold_different_tables(store: Store) -> None:
+    """Versions of two tables under one name (registered while there was no champion, or before
+    registration checked): promote says what to do instead of failing to evaluate the champion."""
+    other = store.root / "other-model"  # trained above on 'x0', 'x1', 'x2', 'depth'
+    params = store.params("register.model_name=mixed")
+    first = register_model(store.model(10), params)
+    second = register_model(other, params)
+    promote(params, store.test, version=first.version)
+    with pytest.raises(PipelineError, match=r"version 2 of mixed has another table contract.*register\.model_name"):
+        promote(params, store.test, version=second.version)
+    assert champion("mixed") == first.version

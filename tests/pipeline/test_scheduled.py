@@ -50,7 +50,7 @@ class Project:
     def drop(self, df: pd.DataFrame) -> None:
         """A new table arrives in data.source (the newest one is trained on)."""
         self.drops += 1
-        path = self.repo / "drops" / f"batch-{self.drops}.parquet"
+        path = self.repo / "data" / "tables" / f"batch-{self.drops}.parquet"
         df.to_parquet(path, index=False)
         os.utime(path, ns=(time.time_ns(), time.time_ns() + self.drops))
 
@@ -87,11 +87,11 @@ def _copy_project(repo: Path, remote: Path, env: dict[str, str]) -> None:
             shutil.copy2(ROOT / f, repo / f)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     # half the rows held out: the gate then compares on enough rows to tell a 30-row fit from a 400-row one
-    params["data"].update(source="drops", id_columns=["row_id"], test_fraction=0.5)
+    params["data"].update(source="data/tables", id_columns=["row_id"], test_fraction=0.5)
     for section, values in FAST.items():
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / "drops").mkdir()
+    (repo / "data" / "tables").mkdir(parents=True, exist_ok=True)
     for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(remote)],
                  ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
         subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)

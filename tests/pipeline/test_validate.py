@@ -128,6 +128,18 @@ def test_trend_fails_warns_or_is_skipped_by_policy(clean: pd.DataFrame) -> None:
     assert off.success and not {c.name for c in off.checks} & {"trend", "autocorrelation", "shift"}
 
 
+def test_autocorrelation_message_says_what_was_found(clean: pd.DataFrame) -> None:
+    """Negative lag-1 autocorrelation (a high row, then a low one) is called alternating, positive
+    autocorrelation (runs of alike rows) alike: the message names what the rows do."""
+    x = clean["x1"].to_numpy()
+    alternating = clean.assign(x1=np.where(np.arange(len(x)) % 2, np.abs(x), -np.abs(x)))
+    runs = clean.assign(x1=np.repeat(x[: len(x) // 3], 3))
+    neg = next(c for c in run(alternating).failures() if (c.name, c.column) == ("autocorrelation", "x1"))
+    pos = next(c for c in run(runs).failures() if (c.name, c.column) == ("autocorrelation", "x1"))
+    assert "alternate" in neg.message and "alike" not in neg.message, neg.message
+    assert "alike" in pos.message and "alternate" not in pos.message, pos.message
+
+
 def test_step_between_halves_fails(clean: pd.DataFrame) -> None:
     clean.loc[150:, "x2"] += 1.5  # a recalibration half way
     assert ("shift", "x2") in failed(run(clean))
