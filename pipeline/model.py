@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,10 @@ class LoadedModel:
         value = self.metadata.get("anomaly", {}).get("quantile")
         return None if value is None else float(value)
 
-    @property
+    @cached_property
     def missing_adjustment(self) -> MissingAdjustment | None:
-        """A data.missing: mask model's standardization of scores for the missing cells (vae.calibration)."""
+        """A data.missing: mask model's adjustment of scores for the missing cells (vae.calibration);
+        None for other models and those trained before it (their flag is log_likelihood < threshold)."""
         record = self.metadata.get("anomaly", {}).get("missing")
         return None if record is None else MissingAdjustment.from_dict(record)
 
