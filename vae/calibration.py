@@ -9,14 +9,13 @@ new rows (split conformal calibration).
 With missing cells (data.missing: mask) log p(y_O) sums over the observed cells O only, so its
 level depends on which cells are missing: in units where a cell's density is below 1 a row with
 fewer cells scores higher and is never flagged; where it is above 1, it is flagged too often.
-`MissingAdjustment` compares a row with held-out rows after removing the level of its pattern,
-s = log p(y_O) - m(O), m(O) = a + sum_{j in O} b_j: b_j is what observing column j adds to the
-log-likelihood on average (fitted on held-out rows scored again with 1 .. EXTRA_MASKED more of
-their cells masked; exact when the cells are independent, where log p(y_O) is a sum over the
-cells). Its anomaly p-value is the share of held-out rows whose s is at most the row's: the same
-scale whatever cells are missing. The spread of s is not adjusted: it narrows a little as cells
-go missing (a Gaussian's log-density has variance d_O / 2), so a row missing many of the cells
-is flagged somewhat less.
+`MissingAdjustment` compares a row with held-out rows on s = (log p(y_O) - m(O)) / |O|^g:
+m(O) = a + sum_{j in O} b_j, b_j what observing column j adds to the log-likelihood on average
+(fitted on held-out rows scored again with 1 .. EXTRA_MASKED more of their cells masked, each
+copy against its own row), a the mean over the held-out rows as they are; |O|^g the spread about
+m(O), which narrows as cells go missing (a Gaussian's log-density has variance |O| / 2: g = 1/2).
+Both are exact when the cells are independent Gaussians. The anomaly p-value is the share of
+held-out rows whose s is at most the row's: the same scale whatever cells are missing.
 """
 
 from __future__ import annotations
@@ -37,15 +36,19 @@ MAX_COPIES = 32
 
 @dataclass(frozen=True)
 class MissingAdjustment:
-    """m(O) = mean[0] + sum_{j in O} mean[1 + j]; reference: ascending adjusted scores of held-out rows."""
+    """s = (log p(y_O) - m(O)) / |O|^spread_power, m(O) = mean[0] + sum_{j in O} mean[1 + j];
+    reference: ascending s of held-out rows."""
 
     mean: tuple[float, ...]  # (1 + D,) nats
+    spread_power: float  # the spread of log p(y_O) about m(O) grows like |O|^this (a Gaussian: 1/2)
     reference: tuple[float, ...]  # at most REFERENCE_POINTS
 
     def adjusted(self, log_likelihood: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        """(N,) s = log p(y_O) - m(O); observed (N, D) bool, True where a cell is observed."""
+        """(N,) s; observed (N, D) bool, True where a cell is observed."""
         mean = torch.tensor(self.mean, dtype=torch.float64)
-        return log_likelihood.to(torch.float64) - (mean[0] + observed.to(torch.float64) @ mean[1:])
+        design = observed.to(torch.float64)
+        spread = design.sum(1).clamp_min(1.0).pow(self.spread_power)
+        return (log_likelihood.to(torch.float64) - (mean[0] + design @ mean[1:])) / spread
 
     def pvalue(self, adjusted: torch.Tensor) -> torch.Tensor:
         """(N,) the share of held-out rows whose adjusted score is at most each row's."""
@@ -53,11 +56,11 @@ class MissingAdjustment:
         return torch.searchsorted(ref, adjusted.to(torch.float64).contiguous(), right=True).double() / len(ref)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": list(self.mean), "reference": list(self.reference)}
+        return {"mean": list(self.mean), "spread_power": self.spread_power, "reference": list(self.reference)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MissingAdjustment:
-        return cls(tuple(map(float, d["mean"])), tuple(map(float, d["reference"])))
+        return cls(tuple(map(float, d["mean"])), float(d["spread_power"]), tuple(map(float, d["reference"])))
 
 
 def _masked_copies(y: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:
@@ -102,10 +105,20 @@ def fit_missing_adjustment(model: VAE, y: torch.Tensor, log_likelihood: torch.Te
     change = extra - log_likelihood.to(torch.float64)[pick].repeat(copies)
     removed = (torch.isnan(masked) & ~torch.isnan(subset).repeat(copies, 1)).to(torch.float64)
     b = -_lstsq(removed, change)
+    # a: the mean of log p(y_O) - sum_{j in O} b_j over the rows as they are, so that s centres on 0
     observed = ~torch.isnan(y)
     a = float((log_likelihood.to(torch.float64) - observed.to(torch.float64) @ b).mean())
-    fitted = MissingAdjustment((a, *b.tolist()), ())
-    return MissingAdjustment(fitted.mean, _reference(fitted.adjusted(log_likelihood, observed)))
+    centred = MissingAdjustment((a, *b.tolist()), 0.0, ())
+    # the spread: E log|s| = log sigma(O) + const for a location-scale family; log|s| regressed on log|O|
+    # over the rows and their copies (the log keeps a row far out from steering it)
+    all_observed = torch.cat([observed, ~torch.isnan(masked)])
+    resid = centred.adjusted(torch.cat([log_likelihood.to(torch.float64), extra]), all_observed).abs()
+    count = all_observed.sum(1).to(torch.float64)
+    keep = (resid > 0) & (count > 0)
+    design = torch.stack([torch.ones_like(count[keep]), count[keep].log()], dim=1)
+    power = float(_lstsq(design, resid[keep].log())[1]) if bool((count[keep] != count[keep][0]).any()) else 0.0
+    fitted = MissingAdjustment(centred.mean, min(max(power, 0.0), 1.0), ())
+    return MissingAdjustment(fitted.mean, fitted.spread_power, _reference(fitted.adjusted(log_likelihood, observed)))
 
 
 def _reference(s: torch.Tensor) -> tuple[float, ...]:

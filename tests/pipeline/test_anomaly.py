@@ -13,9 +13,10 @@ import torch
 from sklearn.datasets import load_diabetes, load_wine
 
 from pipeline.config import load_params
-from pipeline.embed import embed_frame
+from pipeline.embed import embed_file, embed_frame
 from pipeline.model import load_model_dir
 from pipeline.prepare import prepare
+from pipeline.tables import synthetic_table, write_table_atomic
 from pipeline.train import train_model
 from vae import score_rows
 from vae.calibration import MissingAdjustment
@@ -114,11 +115,41 @@ def test_with_missing_cells_rows_are_flagged_at_the_configured_rate_for_each_cou
 
 
 def test_missing_adjustment_by_hand():
-    """s = log p(y_O) - m(O), m(O) = a + sum_{j in O} b_j; the p-value is the share of the reference
-    at or below s."""
-    adj = MissingAdjustment(mean=(1.0, 2.0, -3.0), reference=(-2.0, -1.0, 0.0, 1.0))
-    observed = torch.tensor([[True, True], [True, False], [False, False]])
+    """s = (log p(y_O) - m(O)) / |O|^power, m(O) = a + sum_{j in O} b_j; the p-value is the share of
+    the reference at or below s."""
+    adj = MissingAdjustment(mean=(1.0, 2.0, -3.0), spread_power=0.5, reference=(-2.0, -1.0, 0.0, 1.0))
+    observed = torch.tensor([[True, True], [True, False], [False, True]])
     ll = torch.tensor([0.0, 5.0, 1.0], dtype=torch.float64)
-    np.testing.assert_allclose(adj.adjusted(ll, observed).numpy(), [0.0 - 0.0, 5.0 - 3.0, 1.0 - 1.0])
+    np.testing.assert_allclose(adj.adjusted(ll, observed).numpy(), [(0.0 - 0.0) / 2**0.5, 5.0 - 3.0, 1.0 + 2.0])
     np.testing.assert_allclose(adj.pvalue(torch.tensor([-3.0, -1.0, 0.5, 9.0])).numpy(), [0.0, 0.5, 0.75, 1.0])
     assert MissingAdjustment.from_dict(adj.to_dict()) == adj
+
+
+def test_a_masked_model_streams_anomaly_pvalue_batch_by_batch_as_one_call(tmp_path: Path) -> None:
+    """embed_file in batches of 100 rows writes the frame of one call (log_likelihood to float64
+    rounding): a row's p-value and flag do not depend on its batch; rows with 1 and with 3 missing cells both get p-values spread over (0, 1]."""
+    rng = np.random.default_rng(0)
+    table = synthetic_table(400, 5, seed=1)
+    features = [f"x{j}" for j in range(5)]
+    table[features] = table[features].mask(rng.random((400, 5)) < 0.1)
+    sets = ["data.id_columns=[row_id]", "data.missing=mask", "model.latent_dim=2", "model.hidden_dims=[16]",
+            "train.epochs=3", "train.num_threads=1", "embed.score_samples=10", "embed.batch_rows=100"]
+    params = load_params(None, sets)
+    model = load_model_dir(train_model(write_table_atomic(table, tmp_path / "train.parquet"), tmp_path / "model",
+                                       params).directory)
+    new = synthetic_table(450, 5, seed=2)
+    cells = new[features].to_numpy(copy=True)
+    for i, row in enumerate(cells):
+        row[rng.choice(5, 1 + 2 * (i % 2), replace=False)] = np.nan
+    new[features] = cells
+    new.to_parquet(tmp_path / "new.parquet", index=False)
+    assert embed_file(model, tmp_path / "new.parquet", tmp_path / "out.parquet", params.embed) == 450
+    got = pd.read_parquet(tmp_path / "out.parquet")
+    whole = embed_frame(model, new, params.embed)
+    pd.testing.assert_frame_equal(got, whole, check_exact=False, rtol=1e-12)  # log_likelihood: float64 rounding
+    assert got[["anomaly_pvalue", "anomaly"]].equals(whole[["anomaly_pvalue", "anomaly"]])
+    assert list(got.columns) == ["row_id", "z_0", "z_1", "log_likelihood", "anomaly_pvalue", "anomaly"]
+    assert got["anomaly"].equals(got["anomaly_pvalue"] < params.embed.anomaly_quantile)
+    for k in (1, 3):
+        p = got["anomaly_pvalue"][new[features].isna().sum(axis=1) == k]
+        assert 0.2 < p.median() < 0.8 and p.min() < 0.2 and p.max() > 0.8
