@@ -49,3 +49,20 @@ def test_with_independent_cells_b_is_each_cells_log_density_and_every_pattern_sc
     scores = vae.score_rows(model, blanked, 10, 0, common_eps=True).log_likelihood
     adjusted = adjustment.adjusted(scores, patterns)
     torch.testing.assert_close(adjusted, adjusted[:1].expand(4), rtol=0, atol=1e-3)
+
+
+def test_rows_drawn_from_independent_cells_give_each_cells_entropy_and_a_spread_power_of_one_half():
+    """Rows drawn from that model: E log N(y_j; m_j, s_j^2) = -1/2 log(2 pi e s_j^2), so b_j is that
+    to its sampling error (each b_j rests on the ~1000 of 2048 rows whose copy masked j: 0.71 / sqrt(1000)
+    = 0.022 nats; the bound is 4.5 of those); log p(y_O) has variance |O| / 2, so g is about 1/2 (0.52 to
+    0.60 over three draws: the shape of a sum of |O| halved chi-squares changes a little with |O|)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(200, 4, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0]) + 5
+    model = _independent_cells(y)
+    rows = vae.sample(model, 4000, generator=torch.Generator().manual_seed(1))
+    std = model.decode(torch.zeros(1, 1)).sigma.double().expand(4) * torch.tensor(model.spec.scale, dtype=torch.float64)
+    entropy = 0.5 * torch.log(2 * math.pi * math.e * std**2)
+    ll = vae.score_rows(model, rows, 10, 0, common_eps=True).log_likelihood
+    adjustment = fit_missing_adjustment(model, rows, ll, 10, 0)
+    torch.testing.assert_close(torch.tensor(adjustment.mean[1:], dtype=torch.float64), -entropy, rtol=0, atol=0.1)
+    assert abs(adjustment.spread_power - 0.5) < 0.15
