@@ -248,8 +248,12 @@ def _place_anomaly_threshold(vae: VAE, result: FitResult, y: torch.Tensor, y_val
     same recipe run for the same number of epochs on 1 / (1 - train.val_fraction) times the rows,
     so new rows score about as under the selection (a little higher: it flags somewhat fewer),
     and the selection's threshold in nats carries over. A calibration slice that neither fit sees
-    would cost training rows, a cross-fit more fits; the count of held-out rows, not the
-    transfer, is what limits the threshold's precision. With missing cells (data.missing: mask)
+    would cost training rows, a cross-fit more fits. What limits the threshold is the held-out
+    rows: 1 / (n + 1) of new rows fall below the least of n, and early stopping chose its epoch on
+    these rows' mean, which their worst rows rule, so their low tail is a little optimistic (at
+    quantile 0.01 on breast_cancer's 46: 7.4 % of test rows flagged, 14.0 % on training rows; at
+    0.1: 6.4 % against 29 %). A slice of the validation rows kept from early stopping and added to
+    the refit would remove that, at the cost of a noisier early stop. With missing cells (data.missing: mask)
     the threshold is on a score adjusted for the row's missing cells (vae.calibration). No row
     held out (train.val_fraction 0, no --val): training rows, with a warning.
     """
