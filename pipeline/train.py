@@ -241,8 +241,8 @@ def _place_anomaly_threshold(vae: VAE, result: FitResult, y: torch.Tensor, y_val
     common draws: the scores `embed` gives).
 
     A model scores its training rows higher than new rows (breast_cancer, the default model: 46.3
-    against 38.6 nats/row), so a threshold placed on them flagged 25 % of the test rows at quantile
-    0.1. The validation rows (--val, or the train.val_fraction of DATA that fit() holds out) are
+    against 38.6 nats/row), so a threshold placed on them flagged 29 % of the test rows at quantile
+    0.1 (three splits). The validation rows (--val, or the train.val_fraction of DATA that fit() holds out) are
     not trained on; they are scored by the model that early stopping selected on them. After
     train.refit the final model has trained on them too and no row is left out for it; it is the
     same recipe run for the same number of epochs on 1 / (1 - train.val_fraction) times the rows,
@@ -253,9 +253,9 @@ def _place_anomaly_threshold(vae: VAE, result: FitResult, y: torch.Tensor, y_val
     these rows' mean, which their worst rows rule, so their low tail is a little optimistic (at
     quantile 0.01 on breast_cancer's 46: 7.4 % of test rows flagged, 14.0 % on training rows; at
     0.1: 6.4 % against 29 %). A slice of the validation rows kept from early stopping and added to
-    the refit would remove that, at the cost of a noisier early stop. With missing cells (data.missing: mask)
-    the threshold is on a score adjusted for the row's missing cells (vae.calibration). No row
-    held out (train.val_fraction 0, no --val): training rows, with a warning.
+    the refit would remove that, at the cost of a noisier early stop. With missing cells
+    (data.missing: mask) the threshold is on a score adjusted for the row's missing cells
+    (vae.calibration). No row held out (train.val_fraction 0, no --val): training rows, with a warning.
     """
     e = params.embed
     record: dict[str, Any] = {"quantile": e.anomaly_quantile, "threshold": None, "score_samples": e.score_samples,
