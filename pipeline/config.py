@@ -15,7 +15,7 @@ from vae import ConfigError, ModelConfig, TrainConfig, config_from_dict
 from vae.config import DeviceName, MissingPolicy
 
 DEFAULT_PARAMS = Path("params.yaml")
-OUTPUT_COLUMN = re.compile(r"z_\d+|z_logvar_\d+|log_likelihood|anomaly")  # embed's own output columns
+OUTPUT_COLUMN = re.compile(r"z_\d+|z_logvar_\d+|log_likelihood|anomaly_pvalue|anomaly")  # embed's own output columns
 
 
 def _at_least(key: str, value: int, low: int) -> None:
@@ -46,7 +46,7 @@ class DataParams:
         if taken:
             raise ConfigError(
                 f"data.id_columns names {taken[0]!r}, a column that embed writes itself "
-                "(z_*, z_logvar_*, log_likelihood, anomaly); rename that column in the table"
+                "(z_*, z_logvar_*, log_likelihood, anomaly_pvalue, anomaly); rename that column in the table"
             )
         if len(set(self.id_columns)) < len(self.id_columns):
             raise ConfigError(f"data.id_columns {list(self.id_columns)} names a column twice")
@@ -111,7 +111,7 @@ class EvaluateParams:
 class EmbedParams:
     batch_rows: int = 65536  # rows read, encoded and written at a time: bounds memory
     score_samples: int = 100  # importance samples per row for log_likelihood; 0 = no score columns
-    anomaly_quantile: float = 0.01  # rows below this quantile of training log-likelihoods
+    anomaly_quantile: float = 0.01  # rows below this quantile of held-out rows' log-likelihoods
     with_variance: bool = False
     seed: int = 0
     # where the embedding flow maps the files of a folder: "" in this process, "local:N" a local

@@ -37,7 +37,7 @@ DRIFT_KEY = b"vaepipe.drift"  # Parquet metadata of an embedding output: each co
 
 
 def embed_frame(model: LoadedModel, df: pd.DataFrame, params: EmbedParams, where: str = "table") -> pd.DataFrame:
-    """One output row per input row, in order: ids, z_*, [z_logvar_*], [log_likelihood, anomaly]."""
+    """One output row per input row, in order: ids, z_*, [z_logvar_*], [log_likelihood, [anomaly_pvalue], anomaly]."""
     return _embedding(model, df[list(model.id_columns)], model.features(df, where), params)
 
 
@@ -52,10 +52,18 @@ def _embedding(model: LoadedModel, ids: pd.DataFrame, y: torch.Tensor, params: E
         out |= {f"z_logvar_{j}": emb.logvar[:, j].numpy() for j in range(emb.logvar.shape[1])}
     if params.score_samples > 0:
         samples, seed = model.score_settings(params.score_samples, params.seed)
-        ll = score_rows(model.vae, y, samples, seed, common_eps=True).log_likelihood.numpy()
+        scores = score_rows(model.vae, y, samples, seed, common_eps=True).log_likelihood
+        ll = scores.numpy()
         out["log_likelihood"] = ll
-        threshold = model.anomaly_threshold
-        out["anomaly"] = ll < threshold if threshold is not None else np.zeros(len(ll), dtype=bool)
+        threshold, adjustment = model.anomaly_threshold, model.missing_adjustment
+        if adjustment is not None and model.anomaly_quantile is not None:
+            # data.missing: mask: the level of log p(y_obs) depends on which cells are observed; the flag
+            # compares the row with held-out rows after removing that level (vae.calibration)
+            pvalue = adjustment.pvalue(adjustment.adjusted(scores, ~torch.isnan(y))).numpy()
+            out["anomaly_pvalue"] = pvalue
+            out["anomaly"] = pvalue < model.anomaly_quantile
+        else:
+            out["anomaly"] = ll < threshold if threshold is not None else np.zeros(len(ll), dtype=bool)
     return pd.DataFrame(out, index=range(len(y)))
 
 

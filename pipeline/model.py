@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.schema import Schema
 from pipeline.tables import FLOAT32_MAX, file_sha256, is_numeric_dtype, to_tensor
 from vae import VAE, VAEError, check_log_domain, check_values, load_model, read_manifest
+from vae.calibration import MissingAdjustment
 from vae.store import WEIGHTS
 
 
@@ -30,6 +32,18 @@ class LoadedModel:
     def anomaly_threshold(self) -> float | None:
         value = self.metadata.get("anomaly", {}).get("threshold")
         return None if value is None else float(value)
+
+    @property
+    def anomaly_quantile(self) -> float | None:
+        value = self.metadata.get("anomaly", {}).get("quantile")
+        return None if value is None else float(value)
+
+    @cached_property
+    def missing_adjustment(self) -> MissingAdjustment | None:
+        """A data.missing: mask model's adjustment of scores for the missing cells (vae.calibration);
+        None for other models and those trained before it (their flag is log_likelihood < threshold)."""
+        record = self.metadata.get("anomaly", {}).get("missing")
+        return None if record is None else MissingAdjustment.from_dict(record)
 
     def score_settings(self, score_samples: int, seed: int) -> tuple[int, int]:
         """(importance samples, seed) for the score columns: those the anomaly threshold was

@@ -269,6 +269,23 @@ def fit(
                      state.stopped_early, state)
 
 
+def held_out_rows(y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor | None:
+    """The rows of y that fit() holds out for early stopping when it is given no y_val (None: none)."""
+    if cfg.val_fraction <= 0:
+        return None
+    return y[_split(y.shape[0], cfg)[1]]
+
+
+def selection_model(model: VAE, result: FitResult) -> VAE:
+    """The model early stopping chose on the held-out rows, which it never trained on: `model`
+    itself, or after train.refit (which trains on those rows too) a copy with the selection's weights."""
+    if result.state.phase != "refit" or not result.state.selected_model:
+        return model
+    chosen = copy.deepcopy(model)
+    chosen.load_state_dict(result.state.selected_model)
+    return chosen.eval()
+
+
 def _start_refit(state: TrainState) -> TrainState:
     """A fresh run on all rows for the chosen number of epochs; the selection's record is kept."""
     return TrainState(history=state.history, phase="refit", selected_epoch=state.best_epoch,
