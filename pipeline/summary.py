@@ -97,6 +97,9 @@ def registry_lines(name: str, version: str | None) -> list[str]:
 
 def _gate(tags: dict[str, str]) -> str:
     result = tags.get("gate_result")
+    if result is None and tags.get("dvc_experiment"):  # registered with no alias: the gate never ran
+        return (f"; DVC experiment {tags['dvc_experiment']}, no alias moved "
+                "(`vaepipe promote --version V` gates it on purpose)")
     if result is None:
         return ""
     if result == "promoted" and "gate_champion_version" in tags:

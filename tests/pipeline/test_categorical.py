@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 
 from pipeline.cli import main
 from pipeline.config import ValidateParams
@@ -146,7 +147,7 @@ def test_pyfunc_predict_embeds_text_columns(trained):
     wrapped.load_context(SimpleNamespace(artifacts={"model_dir": str(trained / "model")}))
     out = wrapped.predict(None, cars(40, seed=8))
     assert len(out) == 40 and {"z_0", "log_likelihood"} <= set(out.columns)
-    with pytest.raises(PipelineError, match="column 'class' row 3 holds level 'van'"):
+    with pytest.raises(MlflowException, match="column 'class' row 3 holds level 'van'"):  # a 400 when served
         wrapped.predict(None, cars(40, seed=8).assign(**{"class": ["compact"] * 3 + ["van"] * 37}))
 
 
