@@ -61,7 +61,7 @@ class ModelConfig:
     # real columns modelled as log y (strictly positive ones; the density keeps the Jacobian -log y,
     # so nats/row stay in the table's units): none, auto (each positive column where that raises the
     # validation log-likelihood of the full Gaussian: vae.table.choose_log_columns), or a list of names
-    log_columns: Any = "none"
+    log_columns: Any = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
