@@ -151,3 +151,33 @@ def test_a_fresh_clone_rewrites_no_committed_file():
             outs |= {next(iter(o)) if isinstance(o, dict) else o for o in stage.get(key, [])}
     committed = sorted(f for f in tracked if any(f == o or f.startswith(o.rstrip("/") + "/") for o in outs))
     assert not committed, f"stage outputs committed to git: {committed}"
+
+
+def test_every_stage_depends_on_all_the_code():
+    """Complete by construction: each stage runs the `vaepipe` CLI, whose steps import across both
+    packages (and read the defaults in pipeline/config.py and vae/config.py), so each depends on
+    both folders as a whole; their bytecode is ignored (.dvcignore), so running them changes nothing."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        assert {"pipeline", "vae"} <= set(stage["deps"]), f"stage {name} deps {stage['deps']}"
+    ignored = (ROOT / ".dvcignore").read_text().split()
+    assert "__pycache__/" in ignored and "*.pyc" in ignored
+
+
+def test_a_change_under_vae_reruns_evaluate(repo):
+    """A change to the library (here a baseline's file) makes every stage stale, evaluate included
+    (it used to depend on pipeline/evaluate.py only, and kept metrics.json from the old code)."""
+    path, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    _sh([*dvc, "repro"], path, env)
+    assert "up to date" in _sh([*dvc, "status"], path, env).lower()
+    baselines = path / "vae" / "baselines.py"
+    before = baselines.read_text()
+    try:
+        baselines.write_text(before + "\n# a change\n")
+        status = json.loads(_sh([*dvc, "status", "--json"], path, env))
+        assert {"prepare", "validate", "train", "evaluate", "register"} <= set(status), status
+        assert {"changed deps": {"vae": "modified"}} in status["evaluate"], status["evaluate"]
+    finally:
+        baselines.write_text(before)
+    assert "up to date" in _sh([*dvc, "status"], path, env).lower()
