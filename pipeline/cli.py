@@ -1,4 +1,4 @@
-"""`vaepipe`: the command line of DESIGN.md. Exit 0 ok, 1 data invalid or gate refused, 2 usage/input."""
+"""`vaepipe`: the command line (README "Commands", docs/architecture.md). Exit 0 ok, 1 data invalid or gate refused, 2 usage/input."""
 
 from __future__ import annotations
 

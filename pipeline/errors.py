@@ -1,4 +1,4 @@
-"""Errors the CLI turns into one line on stderr and an exit code (DESIGN.md, "Command line").
+"""Errors the CLI turns into one line on stderr and an exit code (README "Commands": exit codes).
 
 `user_error` is the one place where an error of the user's environment (a full disk, a read-only
 file system, a path that is a directory) becomes such a line; anything else left is a bug (exit 3).

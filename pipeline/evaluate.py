@@ -1,4 +1,4 @@
-"""The evaluate step: the metrics JSON of DESIGN.md for a model on a table."""
+"""The evaluate step: the metrics JSON (README "The metrics") for a model on a table."""
 
 from __future__ import annotations
 

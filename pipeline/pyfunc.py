@@ -1,7 +1,7 @@
 """The registered form of a model: an MLflow pyfunc whose predict is the embed step.
 
 `mlflow.pyfunc.load_model("models:/measurement-vae@champion").predict(df)` returns the embedding
-frame of DESIGN.md ("Embedding output"): ids, z_*, log_likelihood, anomaly.
+frame of `vaepipe embed` (docs/architecture.md, "Contracts"): ids, z_*, log_likelihood, anomaly.
 """
 
 from __future__ import annotations

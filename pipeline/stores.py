@@ -1,4 +1,4 @@
-"""Where MLflow keeps its runs, registry and artifacts (DESIGN.md, "Stores").
+"""Where MLflow keeps its runs, registry and artifacts (docs/architecture.md, "Contracts").
 
 MLFLOW_TRACKING_URI if set, else an embedded sqlite store `<cwd>/mlflow/mlflow.db` with artifacts
 in `<cwd>/mlflow/artifacts`; every path absolute, so pytest, DVC and Prefect share one store.

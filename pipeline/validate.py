@@ -2,8 +2,8 @@
 
 GX (Core 1.x, an ephemeral context per call) checks the columns, row count, nulls, infinities,
 constant columns and, against a model's schema, the training range. Pandas checks dtypes and
-duplicates; numpy/scipy check the i.i.d. assumption along row order (DESIGN.md, "The table
-contract"). Row numbers in reports are 0-based positions in the table.
+duplicates; numpy/scipy check the i.i.d. assumption along row order (docs/architecture.md,
+"Contracts"). Row numbers in reports are 0-based positions in the table.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""run, promote and serve through the CLI, with their exit codes (DESIGN.md, "Command line")."""
+"""run, promote and serve through the CLI, with their exit codes (README "Commands")."""
 
 from __future__ import annotations
 
