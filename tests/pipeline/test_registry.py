@@ -172,28 +172,40 @@ def test_promoting_the_champion_again_does_nothing(store: Store) -> None:
     assert not result.promoted and "already @champion" in result.message and champion() == "1"
 
 
+def _with_champion(store: Store, name: str) -> Params:
+    """A registered model NAME of its own whose version 1 (10 epochs) is @champion: a gate test
+    that builds on no other test's registrations, whatever runs before it."""
+    params = store.params(f"register.model_name={name}")
+    register_model(store.model(10), params)
+    promote(params, store.test)
+    assert champion(name) == "1"
+    return params
+
+
 def test_a_worse_challenger_is_refused_and_nothing_moves(store: Store) -> None:
-    v = register_model(store.model(1), store.params())
+    params = _with_champion(store, "gate-worse")
+    v = register_model(store.model(1), params)
     with pytest.raises(GateRefused) as info:
-        promote(store.params(), store.test)
-    assert champion() == "1" and v.version == "2"
+        promote(params, store.test)
+    assert champion("gate-worse") == "1" and v.version == "2"
     message = str(info.value)
     assert "version 2" in message and "version 1" in message
-    tags = MlflowClient().get_model_version(NAME, "2").tags
+    tags = MlflowClient().get_model_version("gate-worse", "2").tags
     assert float(tags["gate_log_likelihood"]) < float(tags["gate_champion_log_likelihood"])
     assert tags["gate_result"] == "refused" and "promoted_at" not in tags
 
 
 def test_a_better_challenger_passes_only_by_min_improvement(store: Store) -> None:
-    v = register_model(store.model(60), store.params())
+    params = _with_champion(store, "gate-better")
+    v = register_model(store.model(60), params)
     with pytest.raises(GateRefused, match="min_improvement 1e\\+06"):
-        promote(store.params("register.min_improvement=1000000"), store.test)
-    assert champion() == "1"
-    result = promote(store.params(), store.test, version=v.version)
-    assert result.promoted and (result.challenger_version, result.champion_version) == ("3", "1")
+        promote(store.params("register.model_name=gate-better", "register.min_improvement=1000000"), store.test)
+    assert champion("gate-better") == "1"
+    result = promote(params, store.test, version=v.version)
+    assert result.promoted and (result.challenger_version, result.champion_version) == ("2", "1")
     new, old = result.challenger_log_likelihood, result.champion_log_likelihood
     assert new is not None and old is not None and new > old and result.required == old
-    assert champion() == "3"
+    assert champion("gate-better") == "2"
 
 
 def test_a_first_champion_needs_a_table_that_passes_validation(store: Store) -> None:
