@@ -26,7 +26,8 @@ def _options(allowed: tuple[Any, ...]) -> str:
     return ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
 
 
-def _check_choice(section: str, key: str, value: object, options: Any) -> None:
+def check_choice(section: str, key: str, value: object, options: Any) -> None:
+    """ConfigError naming SECTION.KEY unless value is one of the Literal type options."""
     allowed = get_args(options)
     if not any(value is a if isinstance(a, bool) else value == a for a in allowed):  # 1 is not true
         raise ConfigError(f"{section}.{key} is {value!r}; choose one of {_options(allowed)}")
@@ -69,9 +70,9 @@ class ModelConfig:
             raise ConfigError(f"model.latent_dim is {self.latent_dim!r}; it must be >= 1")
         if any(h < 1 for h in self.hidden_dims):
             raise ConfigError(f"model.hidden_dims is {list(self.hidden_dims)}; widths must be >= 1")
-        _check_choice("model", "likelihood", self.likelihood, Likelihood)
-        _check_choice("model", "decoder_variance", self.decoder_variance, DecoderVariance)
-        _check_choice("model", "activation", self.activation, Activation)
+        check_choice("model", "likelihood", self.likelihood, Likelihood)
+        check_choice("model", "decoder_variance", self.decoder_variance, DecoderVariance)
+        check_choice("model", "activation", self.activation, Activation)
         _check_positive("model", "fixed_sigma", self.fixed_sigma)
         _check_positive("model", "min_sigma", self.min_sigma)
         logs = self.log_columns
@@ -151,11 +152,11 @@ class TrainConfig:
             raise ConfigError(f"train.val_fraction is {self.val_fraction!r}; it must be in [0, 1)")
         if not 0 < self.lr_backoff < 1:
             raise ConfigError(f"train.lr_backoff is {self.lr_backoff!r}; it must be in (0, 1)")
-        _check_choice("train", "device", self.device, DeviceName)
-        _check_choice("train", "init", self.init, Init)
-        _check_choice("train", "precision", self.precision, Precision)
-        _check_choice("train", "lr_scaling", self.lr_scaling, LrScaling)
-        _check_choice("train", "cuda_graph", self.cuda_graph, CudaGraph)
+        check_choice("train", "device", self.device, DeviceName)
+        check_choice("train", "init", self.init, Init)
+        check_choice("train", "precision", self.precision, Precision)
+        check_choice("train", "lr_scaling", self.lr_scaling, LrScaling)
+        check_choice("train", "cuda_graph", self.cuda_graph, CudaGraph)
 
 
 _KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}

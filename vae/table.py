@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 import torch
 
-from vae.config import Likelihood, MissingPolicy
-from vae.errors import DataError
+from vae.config import Likelihood, MissingPolicy, check_choice
+from vae.errors import ConfigError, DataError
 
 ColumnKind = Literal["gaussian", "bernoulli", "categorical"]
 Level = str | int
@@ -238,6 +238,10 @@ def describe_table(
     () for a numeric one; None: every column numeric.
     """
     names = [f"x{j}" for j in range(y.shape[-1])] if names is None else list(names)
+    check_choice("model", "likelihood", likelihood, Likelihood)  # a typo would silently pick a branch
+    check_choice("data", "missing", missing, MissingPolicy)
+    if isinstance(log_columns, str) and log_columns not in ("none", "auto"):
+        raise ConfigError(f"model.log_columns is {log_columns!r}; choose auto, none or a list of column names")
     check_values(y, names, missing)
     if not isinstance(log_columns, str):
         unknown = [c for c in log_columns if c not in names]

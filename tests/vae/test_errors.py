@@ -124,3 +124,15 @@ def test_errors_share_the_project_base_and_the_builtin_kinds():
     assert issubclass(vae.DataError, vae.VAEError) and issubclass(vae.DataError, ValueError)
     assert issubclass(vae.ConfigError, ValueError) and issubclass(vae.ModelDirError, OSError)
     assert issubclass(vae.TrainingDivergedError, RuntimeError)
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    ({"missing": "refuse"}, "data.missing is 'refuse'; choose one of"),
+    ({"likelihood": "poisson"}, "model.likelihood is 'poisson'; choose one of"),
+    ({"log_columns": "all"}, "model.log_columns is 'all'; choose auto, none or a list"),
+])
+def test_describe_table_refuses_an_unknown_choice_by_name(kwargs, says):
+    from vae import ConfigError, describe_table
+
+    with pytest.raises(ConfigError, match=says):
+        describe_table(torch.randn(20, 3), **kwargs)

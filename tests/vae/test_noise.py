@@ -28,7 +28,7 @@ def _table(n: int = 48, binary: bool = False) -> torch.Tensor:
     return y
 
 
-def _model(y: torch.Tensor, mode: str, standardize: bool = True, missing: str = "refuse", by_z: bool = False) -> vae.VAE:
+def _model(y: torch.Tensor, mode: str, standardize: bool = True, missing: str = "reject", by_z: bool = False) -> vae.VAE:
     spec = vae.describe_table(y, likelihood="auto", standardize=standardize, missing=missing)
     torch.manual_seed(3)
     model = vae.VAE(spec, vae.ModelConfig(latent_dim=2, hidden_dims=(8,), decoder_variance=mode, noise_rank=2,
