@@ -99,6 +99,9 @@ class TrainConfig:
     beta: float = 1.0  # 1 is the ELBO; other values trade reconstruction against KL
     kl_warmup_steps: int = 0  # optimizer steps over which beta ramps linearly from 0
     val_fraction: float = 0.1  # rows held out for early stopping
+    # rows of the training table held out from the selection fit and from early stopping, on which
+    # the pipeline places the anomaly threshold; only the refit trains on them (0: none)
+    calibration_fraction: float = 0.1
     early_stopping_patience: int = 40  # epochs without a better validation ELBO
     seed: int = 0
     device: DeviceName = "auto"
@@ -149,6 +152,8 @@ class TrainConfig:
         _check_positive("train", "max_rollbacks", self.max_rollbacks, allow_zero=True)
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"train.val_fraction is {self.val_fraction!r}; it must be in [0, 1)")
+        if not 0 <= self.calibration_fraction < 1:
+            raise ConfigError(f"train.calibration_fraction is {self.calibration_fraction!r}; it must be in [0, 1)")
         if not 0 < self.lr_backoff < 1:
             raise ConfigError(f"train.lr_backoff is {self.lr_backoff!r}; it must be in (0, 1)")
         _check_choice("train", "device", self.device, DeviceName)
