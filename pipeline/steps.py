@@ -95,7 +95,7 @@ def train(
                                   on_epoch=on_epoch, validated=validate or validated)
 
 
-MIN_ROWS_PER_COLUMN = 2  # rows to fit per (feature column + 1): the full Gaussian start has d(d+3)/2 numbers
+MIN_ROWS_PER_COLUMN = train_step.MIN_ROWS_PER_COLUMN
 
 
 def check_enough_rows(path: Path, params: Params, val_table: bool = False) -> None:

@@ -37,14 +37,17 @@ from vae import (
 )
 from vae import distributed as data_parallel
 from vae.calibration import fit_missing_adjustment
+from vae.inference import tail_rows
 from vae.precision import precision_gap, resolve_precision
 from vae.store import CHECKPOINT, MANIFEST, write_atomic
-from vae.train import FitResult, held_out_rows, selection_model
+from vae.train import FitResult, calibration_split, held_out_rows, selection_model, will_refit
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"  # what a resumed run must match: params and data
 MAX_THRESHOLD_ROWS = 20_000  # rows scored to place the anomaly threshold
 PROBE_ROWS = 4096  # rows of the bf16-vs-fp32 probe
+MIN_ROWS_PER_COLUMN = 2  # rows to fit per (feature column + 1): the full Gaussian start has d(d+3)/2 numbers
+CALIBRATION_ROWS = "calibration rows (held out from the selection fit)"
 
 
 @dataclass(frozen=True)
@@ -190,17 +193,19 @@ def _train_claimed(data_path: Path, out: Path, params: Params, resume: bool, val
         except VAEError as exc:
             raise PipelineError(str(exc)) from None
     data_parallel.barrier()  # every rank checked OUT before rank 0 writes into it
+    # the same seeded rows on every rank and on --resume (train.seed and calibration_fraction are in run.json)
+    y_fit, y_cal, calibration = _carve_calibration(vae, y, y_val is not None, params)
     try:
         if ranks.is_main:
             write_atomic(out / RUN_FILE, json.dumps(record, indent=2).encode())
         result = fit(
-            vae, y, params.train, y_val=y_val, resume=state,
+            vae, y_fit, params.train, y_val=y_val, y_refit_extra=y_cal, resume=state,
             on_epoch=on_epoch if ranks.is_main else None,
             on_checkpoint=(lambda state: save_checkpoint(out, state)) if ranks.is_main else None,
         )
         if not ranks.is_main:
             return _after_rank_0(out, result)
-        anomaly = _place_anomaly_threshold(vae, result, y, y_val, params)
+        anomaly = _place_anomaly_threshold(vae, result, y_fit, y_val, y_cal, params) | {"calibration": calibration}
         threshold = anomaly["threshold"]
         precision = _precision_record(vae, y, params)
     except VAEError as exc:
@@ -224,7 +229,8 @@ def _train_claimed(data_path: Path, out: Path, params: Params, resume: bool, val
         "train_processes": ranks.world_size,
         "precision": precision,
     }
-    # the baselines see the rows the final model was fitted on (the validation table too after a refit)
+    # the baselines see the rows the final model was fitted on (the validation table and the
+    # calibration rows too after a refit; without one no calibration rows are carved)
     rows = y if y_val is None or result.state.phase != "refit" else torch.cat([y, y_val])
     save_model(out, vae, params.train, result.history, metadata, fit_baselines(rows, spec, params.model.latent_dim))
     data_parallel.barrier()  # the other ranks return once the model directory is complete
@@ -258,28 +264,57 @@ def _after_rank_0(out: Path, result: FitResult) -> TrainSummary:
                         best_val, None, sum(h.seconds for h in result.history), refit)
 
 
+def _carve_calibration(vae: VAE, y: torch.Tensor, val_table: bool,
+                       params: Params) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """(rows the selection fits on, calibration rows or None, what was decided): the
+    train.calibration_fraction of DATA that neither the selection's training nor early stopping
+    sees, on which the anomaly threshold is placed; the refit trains on them. Carved only where a
+    refit will run (so the final model trains on every row) and rows are scored
+    (embed.score_samples > 0), and only if the rest still has MIN_ROWS_PER_COLUMN x (features + 1)
+    rows to fit after the validation split; otherwise none, and the threshold goes on the validation rows."""
+    t = params.train
+    record: dict[str, Any] = {"fraction": t.calibration_fraction, "rows": 0}
+    n_cal = round(y.shape[0] * t.calibration_fraction)
+    rest = y.shape[0] - n_cal
+    fit_rows = rest if val_table else rest - round(rest * t.val_fraction)
+    need = MIN_ROWS_PER_COLUMN * (y.shape[1] + 1)
+    why = ("train.calibration_fraction is 0" if t.calibration_fraction == 0
+           else "embed.score_samples is 0" if params.embed.score_samples == 0
+           else "no refit (train.refit, a linear start, validation rows)" if not will_refit(vae, t, val_table or t.val_fraction > 0)
+           else f"{rest} rows would be left, {fit_rows} to fit, below {need}" if n_cal < 1 or fit_rows < need
+           else None)
+    if why is not None:
+        return y, None, record | {"skipped": why}
+    keep, cal = calibration_split(y.shape[0], t)
+    return y[keep], y[cal], record | {"rows": n_cal}
+
+
 def _place_anomaly_threshold(vae: VAE, result: FitResult, y: torch.Tensor, y_val: torch.Tensor | None,
-                             params: Params) -> dict[str, Any]:
+                             y_cal: torch.Tensor | None, params: Params) -> dict[str, Any]:
     """Where `embed` flags a row, and how that was placed (recorded in the model directory): the
     embed.anomaly_quantile of held-out rows' scores (embed.score_samples importance samples each,
-    common draws: the scores `embed` gives).
+    common draws: the scores `embed` gives), by vae.anomaly_threshold (plotting positions, an
+    exponential tail below the least score).
 
     A model scores its training rows higher than new rows (breast_cancer, the default model: 46.3
     against 38.6 nats/row), so a threshold placed on them flagged 29 % of the test rows at quantile
-    0.1 (three splits). The validation rows (--val, or the train.val_fraction of DATA that fit() holds out) are
-    not trained on; they are scored by the model that early stopping selected on them. After
-    train.refit the final model has trained on them too and no row is left out for it; it is the
-    same recipe run for the same number of epochs on 1 / (1 - train.val_fraction) times the rows,
-    so new rows score about as under the selection (a little higher: it flags somewhat fewer),
-    and the selection's threshold in nats carries over. A calibration slice that neither fit sees
-    would cost training rows, a cross-fit more fits. What limits the threshold is the held-out
-    rows: 1 / (n + 1) of new rows fall below the least of n, and early stopping chose its epoch on
-    these rows' mean, which their worst rows rule, so their low tail is a little optimistic (at
-    quantile 0.01 on breast_cancer's 46: 7.4 % of test rows flagged, 14.0 % on training rows; at
-    0.1: 6.4 % against 29 %). A slice of the validation rows kept from early stopping and added to
-    the refit would remove that, at the cost of a noisier early stop. With missing cells
-    (data.missing: mask) the threshold is on a score adjusted for the row's missing cells
-    (vae.calibration). No row held out (train.val_fraction 0, no --val): training rows, with a warning.
+    0.1 (three splits). The rows: the calibration rows (train.calibration_fraction of DATA, y_cal),
+    which the selection neither trained on nor chose its epoch on, scored by the selected model
+    (vae.train.selection_model). The validation rows were used before: early stopping chose its
+    epoch on their mean ELBO, which their worst rows rule, so their low tail looked better than
+    new rows' (one split: the lowest validation row scored 13 nats under the model selected on it,
+    -26 under one selected on other rows). On breast_cancer (default settings, ten splits,
+    benchmarks/anomaly_rate.py) quantile 0.01 flagged 5.0 % of the test rows placed on the 46
+    validation rows with the empirical quantile, 1.5 % on 82 calibration rows (0.2; 41 rows, 0.1:
+    3.4 %, too few to extrapolate a 1 % tail from). After train.refit the final model has trained
+    on the calibration rows too; it is the same recipe run for the same number of epochs on a
+    little more data, so new rows score about as under the selection, and the selection's
+    threshold in nats carries over (the rate at 0.1: 11.6 %).
+    Without calibration rows (train.calibration_fraction 0, no refit, too few rows): the
+    validation rows (--val, or the train.val_fraction of DATA that fit() holds out), as before.
+    With missing cells (data.missing: mask) the same rows give the adjustment for the row's
+    missing cells (vae.calibration). No row held out (train.val_fraction 0, no --val): training
+    rows, with a warning.
     """
     e = params.embed
     record: dict[str, Any] = {"quantile": e.anomaly_quantile, "threshold": None, "score_samples": e.score_samples,
@@ -287,7 +322,10 @@ def _place_anomaly_threshold(vae: VAE, result: FitResult, y: torch.Tensor, y_val
     if e.score_samples == 0:
         return record
     held = y_val if y_val is not None else held_out_rows(y, params.train)
-    if held is None:
+    if y_cal is not None:
+        rows, model, placed_on = y_cal, selection_model(vae, result), CALIBRATION_ROWS
+        scored_by = "selected model (before train.refit)" if model is not vae else "final model"
+    elif held is None:
         log.warning("no rows held out (train.val_fraction is 0 and no --val table): the anomaly threshold is placed "
                     "on training rows, which the model fits better; embed will flag more than embed.anomaly_quantile "
                     "of new rows")
@@ -300,9 +338,10 @@ def _place_anomaly_threshold(vae: VAE, result: FitResult, y: torch.Tensor, y_val
     scores = score_rows(model, rows, e.score_samples, e.seed, common_eps=True)
     record |= {"threshold": anomaly_threshold(scores.log_likelihood, e.anomaly_quantile), "rows": int(rows.shape[0]),
                "placed_on": placed_on, "scored_by": scored_by}
-    if rows.shape[0] * e.anomaly_quantile < 1:
-        log.info("the anomaly threshold rests on %d held-out rows, fewer than 1 / embed.anomaly_quantile: it is "
-                 "the least of their scores, and the share of new rows flagged is uncertain", rows.shape[0])
+    if (rows.shape[0] + 1) * e.anomaly_quantile < 1:
+        log.info("the anomaly threshold rests on %d held-out rows, fewer than 1 / embed.anomaly_quantile - 1: it "
+                 "is extrapolated below the least of their scores (an exponential tail fitted to the %d least)",
+                 rows.shape[0], tail_rows(rows.shape[0]))
     if vae.masked:
         adjustment = fit_missing_adjustment(model, rows, scores.log_likelihood, e.score_samples, e.seed)
         record["missing"] = adjustment.to_dict()

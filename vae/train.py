@@ -23,6 +23,7 @@ from vae.step import StepRunner, load_optimizer_state, make_optimizer, resolve_c
 from vae.table import check_values
 
 log = logging.getLogger(__name__)
+CALIBRATION_SEED_OFFSET = 7919  # calibration_split's generator: train.seed + this
 
 
 def resolve_device(name: DeviceName, key: str = "train.device") -> torch.device:
@@ -200,6 +201,7 @@ def fit(
     cfg: TrainConfig,
     *,
     y_val: torch.Tensor | None = None,
+    y_refit_extra: torch.Tensor | None = None,
     resume: TrainState | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
@@ -208,10 +210,20 @@ def fit(
 
     Without y_val, train.val_fraction of y is held out for early stopping on validation ELBO,
     which starts counting once the KL warm-up is over. The model ends with the best weights, or,
-    with train.refit, with those of a second run on all rows (y and the validation rows) for the
-    chosen epoch count.
+    with train.refit, with those of a second run on all rows (y, the validation rows and
+    y_refit_extra) for the chosen epoch count.
+
+    y_refit_extra: rows only the refit trains on; neither the selection's training nor early
+    stopping sees them, so they stay out of sample for the selected model (selection_model), e.g.
+    to calibrate on. They are refused when no refit will run (will_refit), where no model would
+    train on them.
     """
     check_values(y, model.spec.names, model.spec.missing)
+    if y_refit_extra is not None:
+        check_values(y_refit_extra, model.spec.names, model.spec.missing)
+        if not will_refit(model, cfg, y_val is not None or cfg.val_fraction > 0):
+            raise ConfigError("fit() was given rows for the refit only (y_refit_extra), but no refit will run "
+                              "(train.refit, train.init linear_gaussian with a linear start, validation rows)")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
@@ -223,11 +235,13 @@ def fit(
     elif y_val is not None:
         check_values(y_val, model.spec.names, model.spec.missing)
         y_all = torch.cat([y, y_val.to(y)])
+    if y_refit_extra is not None:
+        y_all = torch.cat([y_all, y_refit_extra.to(y_all)])
     linear_start = cfg.init == "linear_gaussian" and has_linear_start(model)
     if cfg.init == "linear_gaussian" and not linear_start:
         log.warning("train.init linear_gaussian needs an affine model or model.linear_path: starting "
                     "from torch's random weights (and without train.refit)")
-    refit = cfg.refit and linear_start and y_val is not None
+    refit = will_refit(model, cfg, y_val is not None)
     cfg = data_parallel.per_rank(cfg)  # under torchrun: batch_size / world_size rows a step on each rank
     x, mask = model.standardize(data_parallel.shard(y).to(device, torch.float32))  # this rank's rows
     val = None if y_val is None else model.standardize(y_val.to(device, torch.float32))  # all of them
@@ -267,6 +281,23 @@ def fit(
     history = tuple(EpochStats(**h) for h in state.history)
     return FitResult(history, state.selected_epoch if state.phase == "refit" else state.best_epoch,
                      state.stopped_early, state)
+
+
+def will_refit(model: VAE, cfg: TrainConfig, validation_rows: bool) -> bool:
+    """Whether fit() retrains on all rows after the selection: train.refit, a closed-form linear
+    start (train.init linear_gaussian on a model that has one) and validation rows (a y_val, or
+    train.val_fraction > 0)."""
+    return cfg.refit and cfg.init == "linear_gaussian" and has_linear_start(model) and validation_rows
+
+
+def calibration_split(n: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rest, calibration): indices of n rows, train.calibration_fraction of them (rounded) for
+    calibration, drawn from train.seed by their own generator (seed + CALIBRATION_SEED_OFFSET), so
+    the same rows on every rank, on --resume, and apart from fit()'s validation split, which is
+    taken from the rest."""
+    n_cal = round(n * cfg.calibration_fraction)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + CALIBRATION_SEED_OFFSET))
+    return perm[n_cal:].sort().values, perm[:n_cal].sort().values
 
 
 def held_out_rows(y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor | None:

@@ -94,16 +94,62 @@ def test_traversals_move_along_one_latent_axis_in_original_units(which, request)
     torch.testing.assert_close(trav.diff(dim=1), step[:, None, :].expand(2, 4, 10), rtol=1e-3, atol=1e-3 * float(step.abs().max()))
 
 
-def test_anomaly_threshold_is_the_quantile():
-    values = torch.arange(1001, dtype=torch.float64)  # 0 .. 1000
-    assert vae.anomaly_threshold(values, 0.01) == pytest.approx(10.0)
-    assert vae.anomaly_threshold(values, 0.5) == pytest.approx(500.0)
-    ll = torch.randn(5000, generator=_gen(3))
-    threshold = vae.anomaly_threshold(ll, 0.05)
-    assert float((ll < threshold).double().mean()) == pytest.approx(0.05, abs=1e-3)
+def test_anomaly_threshold_at_plotting_positions():
+    """A new row falls below the k-th least of n exchangeable scores with probability k / (n + 1):
+    at q = k / (n + 1) the threshold is that score, linear in k between, the greatest above n."""
+    values = torch.arange(1000, dtype=torch.float64).flip(0) * 2.0  # s_(k) = 2 (k - 1), n = 1000
+    assert vae.anomaly_threshold(values, 10 / 1001) == pytest.approx(18.0)
+    assert vae.anomaly_threshold(values, 1 / 1001) == pytest.approx(0.0)
+    assert vae.anomaly_threshold(values, 10.25 / 1001) == pytest.approx(18.5)
+    assert vae.anomaly_threshold(values, 0.5) == pytest.approx(2 * (500.5 - 1))
+    assert vae.anomaly_threshold(values, 1000.5 / 1001) == pytest.approx(1998.0)
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(vae.ConfigError, match="embed.anomaly_quantile"):
-            vae.anomaly_threshold(ll, bad)
+            vae.anomaly_threshold(values, bad)
+
+
+def test_anomaly_threshold_below_the_least_is_an_exponential_tail_by_hand():
+    """q (n + 1) < 1: u = the (m + 1)-th least, sigma = the mean excess of the m least below it,
+    threshold u - sigma * m * (((m + 1) / (q (n + 1))) ** (1 / m) - 1), m = min(10, n // 4) >= 3."""
+    s = torch.tensor([5.0, -1.0, 0.0, -3.0, 2.0, 7.0, 1.0, -6.0, 3.0, 4.0, 6.0, 8.0, 9.0, 10.0, 11.0, 12.0])
+    n, q, m = 16, 0.02, 4  # the four least: -6, -3, -1, 0; u = 1; mean excess (7 + 4 + 2 + 1) / 4 = 3.5
+    expected = 1.0 - 3.5 * m * (((m + 1) / (q * (n + 1))) ** (1 / m) - 1)
+    assert vae.anomaly_threshold(s, q) == pytest.approx(expected)
+    assert vae.anomaly_threshold(s[:3], 0.01) == -1.0  # fewer than 4 scores: the least
+
+
+def _mean_exceedance(draw, cdf, n: int, q: float, reps: int, seed: int) -> float:
+    """The true share of new rows below the threshold (cdf at it), averaged over reps samples of n."""
+    gen = torch.Generator().manual_seed(seed)
+    return sum(cdf(vae.anomaly_threshold(draw(n, gen), q)) for _ in range(reps)) / reps
+
+
+def _neg_exponential(n: int, gen: torch.Generator) -> torch.Tensor:
+    return -torch.empty(n, dtype=torch.float64).exponential_(1.0, generator=gen)
+
+
+def _laplace(n: int, gen: torch.Generator) -> torch.Tensor:
+    u = torch.rand(n, dtype=torch.float64, generator=gen) - 0.5
+    return -u.sign() * torch.log1p(-2 * u.abs())
+
+
+def _laplace_cdf(t: float) -> float:
+    return 0.5 * math.exp(t) if t < 0 else 1 - 0.5 * math.exp(-t)
+
+
+@pytest.mark.parametrize(("draw", "cdf"), [(_neg_exponential, lambda t: math.exp(min(t, 0.0))),
+                                           (_laplace, _laplace_cdf)], ids=["neg_exponential", "laplace"])
+def test_anomaly_threshold_flags_the_quantile_of_new_rows_from_few(draw, cdf):
+    """Scores with an exactly exponential lower tail, n = 50, q = 0.01 (below the least: q (n + 1)
+    = 0.51): over 3000 samples the threshold's true exceedance P(new < threshold), in closed form,
+    averages q (unbiased there; Monte Carlo error about 2 %); the empirical quantile averaged about
+    1.5 / 51 = 2.9 q. At q = 5 / 51 (the 5th least) it is 5 / 51 whatever the distribution, and with
+    n = 2000 one sample's threshold is near q."""
+    q = 0.01
+    assert 0.9 * q < _mean_exceedance(draw, cdf, 50, q, 3000, 0) < 1.1 * q
+    assert 0.85 * 0.003 < _mean_exceedance(draw, cdf, 30, 0.003, 3000, 1) < 1.15 * 0.003  # q (n + 1) = 0.093
+    assert _mean_exceedance(draw, cdf, 50, 5 / 51, 3000, 2) == pytest.approx(5 / 51, rel=0.05)
+    assert _mean_exceedance(draw, cdf, 2000, q, 20, 3) == pytest.approx(q, rel=0.1)
 
 
 def test_score_rows_agrees_with_evaluate(ppca_plain):

@@ -107,15 +107,20 @@ def test_training_never_ends_below_its_start_on_validation():
     assert ends["random"] < start - 0.1, ends  # the settings do hurt a model that starts elsewhere
 
 
-@pytest.mark.parametrize("validation", ["fraction", "table"])
+@pytest.mark.parametrize("validation", ["fraction", "table", "refit_extra"])
 def test_refit_trains_on_all_rows_for_the_chosen_epochs(validation):
     y = _correlated(300, d=8, seed=4)
     cfg = _config(epochs=6, lr=5e-2, batch_size=32, val_fraction=0.3, early_stopping_patience=100)
     model = _model(y, "full", (64, 64))
     if validation == "fraction":
         result = vae.fit(model, y, cfg)
-    else:  # a validation table of its own: the refit uses its rows too
+    elif validation == "table":  # a validation table of its own: the refit uses its rows too
         result = vae.fit(model, y[:210], cfg, y_val=y[210:])
+    else:  # rows only the refit sees: the selection started from (and chose on) the other 270 alone
+        result = vae.fit(model, y[:270], cfg, y_refit_extra=y[270:])
+        fit_rows = y[:270][vae.train._split(270, cfg)[0]]
+        selected = vae.score_rows(vae.train.selection_model(model, result), y, iw_samples=1, seed=0).log_likelihood
+        torch.testing.assert_close(selected, _full_gaussian_loglik(fit_rows, y), rtol=0, atol=0.05)
     assert result.best_epoch == 0  # a large step: no epoch beat the start on validation
     assert [h.phase for h in result.history] == ["select"] * 6
     # the result is then the start fitted on all rows: the full Gaussian of all 300 rows
@@ -124,6 +129,15 @@ def test_refit_trains_on_all_rows_for_the_chosen_epochs(validation):
     torch.testing.assert_close(rows, closed, rtol=0, atol=0.05)  # float32 on 8 columns
     assert float(rows.mean()) == pytest.approx(float(closed.mean()), abs=2e-3)
     # (with a chosen epoch count the refit runs that many: test_train's resume test)
+
+
+def test_rows_for_the_refit_only_are_refused_where_no_refit_runs():
+    y = _correlated(200, d=4, seed=1)
+    for cfg in (_config(epochs=1, refit=False, val_fraction=0.2), _config(epochs=1, val_fraction=0.0),
+                _config(epochs=1, val_fraction=0.2, init="random")):
+        with pytest.raises(vae.ConfigError, match="y_refit_extra"):
+            vae.fit(_model(y, "full"), y[:150], cfg, y_refit_extra=y[150:])
+    vae.fit(_model(y, "full"), y[:150], _config(epochs=1, val_fraction=0.2), y_refit_extra=y[150:])  # a refit runs
 
 
 def _with_holes(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
