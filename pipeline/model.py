@@ -150,7 +150,7 @@ def resolve_ref(ref: str) -> ResolvedModel:
         from pipeline.stores import check_store
 
         check_store()  # before the slow imports: a dead server fails in seconds
-        from pipeline.registry import download_version
+        from pipeline.resolve import download_version
 
         directory, mv = download_version(ref)
         return ResolvedModel(directory, f"models:/{mv.name}/{mv.version}")
@@ -167,7 +167,7 @@ def resolve_model(ref: str, device: str = "cpu") -> LoadedModel:
         from pipeline.stores import check_store
 
         check_store()  # before the slow imports: a dead server fails in seconds
-        from pipeline.registry import download_model_dir
+        from pipeline.resolve import download_model_dir
 
         return load_model_dir(download_model_dir(ref), device)
     path = Path(ref)

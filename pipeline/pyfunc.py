@@ -22,10 +22,10 @@ from pipeline.drift import column_drift, drift_summary
 from pipeline.embed import embed_frame
 from pipeline.errors import PipelineError
 from pipeline.model import LoadedModel, load_model_dir
+from pipeline.resolve import ARTIFACT_KEY
 
 log = logging.getLogger(__name__)
 MIN_DRIFT_ROWS = 30  # smaller requests say too little about the distribution to warn on
-ARTIFACT_KEY = "model_dir"  # context.artifacts key of the model directory
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # logged as the model's code, not a pickle
 
 

@@ -26,8 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature, infer_signature
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.types import ColSpec, DataType
 from mlflow.types import Schema as MlflowSchema
 from mlflow.types.schema import AnyType
@@ -40,7 +39,16 @@ from pipeline.evaluate import metrics_dict
 from pipeline.lineage import lineage_tags
 from pipeline.locks import promotion_lock
 from pipeline.model import LoadedModel, load_model_dir
-from pipeline.pyfunc import ARTIFACT_KEY, MODEL_CODE, embed_params, pip_requirements
+from pipeline.pyfunc import MODEL_CODE, embed_params, pip_requirements
+from pipeline.resolve import (  # noqa: F401  (download_model_dir, download_version: importable from here too)
+    ARTIFACT_KEY,
+    REF,
+    download_model_dir,
+    download_version,
+    not_found,
+    registered_aliases,
+    resolve_version,
+)
 from pipeline.tables import file_sha256, iter_table_batches, read_table
 from pipeline.validate import validate_table
 from vae.store import CHECKPOINT, HISTORY, MANIFEST, WEIGHTS
@@ -52,7 +60,6 @@ HELD_OUT = "test_"  # MLflow metric names of the metrics JSON: which rows they w
 HELD_OUT_COUNTS = ("n_rows", "iw_samples")  # logged as params test.n_rows, test.iw_samples
 REGISTRATION_TAG = "vaepipe.registration_key"  # run tag: registration_key of the model it logged
 EXAMPLE_ROWS = 5  # rows of the input example stored with the model (and used for its signature)
-_REF = re.compile(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))")
 
 
 @dataclass(frozen=True)
@@ -322,92 +329,6 @@ def _version_tags(model: LoadedModel, metrics: dict[str, Any] | None, run_id: st
     return tags
 
 
-# ---------------------------------------------------------------- resolve and download
-
-
-def _not_found(exc: MlflowException) -> bool:
-    return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
-
-
-def _registered_aliases(client: MlflowClient, name: str, ref: str) -> dict[str, str]:
-    """alias -> version of a registered model; PipelineError naming ref when there is no such model."""
-    try:
-        return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
-    except MlflowException as exc:
-        if not _not_found(exc):
-            raise
-    known = [m.name for m in client.search_registered_models(max_results=20)]
-    raise PipelineError(f"{ref}: no registered model named {name!r}; registered models: "
-                        f"{', '.join(known) or 'none (run vaepipe register first)'}")
-
-
-def resolve_version(ref: str) -> ModelVersion:
-    """models:/NAME@ALIAS or models:/NAME/VERSION -> its ModelVersion; PipelineError naming ref."""
-    match = _REF.fullmatch(ref.strip())
-    if not match:
-        raise PipelineError(f"{ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    name, alias, version = match["name"], match["alias"], match["version"]
-    client = MlflowClient()
-    aliases = _registered_aliases(client, name, ref)
-    if alias is not None:
-        if alias not in aliases:
-            raise PipelineError(f"{ref}: no such alias; registered aliases: {', '.join(sorted(aliases)) or 'none'}")
-        version = aliases[alias]
-    try:
-        return client.get_model_version(name, str(int(version)))
-    except (ValueError, MlflowException) as exc:
-        if isinstance(exc, MlflowException) and not _not_found(exc):
-            raise
-    known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
-    raise PipelineError(f"{ref}: no such version; versions of {name}: {', '.join(map(str, known)) or 'none'}")
-
-
-def download_model_dir(ref: str) -> Path:
-    """The model directory of a registered version, downloaded once into the store's cache."""
-    return download_version(ref)[0]
-
-
-def download_version(ref: str) -> tuple[Path, ModelVersion]:
-    """download_model_dir and the version it resolved (an alias is read once)."""
-    db = stores.sqlite_path(stores.check_store())
-    if db is not None and not db.exists():  # reading a model would create an empty store here
-        found = _REF.fullmatch(ref)
-        name = found["name"] if found else ref
-        raise PipelineError(f"{ref}: no model {name!r} is registered: there is no MLflow store at {db} yet; register "
-                            "one (`vaepipe register`, `make run`) or point MLFLOW_TRACKING_URI at your store")
-    stores.configure_tracking()
-    mv = resolve_version(ref)
-    key = re.sub(r"[^\w.-]", "_", f"{mv.version}-{(mv.source or '').rsplit('/', 1)[-1]}")
-    target = stores.cache_dir() / re.sub(r"[^\w.-]", "_", mv.name) / key
-    if not (target / "MLmodel").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
-        try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
-            _publish(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _model_dir_in(target, ref), mv
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Rename the finished download into place; a concurrent process may have won the race."""
-    if target.exists():
-        shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier download (no MLmodel)
-    try:
-        tmp.rename(target)
-    except OSError:
-        if not (target / "MLmodel").exists():
-            raise
-
-
-def _model_dir_in(root: Path, ref: str) -> Path:
-    artifacts = Model.load(str(root / "MLmodel")).flavors.get("python_function", {}).get("artifacts", {})
-    if ARTIFACT_KEY not in artifacts:
-        raise PipelineError(f"{ref}: not a vaepipe model (its pyfunc has no {ARTIFACT_KEY!r} artifact)")
-    return root / artifacts[ARTIFACT_KEY]["path"]
-
-
 # ---------------------------------------------------------------- promote
 
 
@@ -422,7 +343,7 @@ def promote(params: Params, data_path: Path, *, version: str | None = None) -> P
 
 def _gate(params: Params, challenger: str, data_path: Path) -> Promotion:
     name = params.register.model_name
-    champion = _registered_aliases(MlflowClient(), name, f"models:/{name}").get(CHAMPION)
+    champion = registered_aliases(MlflowClient(), name, f"models:/{name}").get(CHAMPION)
     if champion == challenger:
         return Promotion(False, challenger, champion, None, None, None,
                          f"version {challenger} of {name} is already @{CHAMPION}; nothing to do")
@@ -512,7 +433,7 @@ def _tag(name: str, version: str, tags: dict[str, str]) -> None:
 def _crown(name: str, challenger: str, expected: str | None, tags: dict[str, str]) -> None:
     """Set @champion unless it moved while the gate ran (cannot happen under promotion_lock)."""
     client = MlflowClient()
-    now = _registered_aliases(client, name, f"models:/{name}").get(CHAMPION)
+    now = registered_aliases(client, name, f"models:/{name}").get(CHAMPION)
     if now != expected:
         raise PipelineError(f"@{CHAMPION} of {name} moved to version {now} while the gate ran; run promote again")
     _tag(name, challenger, {**tags, "promoted_at": tags["gated_at"]})
@@ -525,7 +446,7 @@ def current_champion(name: str) -> str | None:
     try:
         version = MlflowClient().get_registered_model(name).aliases.get(CHAMPION)
     except MlflowException as exc:
-        if not _not_found(exc):
+        if not not_found(exc):
             raise
         return None
     return None if version is None else str(version)
@@ -557,7 +478,7 @@ def list_versions(name: str) -> list[VersionRow]:
     stores.configure_tracking()
     client = MlflowClient()
     try:
-        aliases = _registered_aliases(client, name, f"models:/{name}")
+        aliases = registered_aliases(client, name, f"models:/{name}")
     except PipelineError:
         if not client.search_registered_models(max_results=1):
             return []

@@ -38,7 +38,8 @@ from vae import (
 from vae import distributed as data_parallel
 from vae.calibration import fit_missing_adjustment
 from vae.inference import tail_rows
-from vae.precision import precision_gap, resolve_precision
+from vae.precision import resolve_precision
+from vae.probe import precision_gap
 from vae.store import CHECKPOINT, MANIFEST, write_atomic
 from vae.train import FitResult, calibration_split, held_out_rows, selection_model, will_refit
 

@@ -8,7 +8,7 @@ from vae.evaluate import Evaluation, RowScores, evaluate, score_rows, summarize
 from vae.inference import Embedding, anomaly_threshold, embed, reconstruct, sample, traversals
 from vae.init import init_linear_gaussian
 from vae.model import VAE, DecoderOut, Posterior
-from vae.precision import PrecisionGap, precision_gap
+from vae.probe import PrecisionGap, precision_gap
 from vae.store import (
     load_baselines,
     load_checkpoint,

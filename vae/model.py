@@ -178,6 +178,12 @@ class VAE(nn.Module):
     scale: torch.Tensor
     gaussian: torch.Tensor
     cell_const: torch.Tensor
+    cat_index: torch.Tensor  # (C,) buffers of the categorical and log columns, not saved
+    cat_offset: torch.Tensor
+    cat_pad: torch.Tensor
+    cat_valid: torch.Tensor
+    cat_sizes: torch.Tensor
+    log_mask: torch.Tensor
 
     def __init__(self, spec: TableSpec, config: ModelConfig, seed: int | None = None):
         """seed: initial weights from this seed (the global RNG is left untouched); None: global RNG."""

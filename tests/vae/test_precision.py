@@ -12,7 +12,8 @@ import vae
 from tests.vae.helpers import curved_rows as _rows
 from tests.vae.helpers import inject_nan
 from vae.noise import nan_if_failed
-from vae.precision import autocast, precision_gap, resolve_precision
+from vae.precision import autocast, resolve_precision
+from vae.probe import precision_gap
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,107 @@
+"""Resolve and download registered versions: models:/NAME@ALIAS or models:/NAME/VERSION to a
+model directory in the store's cache. Imports no other vaepipe step, so that loading a model
+(pipeline.model) can resolve a URI without importing the registry's register and gate."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from pipeline import stores
+from pipeline.errors import PipelineError
+
+ARTIFACT_KEY = "model_dir"  # the pyfunc's context.artifacts key of the model directory
+REF = re.compile(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))")
+
+
+
+def not_found(exc: MlflowException) -> bool:
+    return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def registered_aliases(client: MlflowClient, name: str, ref: str) -> dict[str, str]:
+    """alias -> version of a registered model; PipelineError naming ref when there is no such model."""
+    try:
+        return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    except MlflowException as exc:
+        if not not_found(exc):
+            raise
+    known = [m.name for m in client.search_registered_models(max_results=20)]
+    raise PipelineError(f"{ref}: no registered model named {name!r}; registered models: "
+                        f"{', '.join(known) or 'none (run vaepipe register first)'}")
+
+
+def resolve_version(ref: str) -> ModelVersion:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> its ModelVersion; PipelineError naming ref."""
+    match = REF.fullmatch(ref.strip())
+    if not match:
+        raise PipelineError(f"{ref}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, version = match["name"], match["alias"], match["version"]
+    client = MlflowClient()
+    aliases = registered_aliases(client, name, ref)
+    if alias is not None:
+        if alias not in aliases:
+            raise PipelineError(f"{ref}: no such alias; registered aliases: {', '.join(sorted(aliases)) or 'none'}")
+        version = aliases[alias]
+    try:
+        return client.get_model_version(name, str(int(version)))
+    except (ValueError, MlflowException) as exc:
+        if isinstance(exc, MlflowException) and not not_found(exc):
+            raise
+    known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    raise PipelineError(f"{ref}: no such version; versions of {name}: {', '.join(map(str, known)) or 'none'}")
+
+
+def download_model_dir(ref: str) -> Path:
+    """The model directory of a registered version, downloaded once into the store's cache."""
+    return download_version(ref)[0]
+
+
+def download_version(ref: str) -> tuple[Path, ModelVersion]:
+    """download_model_dir and the version it resolved (an alias is read once)."""
+    db = stores.sqlite_path(stores.check_store())
+    if db is not None and not db.exists():  # reading a model would create an empty store here
+        found = REF.fullmatch(ref)
+        name = found["name"] if found else ref
+        raise PipelineError(f"{ref}: no model {name!r} is registered: there is no MLflow store at {db} yet; register "
+                            "one (`vaepipe register`, `make run`) or point MLFLOW_TRACKING_URI at your store")
+    stores.configure_tracking()
+    mv = resolve_version(ref)
+    key = re.sub(r"[^\w.-]", "_", f"{mv.version}-{(mv.source or '').rsplit('/', 1)[-1]}")
+    target = stores.cache_dir() / re.sub(r"[^\w.-]", "_", mv.name) / key
+    if not (target / "MLmodel").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(tmp))
+            _publish(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _model_dir_in(target, ref), mv
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename the finished download into place; a concurrent process may have won the race."""
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier download (no MLmodel)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "MLmodel").exists():
+            raise
+
+
+def _model_dir_in(root: Path, ref: str) -> Path:
+    artifacts = Model.load(str(root / "MLmodel")).flavors.get("python_function", {}).get("artifacts", {})
+    if ARTIFACT_KEY not in artifacts:
+        raise PipelineError(f"{ref}: not a vaepipe model (its pyfunc has no {ARTIFACT_KEY!r} artifact)")
+    return root / artifacts[ARTIFACT_KEY]["path"]
