@@ -234,3 +234,17 @@ def test_a_refit_that_ends_below_the_selection_keeps_the_selected_weights(monkey
     assert "keeping the selected weights" in caplog.text
     for key, value in selected.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_the_refit_steps_through_every_row():
+    """The refit trains on the training, validation and refit-only rows: 300 rows at batch 50 are 6
+    steps an epoch, where the selection's 200 are 4 (a refit on the selection's rows alone kept
+    every other test of the refit green: the start and the guard see all rows either way)."""
+    y = _correlated(300, d=6, seed=4)
+    y[:, 0] += 2 * torch.randn(300, generator=_gen(1)) ** 2  # beyond the linear start: epochs improve on it
+    cfg = _config(epochs=6, lr=3e-3, batch_size=50, early_stopping_patience=100)
+    result = vae.fit(_model(y, "full", (32,)), y[:200], cfg, y_val=y[200:250], y_refit_extra=y[250:])
+    steps = {phase: [h.step for h in result.history if h.phase == phase] for phase in ("select", "refit")}
+    assert result.best_epoch >= 1 and steps["refit"], steps  # a refit ran
+    assert steps["select"] == [4 * (e + 1) for e in range(6)]
+    assert steps["refit"] == [6 * (e + 1) for e in range(result.best_epoch)]
