@@ -223,3 +223,28 @@ def test_validate_path_unreadable_file_is_an_input_error(tmp_path: Path) -> None
     with pytest.raises(PipelineError, match=r"t\.parquet is not a readable Parquet table") as err:
         validate_path(path, Params())
     assert err.value.exit_code == 2
+
+
+def _ar1(n: int, phi: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    e = rng.normal(size=n)
+    x = np.empty(n)
+    x[0] = e[0]
+    for t in range(1, n):
+        x[t] = phi * x[t - 1] + e[t]
+    return x
+
+
+def test_the_iid_tests_are_corrected_for_the_number_of_columns():
+    """Bonferroni: one column's lag-1 autocorrelation of +0.55 at p = 2.0e-5 is significant on its own
+    (iid_alpha 1e-4) but not among ten columns (1e-4 / 10); removing the correction failed nothing before."""
+    column = _ar1(56, 0.6, seed=312)  # +0.552, p 2.0e-5; its trend and shift are small
+    (r1,) = [s for s in iid_stats(column) if s.name == "autocorrelation"]
+    assert r1.value > 0.55 and 1e-5 < r1.p_value < 1e-4
+    data = DataParams(id_columns=())
+    params = ValidateParams(iid="fail")
+    alone = validate_table(pd.DataFrame({"a": column}), data=data, params=params)
+    assert [(c.name, c.column) for c in alone.failures()] == [("autocorrelation", "a")]
+    rng = np.random.default_rng(0)
+    wide = pd.DataFrame({"a": column} | {f"b{j}": rng.normal(size=56) for j in range(9)})
+    assert validate_table(wide, data=data, params=params).success
