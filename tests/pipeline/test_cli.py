@@ -295,3 +295,23 @@ def test_models_lists_versions_aliases_and_the_champion(model_dir, tmp_path, mon
         assert code == 2 and "no registered model named 'no-such-model'" in err and "measurement-vae" in err
     finally:
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def test_after_a_refit_with_val_the_baselines_are_fitted_on_every_row_the_model_saw(tmp_path, capsys):
+    """--val and train.refit: the final model trains on the training and validation rows, and so are
+    the baselines' closed forms fitted (scoring them on the training table alone went unnoticed)."""
+    rows = clean_table(n=360, seed=1)
+    rows.iloc[:300].to_parquet(tmp_path / "train.parquet", index=False)
+    rows.iloc[300:].to_parquet(tmp_path / "val.parquet", index=False)
+    test_df = clean_table(n=120, seed=2)
+    test_df.to_parquet(tmp_path / "test.parquet", index=False)
+    no_slice = ["--set", "train.calibration_fraction=0"]  # every training row reaches the selection too
+    assert main(["train", str(tmp_path / "train.parquet"), "--val", str(tmp_path / "val.parquet"),
+                 "--out", str(tmp_path / "m"), *FAST_ARGS, *no_slice]) == 0
+    capsys.readouterr()  # train's lines
+    code, out, _ = run(capsys, "evaluate", str(tmp_path / "m"), str(tmp_path / "test.parquet"), *FAST_ARGS)
+    assert code == 0
+    seen = torch.from_numpy(rows.drop(columns="sample_id").to_numpy(np.float64, copy=True))
+    test = torch.from_numpy(test_df.drop(columns="sample_id").to_numpy(np.float64, copy=True))
+    full = MultivariateNormal(seen.mean(0), torch.cov(seen.T, correction=0)).log_prob(test).mean()
+    assert json.loads(out)["baselines"]["full_gauss"] == pytest.approx(float(full), abs=1e-6)
