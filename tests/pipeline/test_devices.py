@@ -60,12 +60,14 @@ def test_prefetch_keeps_order_and_reads_a_bounded_way_ahead():
             produced.append(i)
             yield i
 
-    seen = []
+    seen, ahead = [], []
     for item in prefetch(items(), depth=2):
         time.sleep(0.02)  # the reader runs ahead while this item is used, by at most depth + 1
         assert len(produced) <= item + 4
+        ahead.append(len(produced) - (item + 1))
         seen.append(item)
     assert seen == list(range(10))
+    assert max(ahead) >= 1, ahead  # it does read ahead (a plain generator passed the bound above)
 
 
 def test_prefetch_raises_the_readers_error_in_order_and_stops_its_thread():
