@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench docs clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ test: install
 lint: install
 	$(BIN)/ruff check vae pipeline tests benchmarks
 	$(BIN)/mypy
+
+# docs/params.md from params.yaml (a test fails when it is stale)
+docs: install
+	$(BIN)/python -m pipeline.params_doc > docs/params.md
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py

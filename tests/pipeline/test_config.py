@@ -39,3 +39,14 @@ def test_params_yaml_lists_every_key_at_its_built_in_default():
         for key, value in defaults.items():
             value = list(value) if isinstance(value, tuple) else value  # YAML has lists
             assert listed[name][key] == value, f"{name}.{key}: params.yaml {listed[name][key]!r}, default {value!r}"
+
+
+def test_docs_params_md_is_rendered_from_params_yaml():
+    """docs/params.md is generated (`make docs`): it fails here when params.yaml changed without it."""
+    from pathlib import Path
+
+    from pipeline.params_doc import PARAMS, render
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "params.md"
+    assert docs.read_text(encoding="utf-8") == render(PARAMS.read_text(encoding="utf-8")), "run `make docs`"
+    assert "| `calibration_fraction` | `0.2` |" in docs.read_text(encoding="utf-8")
