@@ -40,11 +40,9 @@ from pipeline.lineage import lineage_tags
 from pipeline.locks import promotion_lock
 from pipeline.model import LoadedModel, load_model_dir
 from pipeline.pyfunc import MODEL_CODE, embed_params, pip_requirements
-from pipeline.resolve import (  # noqa: F401  (download_model_dir, download_version: importable from here too)
+from pipeline.resolve import (
     ARTIFACT_KEY,
-    REF,
     download_model_dir,
-    download_version,
     not_found,
     registered_aliases,
     resolve_version,

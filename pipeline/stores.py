@@ -28,13 +28,12 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else sqlite:///<abs cwd>/mlflow/mlflow.db (the folder is created)."""
+    """MLFLOW_TRACKING_URI, else sqlite:///<abs cwd>/mlflow/mlflow.db. Creates nothing: the writers
+    do (configure_tracking, artifact_location, the promotion lock), so a read leaves no folder."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if uri:
         return uri
-    root = Path.cwd().resolve() / STORE_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / DB_FILE}"
+    return f"sqlite:///{Path.cwd().resolve() / STORE_DIR / DB_FILE}"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -98,7 +97,7 @@ def check_store() -> str:
         uri = os.environ.get(variable, "").strip()
         check_scheme(uri, variable)
         check_reachable(uri, variable=variable)
-    uri = tracking_uri()  # after the probe: a failed one leaves no store folder behind
+    uri = tracking_uri()
     db = sqlite_path(uri)
     if db is not None:
         check_sqlite(db)

@@ -271,12 +271,18 @@ def test_a_usage_error_points_at_the_right_help(argv, hint, capsys):
 def test_models_lists_versions_aliases_and_the_champion(model_dir, tmp_path, monkeypatch, capsys):
     import mlflow
 
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default store under the cwd: nothing there yet
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and "no version of measurement-vae is registered" in out
+    assert list((tmp_path / "empty").iterdir()) == []  # no mlflow/ folder left behind
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
     try:
         code, out, _ = run(capsys, "models")
         assert code == 0 and "no version of measurement-vae is registered" in out
-        assert not (tmp_path / "store" / "mlflow.db").exists()  # listing creates no store
+        assert not (tmp_path / "store").exists()  # listing creates no store, not even its folder
         clean_table(n=120, seed=2).to_parquet(tmp_path / "test.parquet", index=False)
         metrics = tmp_path / "m.json"
         assert run(capsys, "evaluate", str(model_dir), str(tmp_path / "test.parquet"), "--json", str(metrics),

@@ -24,9 +24,11 @@ from pipeline import plots, stores
 from pipeline.config import Params, load_params
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.model import load_model_dir
-from pipeline.registry import download_model_dir, lineage_tags, promote, register_model
+from pipeline.registry import lineage_tags, promote, register_model
+from pipeline.resolve import download_model_dir
 from pipeline.tables import synthetic_table, write_table_atomic
 from pipeline.train import train_model
+from tests.pipeline.helpers import own_store
 from tests.pipeline.servers import free_port, server, server_env
 
 NAME = "measurement-vae"
@@ -66,12 +68,8 @@ class Store:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     root = tmp_path_factory.mktemp("registry").resolve()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the registry follows the tracking URI
+    with own_store(root):
         yield Store(root)
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # mlflow keeps it in a global too
 
 
 def champion(name: str = NAME) -> str | None:
