@@ -25,6 +25,18 @@ os.environ.pop("PREFECT_API_URL", None)
 (_ROOT / "mlflow").mkdir(parents=True, exist_ok=True)
 
 
+def pytest_configure(config):
+    """Outside the project's environment (a bare `pytest` without .venv) say so, not 3 import errors
+    and an INTERNALERROR at the gpu marker."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.exit("torch is not installed in this Python: run `make test` (it installs .venv), or "
+                    "`.venv/bin/python -m pytest` (for the GPU tests: `.venv/bin/python -m pytest -m gpu`)", returncode=4)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked gpu run where CUDA is, and are skipped elsewhere."""
     import pytest

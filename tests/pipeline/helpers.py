@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -32,3 +37,17 @@ def clean_table(n: int = 300, d: int = 5, seed: int = 0) -> pd.DataFrame:
     df = pd.DataFrame(x, columns=[f"m{j}" for j in range(d)])
     df.insert(0, "sample_id", np.arange(n))
     return df
+
+
+@contextlib.contextmanager
+def own_store(root: Path) -> Iterator[Path]:
+    """A module's own MLflow sqlite store in ROOT, with ROOT as the working folder; afterwards the
+    session's store again (mlflow keeps the tracking URI in a global as well as the variable)."""
+    import mlflow
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the registry follows the tracking URI
+        yield root
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

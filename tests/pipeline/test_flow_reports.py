@@ -13,16 +13,14 @@ import pytest
 from pipeline.flows import training_flow
 from pipeline.progress import TrainingProgress
 from pipeline.tables import synthetic_table
-from tests.pipeline.helpers import FAST
+from tests.pipeline.helpers import FAST, own_store
 from vae import EpochStats
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("flow-reports").resolve()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    with own_store(root):
         yield root
 
 

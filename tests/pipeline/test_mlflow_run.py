@@ -19,6 +19,7 @@ from pipeline.registry import held_out, register_model
 from pipeline.steps import evaluate
 from pipeline.tables import synthetic_table, write_table_atomic
 from pipeline.train import train_model
+from tests.pipeline.helpers import own_store
 
 SETTINGS = ["data.id_columns=[row_id]", "model.latent_dim=2", "model.hidden_dims=[16]", "train.num_threads=1",
             "train.epochs=30", "train.early_stopping_patience=30", "train.kl_warmup_steps=0",
@@ -28,9 +29,7 @@ SETTINGS = ["data.id_columns=[row_id]", "model.latent_dim=2", "model.hidden_dims
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict, object]]:
     root = tmp_path_factory.mktemp("mlflow-run").resolve()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    with own_store(root):
         df = synthetic_table(300, 6, seed=1)
         train = write_table_atomic(df.iloc[:240], root / "train.parquet")
         test = write_table_atomic(df.iloc[240:].reset_index(drop=True), root / "test.parquet")

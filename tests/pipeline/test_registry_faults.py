@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -19,6 +18,7 @@ from pipeline.locks import promotion_lock
 from pipeline.registry import register_model
 from pipeline.tables import synthetic_table, write_table_atomic
 from pipeline.train import train_model
+from tests.pipeline.helpers import own_store
 
 NAME = "race-vae"
 SETTINGS = ["data.id_columns=[row_id]", "model.latent_dim=2", "model.hidden_dims=[16]", "train.num_threads=1",
@@ -30,15 +30,11 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("registry-faults").resolve()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    with own_store(root):
         df = synthetic_table(300, 6, seed=1)
         write_table_atomic(df.iloc[:240], root / "train.parquet")
         write_table_atomic(df.iloc[240:].reset_index(drop=True), root / "test.parquet")
         yield root
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 def _promote(root: Path, version: str) -> subprocess.Popen[str]:
