@@ -105,6 +105,10 @@ class TrainConfig:
     # breast_cancer (82 rows) quantile 0.01 flagged 1.5 % of test rows, with 0.1 (41 rows) 3.4 %
     calibration_fraction: float = 0.2
     early_stopping_patience: int = 40  # epochs without a better validation ELBO
+    # when early stopping would end the selection, the lr falls by lr_decay and training goes on,
+    # lr_decays times (0: a constant lr); the refit replays the drops
+    lr_decays: int = 0
+    lr_decay: float = 0.3
     seed: int = 0
     device: DeviceName = "auto"
     num_threads: int = 1  # one thread is often faster than two on a 2-vCPU box; 0 = torch default
@@ -156,6 +160,9 @@ class TrainConfig:
             raise ConfigError(f"train.val_fraction is {self.val_fraction!r}; it must be in [0, 1)")
         if not 0 <= self.calibration_fraction < 1:
             raise ConfigError(f"train.calibration_fraction is {self.calibration_fraction!r}; it must be in [0, 1)")
+        _check_positive("train", "lr_decays", self.lr_decays, allow_zero=True)
+        if not 0 < self.lr_decay < 1:
+            raise ConfigError(f"train.lr_decay is {self.lr_decay!r}; it must be in (0, 1)")
         if not 0 < self.lr_backoff < 1:
             raise ConfigError(f"train.lr_backoff is {self.lr_backoff!r}; it must be in (0, 1)")
         check_choice("train", "device", self.device, DeviceName)

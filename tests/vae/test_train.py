@@ -279,3 +279,41 @@ def test_bf16_resume_of_the_default_model_is_bit_identical(tmp_path):
     assert _without_seconds(full.history) == _without_seconds(rest.history)
     _assert_same_weights(whole.state_dict(), resumed.state_dict())
     assert vae.fit(default_model(), y, dataclasses.replace(cfg, epochs=2)).state.noise_open_epoch == 1
+
+
+def test_the_lr_falls_at_each_plateau_then_the_stage_ends():
+    """train.lr_decays: where early stopping would end the stage, the lr falls by train.lr_decay and
+    patience starts again; after the last fall the next plateau ends the stage."""
+    y, model = _overfit_setup()
+    cfg = _cfg(epochs=400, lr=1e-2, batch_size=16, mc_samples=1, kl_warmup_steps=0, val_fraction=0.5,
+               early_stopping_patience=5, init="random", lr_decays=2, lr_decay=0.3)
+    result = vae.fit(model, y, cfg)
+    lrs, vals = [h.lr for h in result.history], [h.val_elbo for h in result.history]
+    falls = [e for e in range(1, len(lrs)) if lrs[e] != lrs[e - 1]]  # epoch e ran last at the old lr
+    assert result.state.decay_epochs == falls and len(falls) == 2
+    assert lrs[-1] == pytest.approx(1e-2 * 0.3**2) and lrs[0] == 1e-2
+    for end in [*falls, len(vals)]:  # each plateau: `patience` epochs below the best before them
+        assert max(vals[end - 5 : end]) <= max(vals[: end - 5])
+    assert result.stopped_early and len(vals) < cfg.epochs
+    assert max(vals) == vals[result.best_epoch - 1]
+
+
+def test_the_refit_replays_the_selections_lr_falls(tmp_path):
+    y = _rows()
+    cfg = _cfg(epochs=60, lr=1e-2, early_stopping_patience=2, kl_warmup_steps=0, refit=True, lr_decays=3)
+    result = vae.fit(_model(y), y, cfg)
+    select = [h for h in result.history if h.phase == "select"]
+    refit = [h for h in result.history if h.phase == "refit"]
+    assert any(e < result.best_epoch for e in result.state.decay_epochs), "no fall before the chosen epoch"
+    assert len(refit) == result.best_epoch
+    assert [h.lr for h in refit] == [h.lr for h in select[: len(refit)]]
+
+    def save_then_die(state: vae.TrainState) -> None:  # a resume after the first fall goes on bit for bit
+        vae.save_checkpoint(tmp_path, state)
+        if state.phase == "refit" and state.epoch == result.state.decay_epochs[0] + 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        vae.fit(_model(y), y, dataclasses.replace(cfg, checkpoint_every_s=0), on_checkpoint=save_then_die)
+    rest = vae.fit(_model(y, init_seed=5), y, cfg, resume=vae.load_checkpoint(tmp_path))
+    assert _without_seconds(rest.history) == _without_seconds(result.history)
