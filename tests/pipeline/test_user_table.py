@@ -179,27 +179,30 @@ def test_both_entry_points_give_one_verdict(repo: Repo) -> None:
     repo.dvc("repro")
 
 
-def _readme_block(marker: str) -> str:
-    blocks = re.findall(r"```(\w+)\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+DOC = ROOT / "docs" / "operations.md"  # "The registered model from Python and as a REST endpoint"
+
+
+def _doc_block(marker: str) -> str:
+    blocks = re.findall(r"```(\w+)\n(.*?)```", DOC.read_text(), flags=re.S)
     found = [body for _, body in blocks if marker in body]
-    assert len(found) == 1, f"README: {len(found)} code blocks hold {marker!r}"
+    assert len(found) == 1, f"{DOC.name}: {len(found)} code blocks hold {marker!r}"
     return textwrap.dedent(found[0])  # a block inside a list item is indented
 
 
-def test_the_readme_loads_the_champion_as_written(repo: Repo) -> None:
-    """The README's Python lines, run from the project root with no MLFLOW_TRACKING_URI."""
+def test_the_docs_load_the_champion_as_written(repo: Repo) -> None:
+    """docs/operations.md's Python lines, run from the project root with no MLFLOW_TRACKING_URI."""
     env = {k: v for k, v in repo.env.items() if k != "MLFLOW_TRACKING_URI"}
-    code = _readme_block("mlflow.pyfunc.load_model")
+    code = _doc_block("mlflow.pyfunc.load_model")
     done = repo.sh(sys.executable, "-c", code, env=env)
     assert "z_0" in done.stdout, done.stdout
     assert not (repo.path / "mlflow.db").exists()
 
 
-def test_the_readme_serves_the_champion_as_written(repo: Repo) -> None:
-    """The README's shell lines (on a free port), then a request with a NaN cell: a 400 whose
+def test_the_docs_serve_the_champion_as_written(repo: Repo) -> None:
+    """docs/operations.md's shell lines (on a free port), then a request with a NaN cell: a 400 whose
     message names the column and the row."""
     env = {k: v for k, v in server_env().items() if k != "MLFLOW_TRACKING_URI"}
-    script = _readme_block("mlflow models serve")
+    script = _doc_block("mlflow models serve")
     port = free_port()
     assert "--port 5001" in script
     script = script.replace("--port 5001", f"--port {port}")
