@@ -200,7 +200,8 @@ def _train_claimed(data_path: Path, out: Path, params: Params, resume: bool, val
         if ranks.is_main:
             write_atomic(out / RUN_FILE, json.dumps(record, indent=2).encode())
         result = fit(
-            vae, y_fit, params.train, y_val=y_val, y_refit_extra=y_cal, resume=state,
+            vae, y_fit, params.train, y_val=y_val, resume=state,
+            y_refit_extra=y_cal if will_refit(vae, params.train, y_val is not None or params.train.val_fraction > 0) else None,
             on_epoch=on_epoch if ranks.is_main else None,
             on_checkpoint=(lambda state: save_checkpoint(out, state)) if ranks.is_main else None,
         )
@@ -269,10 +270,10 @@ def _carve_calibration(vae: VAE, y: torch.Tensor, val_table: bool,
                        params: Params) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """(rows the selection fits on, calibration rows or None, what was decided): the
     train.calibration_fraction of DATA that neither the selection's training nor early stopping
-    sees, on which the anomaly threshold is placed; the refit trains on them. Carved only where a
-    refit will run (so the final model trains on every row) and rows are scored
-    (embed.score_samples > 0), and only if the rest still has MIN_ROWS_PER_COLUMN x (features + 1)
-    rows to fit after the validation split; otherwise none, and the threshold goes on the validation rows."""
+    sees, on which the anomaly threshold is placed; a refit (train.refit) trains on them, without
+    one no model does. Carved only where rows are scored (embed.score_samples > 0), and only if the
+    rest still has MIN_ROWS_PER_COLUMN x (features + 1) rows to fit after the validation split;
+    otherwise none, and the threshold goes on the validation rows."""
     t = params.train
     record: dict[str, Any] = {"fraction": t.calibration_fraction, "rows": 0}
     n_cal = round(y.shape[0] * t.calibration_fraction)
@@ -281,7 +282,6 @@ def _carve_calibration(vae: VAE, y: torch.Tensor, val_table: bool,
     need = MIN_ROWS_PER_COLUMN * (y.shape[1] + 1)
     why = ("train.calibration_fraction is 0" if t.calibration_fraction == 0
            else "embed.score_samples is 0" if params.embed.score_samples == 0
-           else "no refit (train.refit, a linear start, validation rows)" if not will_refit(vae, t, val_table or t.val_fraction > 0)
            else f"{rest} rows would be left, {fit_rows} to fit, below {need}" if n_cal < 1 or fit_rows < need
            else None)
     if why is not None:

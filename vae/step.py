@@ -106,9 +106,11 @@ class StepRunner:
         self.reduce, self.use_graph = reduce, False
         self.drop_graph()
 
-    def step(self, x: torch.Tensor, mask: torch.Tensor | None, eps: torch.Tensor, beta: float) -> None:
-        """x (B, D), mask (B, D) or None, eps (B, K) or (M, B, K) on the device; beta the KL weight."""
-        if not self.use_graph or x.shape[0] != self.cfg.batch_size:  # the last, shorter batch runs eagerly
+    def step(self, x: torch.Tensor, mask: torch.Tensor | None, eps: torch.Tensor, beta: float,
+             eager: bool = False) -> None:
+        """x (B, D), mask (B, D) or None, eps (B, K) or (M, B, K) on the device; beta the KL weight;
+        eager: no graph (the lr warm-up changes the lr every step)."""
+        if eager or not self.use_graph or x.shape[0] != self.cfg.batch_size:  # the last, shorter batch runs eagerly
             self.opt.zero_grad(set_to_none=True)
             self._compute(x, mask, eps, beta, cache=True)
             return

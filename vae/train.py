@@ -187,9 +187,13 @@ class _Trainer:
     def set_lr(self, lr: float) -> None:
         """A new learning rate from the next step on (a CUDA graph holds the old one: captured again)."""
         self.state.lr = lr
+        self._group_lr(lr)
+
+    def _group_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.runner.drop_graph()
+            if group["lr"] != lr:
+                group["lr"] = lr
+                self.runner.drop_graph()
 
     def run_epoch(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, float] | None:
         """One pass over a fresh permutation; None if a loss or gradient was non-finite.
@@ -203,13 +207,15 @@ class _Trainer:
         xs, ms = x[perm], None if mask is None else mask[perm]
         starts = range(0, n, cfg.batch_size)
         betas = [kl_weight(step + i, cfg.beta, cfg.kl_warmup_steps) for i in range(len(starts))]
-        step_fn, gen, device = self.runner.step, self.gen, self.device
+        step_fn, gen, device, warmup = self.runner.step, self.gen, self.device, cfg.lr_warmup_steps
         self.runner.sums.zero_()
-        for beta, a in zip(betas, starts, strict=True):
+        for i, (beta, a) in enumerate(zip(betas, starts, strict=True)):
             xb = xs[a : a + cfg.batch_size]
             shape = (xb.shape[0], k) if cfg.mc_samples == 1 else (cfg.mc_samples, xb.shape[0], k)
             eps = torch.randn(shape, generator=gen, device=device)  # (B, K) or (M, B, K)
-            step_fn(xb, None if ms is None else ms[a : a + cfg.batch_size], eps, beta)
+            if warmup and step + i <= warmup:  # the stage's first steps: lr ramps up (eager steps: the lr changes)
+                self._group_lr(self.state.lr * min(1.0, (step + i + 1) / warmup))
+            step_fn(xb, None if ms is None else ms[a : a + cfg.batch_size], eps, beta, eager=step + i < warmup)
         recon, kl, check = self.runner.sums.tolist()  # the epoch's one read
         if not math.isfinite(check):
             log.warning("non-finite loss or gradient in epoch %d (lr %.3g)", self.state.epoch + 1, self.state.lr)

@@ -90,7 +90,8 @@ def selection_of(model_dir: Path):
 
 
 SMALL = ["data.source=sklearn:wine", "train.epochs=3", "model.hidden_dims=[8]", "model.latent_dim=2",
-         "embed.score_samples=5", "train.val_fraction=0.2", "train.num_threads=1"]
+         "embed.score_samples=5", "train.val_fraction=0.2", "train.num_threads=1", "train.refit=true",
+         "train.calibration_fraction=0.2"]
 
 
 @pytest.fixture(scope="module")
@@ -134,16 +135,43 @@ def test_calibration_rows_are_kept_from_the_selection_and_the_refit_trains_on_th
 
 @pytest.mark.parametrize(("sets", "why"), [
     (["train.calibration_fraction=0"], "train.calibration_fraction is 0"),
-    (["train.refit=false"], "no refit (train.refit, a linear start, validation rows)"),
     (["train.calibration_fraction=0.9"], "18 rows would be left, 14 to fit, below 28"),
 ])
 def test_without_calibration_rows_the_threshold_is_placed_on_the_validation_rows(tmp_path, wine_csv, sets, why):
-    """No calibration slice where it is off, where no refit would train on it, or where it would
-    leave fewer rows to fit than 2 x (features + 1): the validation rows, as before, and why."""
+    """No calibration slice where it is off or where it would leave fewer rows to fit than
+    2 x (features + 1): the validation rows, as before, and why."""
     train_model(wine_csv, tmp_path / "model", load_params(None, [*SMALL, *sets]))
     record = load_model_dir(tmp_path / "model").metadata["anomaly"]
     assert (record["placed_on"], record["rows"]) == ("validation rows (held out)", round(178 * 0.2))
     assert record["calibration"]["skipped"] == why and record["calibration"]["rows"] == 0
+
+
+def test_without_a_refit_the_calibration_rows_are_trained_on_by_no_model(tmp_path, wine_csv, monkeypatch):
+    """train.refit false, train.calibration_fraction 0.2: the same 36 rows are carved, fit() never
+    sees them (no rows for a refit), and the final model, which is the selection, places the threshold."""
+    import pipeline.train as train_step
+
+    calls = []
+    real_fit = train_step.fit
+
+    def spy(model, y, cfg, **kw):
+        calls.append((y.clone(), kw["y_refit_extra"]))
+        return real_fit(model, y, cfg, **kw)
+
+    monkeypatch.setattr(train_step, "fit", spy)
+    train_model(wine_csv, tmp_path / "model", load_params(None, [*SMALL, "train.refit=false"]))
+    (y_fit, extra), = calls
+    assert extra is None and y_fit.shape[0] == 142
+    model = load_model_dir(tmp_path / "model")
+    record = model.metadata["anomaly"]
+    assert (record["placed_on"], record["rows"], record["scored_by"]) == (
+        "calibration rows (held out from the selection fit)", 36, "final model")
+    carved = {tuple(r) for r in torch.from_numpy(load_wine().data.astype(np.float32)).tolist()} - {
+        tuple(r) for r in y_fit.tolist()}
+    cal = torch.tensor(sorted(carved))
+    assert len(carved) == 36
+    assert record["threshold"] == pytest.approx(anomaly_threshold(
+        score_rows(model.vae, cal, 5, 0, common_eps=True).log_likelihood, 0.01), rel=1e-5)
 
 
 def test_without_held_out_rows_the_threshold_is_placed_on_training_rows_with_a_warning(tmp_path, caplog):

@@ -40,7 +40,9 @@ def _model(y: torch.Tensor, mode: str, hidden: tuple[int, ...] = (), k: int = 2,
 
 
 def _config(**kw) -> vae.TrainConfig:
-    base = {"epochs": 300, "lr": 3e-3, "batch_size": 256, "val_fraction": 0.0, "device": "cpu", "num_threads": 1}
+    base = {"epochs": 300, "lr": 3e-3, "batch_size": 256, "val_fraction": 0.0, "device": "cpu", "num_threads": 1,
+            "refit": True, "lr_decays": 0, "lr_warmup_steps": 0,
+            "early_stopping_patience": 40}  # the start and the refit, not the schedule
     return vae.TrainConfig(**{**base, **kw})
 
 

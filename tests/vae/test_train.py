@@ -143,7 +143,7 @@ def _overfit_setup() -> tuple[torch.Tensor, vae.VAE]:
 def test_early_stopping_restores_the_best_weights():
     y, model = _overfit_setup()
     cfg = _cfg(epochs=400, lr=1e-2, batch_size=16, mc_samples=1, kl_warmup_steps=0,
-               val_fraction=0.5, early_stopping_patience=5, init="random")
+               val_fraction=0.5, early_stopping_patience=5, init="random", lr_decays=0)
     result = vae.fit(model, y, cfg)
     assert result.stopped_early
     assert result.best_epoch < len(result.history) < cfg.epochs
@@ -317,3 +317,27 @@ def test_the_refit_replays_the_selections_lr_falls(tmp_path):
         vae.fit(_model(y), y, dataclasses.replace(cfg, checkpoint_every_s=0), on_checkpoint=save_then_die)
     rest = vae.fit(_model(y, init_seed=5), y, cfg, resume=vae.load_checkpoint(tmp_path))
     assert _without_seconds(rest.history) == _without_seconds(result.history)
+
+
+def test_the_lr_warms_up_over_the_first_steps_of_each_stage(monkeypatch):
+    """train.lr_warmup_steps: the k-th step of a stage (k = 1..W) runs at lr * k / W, eagerly (no CUDA
+    graph holds an lr that changes each step); the refit starts its own ramp."""
+    from vae.step import StepRunner
+
+    seen: list[tuple[float, bool]] = []
+    step = StepRunner.step
+
+    def spy(self, x, mask, eps, beta, eager=False):
+        seen.append((self.opt.param_groups[0]["lr"], eager))
+        return step(self, x, mask, eps, beta, eager=eager)
+
+    monkeypatch.setattr(StepRunner, "step", spy)
+    y, w = _rows(), 6  # 240 training rows, batches of 64: 4 steps an epoch
+    result = vae.fit(_model(y), y, _cfg(lr_warmup_steps=w, refit=True, kl_warmup_steps=0))
+    select = seen[:24]  # six epochs
+    assert [lr for lr, _ in select] == pytest.approx([3e-3 * k / w for k in range(1, w + 1)] + [3e-3] * (24 - w))
+    assert [eager for _, eager in select] == [True] * w + [False] * (24 - w)
+    refit = seen[24:]
+    assert result.best_epoch >= 2 and len(refit) == 5 * result.best_epoch  # 300 rows: 5 steps an epoch
+    assert [lr for lr, _ in refit[:w]] == pytest.approx([3e-3 * k / w for k in range(1, w + 1)])
+    assert all(h.lr == 3e-3 for h in result.history)  # history records the stage's lr, not the ramp
