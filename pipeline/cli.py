@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError, user_error
-from pipeline.outputs import check_output, same_path
+from pipeline.io.outputs import check_output, same_path
 from vae import EpochStats
 
 

@@ -9,8 +9,9 @@ import pandas as pd
 
 from pipeline.config import DataParams
 from pipeline.errors import PipelineError
-from pipeline.outputs import check_output
-from pipeline.tables import load_source, resolve_source, write_table_atomic
+from pipeline.io.outputs import check_output
+from pipeline.io.sources import load_source, resolve_source
+from pipeline.io.tables import write_table_atomic
 
 SPLITS = ("train", "val", "test")
 

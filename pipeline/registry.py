@@ -36,6 +36,8 @@ from pipeline.config import Params
 from pipeline.embed import embed_frame
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.evaluate import metrics_dict
+from pipeline.io.hashing import file_sha256
+from pipeline.io.tables import iter_table_batches, read_table
 from pipeline.lineage import lineage_tags
 from pipeline.locks import promotion_lock
 from pipeline.model import LoadedModel, load_model_dir
@@ -47,7 +49,6 @@ from pipeline.resolve import (
     registered_aliases,
     resolve_version,
 )
-from pipeline.tables import file_sha256, iter_table_batches, read_table
 from pipeline.validate import validate_table
 from vae.store import CHECKPOINT, HISTORY, MANIFEST, WEIGHTS
 

@@ -20,9 +20,9 @@ from pipeline import train as train_step
 from pipeline import validate as validate_step
 from pipeline.config import OUTPUT_COLUMN, Params
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
+from pipeline.io.outputs import check_output, check_output_dir
+from pipeline.io.tables import PARQUET_SUFFIXES, table_shape
 from pipeline.model import load_model_dir, resolve_model, resolve_ref
-from pipeline.outputs import check_output, check_output_dir
-from pipeline.tables import PARQUET_SUFFIXES, table_shape
 from vae import EpochStats, VAEError, resolve_device
 
 
@@ -68,8 +68,8 @@ def validate_against_champion(source: str, params: Params) -> validate_step.Vali
 
     None when there is no champion yet: nothing to compare with.
     """
+    from pipeline.io.sources import load_source
     from pipeline.registry import check_champion_contract, current_champion
-    from pipeline.tables import load_source
 
     name = params.register.model_name
     version = current_champion(name)
@@ -156,7 +156,7 @@ def use_threads(n: int) -> None:
 
 
 def check_embed_output(input_path: Path, output: Path) -> None:
-    """OUTPUT of `embed`: a Parquet file, or for a folder INPUT a folder of parts (pipeline.outputs)."""
+    """OUTPUT of `embed`: a Parquet file, or for a folder INPUT a folder of parts (pipeline.io.outputs)."""
     if input_path.is_dir():
         check_output_dir(output, [input_path])
     else:

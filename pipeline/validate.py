@@ -20,15 +20,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import DataParams, Params, ValidateParams, drop_columns
-from pipeline.schema import Schema, level_values
-from pipeline.tables import (
+from pipeline.contract.columns import (
     FLOAT32_MAX,
     float32_collapsed,
     is_numeric_dtype,
     is_text_dtype,
-    load_source,
-    resolve_source,
 )
+from pipeline.io.sources import load_source, resolve_source
+from pipeline.schema import Schema, level_values
 from vae.atomic import write_atomic
 
 Severity = Literal["error", "warning"]

@@ -15,9 +15,10 @@ from sklearn.datasets import load_diabetes, load_wine
 
 from pipeline.config import load_params
 from pipeline.embed import embed_file, embed_frame
+from pipeline.io.sources import synthetic_table
+from pipeline.io.tables import write_table_atomic
 from pipeline.model import load_model_dir
 from pipeline.prepare import prepare
-from pipeline.tables import synthetic_table, write_table_atomic
 from pipeline.train import train_model
 from vae import anomaly_threshold, load_checkpoint, score_rows
 from vae.calibration import MissingAdjustment

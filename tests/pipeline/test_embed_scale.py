@@ -16,9 +16,10 @@ import pytest
 from pipeline import steps
 from pipeline.config import load_params
 from pipeline.embed import read_provenance
-from pipeline.model import file_sha256
-from pipeline.outputs import PARTS_MANIFEST, own_parts
-from pipeline.tables import synthetic_table, write_table_atomic
+from pipeline.io.hashing import file_sha256
+from pipeline.io.outputs import PARTS_MANIFEST, own_parts
+from pipeline.io.sources import synthetic_table
+from pipeline.io.tables import write_table_atomic
 from pipeline.train import train_model
 
 SETTINGS = ["data.id_columns=[row_id]", "model.latent_dim=2", "model.hidden_dims=[16]", "train.epochs=3",

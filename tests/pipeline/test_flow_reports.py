@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.flows import training_flow
+from pipeline.io.sources import synthetic_table
 from pipeline.progress import TrainingProgress
-from pipeline.tables import synthetic_table
 from tests.pipeline.helpers import FAST, own_store
 from vae import EpochStats
 

@@ -19,7 +19,7 @@ import pytest
 import pipeline.embed
 from pipeline.cli import main
 from pipeline.evaluate import metrics_json
-from pipeline.outputs import PARTS_MANIFEST, own_parts
+from pipeline.io.outputs import PARTS_MANIFEST, own_parts
 from tests.pipeline.helpers import FAST_ARGS, clean_table
 
 

@@ -14,9 +14,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import load_params
+from pipeline.io.sources import synthetic_table
+from pipeline.io.tables import write_table_atomic
 from pipeline.locks import promotion_lock
 from pipeline.registry import register_model
-from pipeline.tables import synthetic_table, write_table_atomic
 from pipeline.train import train_model
 from tests.pipeline.helpers import own_store
 

@@ -10,9 +10,10 @@ import pytest
 
 from pipeline.config import DataParams, Params, ValidateParams
 from pipeline.errors import PipelineError
+from pipeline.io.sources import load_source
+from pipeline.io.tables import read_table, write_table_atomic
 from pipeline.prepare import prepare
 from pipeline.schema import Schema
-from pipeline.tables import load_source, read_table, write_table_atomic
 from pipeline.validate import ValidationReport, iid_stats, validate_path, validate_table
 
 DATA = DataParams(id_columns=("sample_id",))
