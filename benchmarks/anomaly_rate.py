@@ -22,7 +22,7 @@ import torch
 
 import pipeline.train as train_step
 from pipeline.config import load_params
-from pipeline.model import load_model_dir
+from pipeline.contract.model import load_model_dir
 from pipeline.prepare import prepare
 from vae import anomaly_threshold, load_checkpoint, score_rows
 

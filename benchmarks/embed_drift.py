@@ -32,9 +32,9 @@ def main() -> None:
 
     from pipeline import steps
     from pipeline.config import load_params
+    from pipeline.contract.model import load_model_dir
     from pipeline.embed import embed_file, read_drift
     from pipeline.io.sources import synthetic_table
-    from pipeline.model import load_model_dir
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="vaepipe-drift-bench-"))

@@ -43,8 +43,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_params  # noqa: E402
+from pipeline.contract.model import load_model_dir  # noqa: E402
 from pipeline.evaluate import metrics_dict  # noqa: E402
-from pipeline.model import load_model_dir  # noqa: E402
 from pipeline.train import train_model  # noqa: E402
 
 

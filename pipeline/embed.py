@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import EmbedParams, ValidateParams
-from pipeline.drift import DriftStats, drift_summary
+from pipeline.contract.drift import DriftStats, drift_summary
+from pipeline.contract.model import LoadedModel
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.hashing import file_sha256
 from pipeline.io.outputs import PROVENANCE_KEY, parts_dir
 from pipeline.io.prefetch import bound_heap_growth, prefetch
 from pipeline.io.tables import PARQUET_SUFFIXES, iter_table_batches
-from pipeline.model import LoadedModel
 from vae import embed, sample, score_rows
 from vae.inference import Workspace
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from pipeline.config import EvaluateParams
+from pipeline.contract.model import LoadedModel
 from pipeline.io.tables import read_table
-from pipeline.model import LoadedModel
 from vae import evaluate, load_baselines
 from vae.store import write_atomic
 

@@ -16,10 +16,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pipeline import embed as embed_step
 from pipeline import steps, stores, versioning
 from pipeline.config import Params, load_params
+from pipeline.contract.model import ResolvedModel, load_model_dir, resolve_ref
 from pipeline.errors import user_error
 from pipeline.io.outputs import parts_dir
 from pipeline.io.sources import resolve_source
-from pipeline.model import ResolvedModel, load_model_dir, resolve_ref
 from pipeline.progress import TrainingProgress
 from pipeline.registry import RegisteredVersion
 from vae.store import write_atomic

@@ -18,10 +18,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from pipeline.config import EmbedParams, ValidateParams
-from pipeline.drift import column_drift, drift_summary
+from pipeline.contract.drift import column_drift, drift_summary
+from pipeline.contract.model import LoadedModel, load_model_dir
 from pipeline.embed import embed_frame
 from pipeline.errors import PipelineError
-from pipeline.model import LoadedModel, load_model_dir
 from pipeline.resolve import ARTIFACT_KEY
 
 log = logging.getLogger(__name__)

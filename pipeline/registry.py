@@ -33,6 +33,7 @@ from mlflow.types.schema import AnyType
 
 from pipeline import plots, stores
 from pipeline.config import Params
+from pipeline.contract.model import LoadedModel, load_model_dir
 from pipeline.embed import embed_frame
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.evaluate import metrics_dict
@@ -40,7 +41,6 @@ from pipeline.io.hashing import file_sha256
 from pipeline.io.tables import iter_table_batches, read_table
 from pipeline.lineage import lineage_tags
 from pipeline.locks import promotion_lock
-from pipeline.model import LoadedModel, load_model_dir
 from pipeline.pyfunc import MODEL_CODE, embed_params, pip_requirements
 from pipeline.resolve import (
     ARTIFACT_KEY,

@@ -19,10 +19,10 @@ from pipeline import stores
 from pipeline import train as train_step
 from pipeline import validate as validate_step
 from pipeline.config import OUTPUT_COLUMN, Params
+from pipeline.contract.model import load_model_dir, resolve_model, resolve_ref
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.io.outputs import check_output, check_output_dir
 from pipeline.io.tables import PARQUET_SUFFIXES, table_shape
-from pipeline.model import load_model_dir, resolve_model, resolve_ref
 from vae import EpochStats, VAEError, resolve_device
 
 

@@ -17,11 +17,11 @@ import torch
 
 from pipeline.config import Params, drop_columns
 from pipeline.contract.columns import float32_collapsed, split_features, to_tensor
+from pipeline.contract.schema import Schema
 from pipeline.errors import PipelineError
 from pipeline.io.hashing import file_sha256
 from pipeline.io.outputs import TRAIN_LOCK, busy_message, claimed_dir
 from pipeline.io.tables import read_table
-from pipeline.schema import Schema
 from vae import (
     VAE,
     EpochStats,

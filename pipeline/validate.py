@@ -26,8 +26,8 @@ from pipeline.contract.columns import (
     is_numeric_dtype,
     is_text_dtype,
 )
+from pipeline.contract.schema import Schema, level_values
 from pipeline.io.sources import load_source, resolve_source
-from pipeline.schema import Schema, level_values
 from vae.atomic import write_atomic
 
 Severity = Literal["error", "warning"]
@@ -412,7 +412,7 @@ def _drift_checks(
     df: pd.DataFrame, numeric: Sequence[str], params: ValidateParams, against: Schema | None
 ) -> list[Check]:
     """--against: each numeric feature against the model's training distribution."""
-    from pipeline.drift import column_drift
+    from pipeline.contract.drift import column_drift
 
     if against is None or params.drift == "off":
         return []

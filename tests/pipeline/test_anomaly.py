@@ -14,10 +14,10 @@ import torch
 from sklearn.datasets import load_diabetes, load_wine
 
 from pipeline.config import load_params
+from pipeline.contract.model import load_model_dir
 from pipeline.embed import embed_file, embed_frame
 from pipeline.io.sources import synthetic_table
 from pipeline.io.tables import write_table_atomic
-from pipeline.model import load_model_dir
 from pipeline.prepare import prepare
 from pipeline.train import train_model
 from vae import anomaly_threshold, load_checkpoint, score_rows

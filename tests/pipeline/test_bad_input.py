@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.schema import Schema
+from pipeline.contract.schema import Schema
 from pipeline.stores import HTTP_DEFAULTS
 from tests.pipeline.helpers import clean_table
 from tests.pipeline.servers import free_port

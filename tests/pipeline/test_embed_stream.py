@@ -14,12 +14,12 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.contract.columns import to_tensor
-from pipeline.drift import column_drift
+from pipeline.contract.drift import column_drift
+from pipeline.contract.model import LoadedModel, load_model_dir
 from pipeline.embed import DRIFT_KEY, embed_file, embed_frame, read_drift
 from pipeline.errors import PipelineError
 from pipeline.io.sources import synthetic_table
 from pipeline.io.tables import write_table_atomic
-from pipeline.model import LoadedModel, load_model_dir
 from pipeline.train import train_model
 
 SETTINGS = ["data.id_columns=[row_id]", "model.latent_dim=2", "model.hidden_dims=[16]", "train.epochs=2",

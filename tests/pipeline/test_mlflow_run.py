@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 
 from pipeline import plots
 from pipeline.config import load_params
+from pipeline.contract.model import load_model_dir
 from pipeline.io.sources import synthetic_table
 from pipeline.io.tables import write_table_atomic
-from pipeline.model import load_model_dir
 from pipeline.registry import held_out, register_model
 from pipeline.steps import evaluate
 from pipeline.train import train_model

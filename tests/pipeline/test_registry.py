@@ -22,10 +22,10 @@ from mlflow import MlflowClient
 
 from pipeline import plots, stores
 from pipeline.config import Params, load_params
+from pipeline.contract.model import load_model_dir
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.io.sources import synthetic_table
 from pipeline.io.tables import write_table_atomic
-from pipeline.model import load_model_dir
 from pipeline.registry import lineage_tags, promote, register_model
 from pipeline.resolve import download_model_dir
 from pipeline.train import train_model

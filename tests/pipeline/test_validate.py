@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from pipeline.config import DataParams, Params, ValidateParams
+from pipeline.contract.schema import Schema
 from pipeline.errors import PipelineError
 from pipeline.io.sources import load_source
 from pipeline.io.tables import read_table, write_table_atomic
 from pipeline.prepare import prepare
-from pipeline.schema import Schema
 from pipeline.validate import ValidationReport, iid_stats, validate_path, validate_table
 
 DATA = DataParams(id_columns=("sample_id",))

@@ -26,7 +26,7 @@ import torch
 
 from pipeline.config import ValidateParams
 from pipeline.contract.columns import is_numeric_dtype
-from pipeline.schema import Schema, level_values
+from pipeline.contract.schema import Schema, level_values
 
 MIN_DRIFT_ROWS = 2  # a mean and a variance need two values
 CHUNK_ROWS = 1 << 16  # rows per update step: bounds the temporaries of a whole-table update

@@ -14,9 +14,9 @@ import pandas as pd
 import torch
 
 from pipeline.contract.columns import FLOAT32_MAX, is_numeric_dtype, to_tensor
+from pipeline.contract.schema import Schema
 from pipeline.errors import PipelineError
 from pipeline.io.hashing import file_sha256
-from pipeline.schema import Schema
 from vae import VAE, VAEError, check_log_domain, check_values, load_model, read_manifest
 from vae.calibration import MissingAdjustment
 from vae.store import WEIGHTS
