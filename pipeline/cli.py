@@ -240,7 +240,7 @@ def cmd_serve(a: argparse.Namespace, p: Params) -> int:
 
 
 def cmd_models(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.registry import CHAMPION, list_versions
+    from pipeline.registry.versions import CHAMPION, list_versions
     from pipeline.stores import tracking_uri
 
     name = a.name or p.register.model_name

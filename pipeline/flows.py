@@ -16,12 +16,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pipeline import embed as embed_step
 from pipeline import steps, stores, versioning
 from pipeline.config import Params, load_params
-from pipeline.contract.model import ResolvedModel, load_model_dir, resolve_ref
+from pipeline.contract.model import load_model_dir
 from pipeline.errors import user_error
 from pipeline.io.outputs import parts_dir
 from pipeline.io.sources import resolve_source
 from pipeline.progress import TrainingProgress
-from pipeline.registry import RegisteredVersion
+from pipeline.registry.register import RegisteredVersion
+from pipeline.registry.resolve import ResolvedModel, resolve_ref
 from vae.store import write_atomic
 
 
@@ -91,7 +92,7 @@ def compare_task(challenger: dict[str, Any], champion: dict[str, Any] | None, pa
 
 @task(cache_policy=NO_CACHE)
 def champion_task(params: Params) -> str | None:
-    from pipeline.registry import current_champion
+    from pipeline.registry.versions import current_champion
 
     return current_champion(params.register.model_name)
 

@@ -19,10 +19,11 @@ from pipeline import stores
 from pipeline import train as train_step
 from pipeline import validate as validate_step
 from pipeline.config import OUTPUT_COLUMN, Params
-from pipeline.contract.model import load_model_dir, resolve_model, resolve_ref
+from pipeline.contract.model import load_model_dir
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.io.outputs import check_output, check_output_dir
 from pipeline.io.tables import PARQUET_SUFFIXES, table_shape
+from pipeline.registry.resolve import resolve_model, resolve_ref
 from vae import EpochStats, VAEError, resolve_device
 
 
@@ -69,7 +70,8 @@ def validate_against_champion(source: str, params: Params) -> validate_step.Vali
     None when there is no champion yet: nothing to compare with.
     """
     from pipeline.io.sources import load_source
-    from pipeline.registry import check_champion_contract, current_champion
+    from pipeline.registry.champion import check_champion_contract
+    from pipeline.registry.versions import current_champion
 
     name = params.register.model_name
     version = current_champion(name)
@@ -191,7 +193,7 @@ def register(model_dir: Path, params: Params, *, alias: str | None = "challenger
     if alias is not None:
         check_alias(alias)
     stores.check_store()  # before the slow imports: a dead server fails in seconds
-    from pipeline.registry import register_model
+    from pipeline.registry.register import register_model
 
     return register_model(Path(model_dir), params, alias=alias, metrics=metrics, table=table, tags=tags)
 
@@ -200,7 +202,7 @@ def promote(params: Params, *, version: str | None = None, data: Path | None = N
             refuse_raises: bool = True) -> dict[str, Any]:
     """The gate; a refusal raises GateRefused unless refuse_raises is False (then it is reported)."""
     stores.check_store()
-    from pipeline.registry import promote as gate
+    from pipeline.registry.gate import promote as gate
 
     try:
         result = gate(params, Path(data) if data else default_eval_table(params), version=version)

@@ -141,7 +141,7 @@ def test_level_frequencies_drift(trained):
 
 
 def test_pyfunc_predict_embeds_text_columns(trained):
-    from pipeline.pyfunc import VAEPyfunc
+    from pipeline.registry.pyfunc import VAEPyfunc
 
     wrapped = VAEPyfunc()
     wrapped.load_context(SimpleNamespace(artifacts={"model_dir": str(trained / "model")}))
@@ -180,7 +180,7 @@ def test_a_registered_model_with_text_columns_predicts_through_mlflow(trained, t
     import mlflow
 
     from pipeline.config import load_params
-    from pipeline.registry import register_model
+    from pipeline.registry.register import register_model
 
     previous = mlflow.get_tracking_uri()
     monkeypatch.chdir(tmp_path)

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import plots
 from pipeline.config import load_params
 from pipeline.contract.model import load_model_dir
 from pipeline.io.sources import synthetic_table
 from pipeline.io.tables import write_table_atomic
-from pipeline.registry import held_out, register_model
+from pipeline.registry import plots
+from pipeline.registry.register import held_out, register_model
 from pipeline.steps import evaluate
 from pipeline.train import train_model
 from tests.pipeline.helpers import own_store

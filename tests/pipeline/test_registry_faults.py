@@ -16,8 +16,8 @@ from mlflow.exceptions import MlflowException
 from pipeline.config import load_params
 from pipeline.io.sources import synthetic_table
 from pipeline.io.tables import write_table_atomic
-from pipeline.locks import promotion_lock
-from pipeline.registry import register_model
+from pipeline.registry.locks import promotion_lock
+from pipeline.registry.register import register_model
 from pipeline.train import train_model
 from tests.pipeline.helpers import own_store
 
@@ -117,7 +117,7 @@ def test_a_registration_retried_after_the_version_exists_registers_no_duplicate(
 
 def test_the_registry_lock_for_remote_stores_admits_one_holder_and_names_it(root: Path) -> None:
     from pipeline.errors import PipelineError
-    from pipeline.locks import _registry_lock
+    from pipeline.registry.locks import _registry_lock
 
     with _registry_lock("lock-vae", timeout=5):
         assert MlflowClient().get_registered_model("lock-vae.promotion-lock").tags["holder"]

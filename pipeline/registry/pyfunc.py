@@ -22,7 +22,7 @@ from pipeline.contract.drift import column_drift, drift_summary
 from pipeline.contract.model import LoadedModel, load_model_dir
 from pipeline.embed import embed_frame
 from pipeline.errors import PipelineError
-from pipeline.resolve import ARTIFACT_KEY
+from pipeline.registry.versions import ARTIFACT_KEY
 
 log = logging.getLogger(__name__)
 MIN_DRIFT_ROWS = 30  # smaller requests say too little about the distribution to warn on

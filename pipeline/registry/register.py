@@ -1,8 +1,8 @@
-"""The register and promote steps: MLflow runs, registered versions, aliases and the gate.
+"""The register step: one MLflow run per model (params, curves, metrics, plots, lineage tags) and
+a new registered version, a pyfunc (pipeline.registry.pyfunc) around the model directory.
 
-A registered version is a pyfunc (pipeline.pyfunc) around the model directory, logged in one
-run with the model's params, training curves, metrics, plots and lineage tags. Aliases:
-`challenger` (registered, not yet gated) and `champion` (passed the promotion gate).
+Aliases: `challenger` (registered, not yet gated) and `champion` (moved only by the gate,
+pipeline.registry.gate). Registration is idempotent: the same trained model, the same version.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
-import re
 import shutil
 import tempfile
 import time
@@ -25,34 +23,25 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.types import ColSpec, DataType
 from mlflow.types import Schema as MlflowSchema
 from mlflow.types.schema import AnyType
 
-from pipeline import plots, stores
+from pipeline import stores
 from pipeline.config import Params
 from pipeline.contract.model import LoadedModel, load_model_dir
 from pipeline.embed import embed_frame
-from pipeline.errors import GateRefused, PipelineError, ValidationFailed
-from pipeline.evaluate import metrics_dict
+from pipeline.errors import PipelineError
 from pipeline.io.hashing import file_sha256
 from pipeline.io.tables import iter_table_batches, read_table
-from pipeline.lineage import lineage_tags
-from pipeline.locks import promotion_lock
-from pipeline.pyfunc import MODEL_CODE, embed_params, pip_requirements
-from pipeline.resolve import (
-    ARTIFACT_KEY,
-    download_model_dir,
-    not_found,
-    registered_aliases,
-    resolve_version,
-)
-from pipeline.validate import validate_table
+from pipeline.registry import plots
+from pipeline.registry.champion import check_champion_contract, contract_frame
+from pipeline.registry.lineage import lineage_tags
+from pipeline.registry.pyfunc import MODEL_CODE, embed_params, pip_requirements
+from pipeline.registry.versions import ARTIFACT_KEY, CHALLENGER
 from vae.store import CHECKPOINT, HISTORY, MANIFEST, WEIGHTS
 
-CHALLENGER, CHAMPION = "challenger", "champion"
 HISTORY_METRICS = ("train_elbo", "train_recon", "train_kl", "val_elbo", "val_recon", "val_kl", "lr", "beta")
 SCHEDULES = ("lr", "beta")  # logged per epoch only when they change
 HELD_OUT = "test_"  # MLflow metric names of the metrics JSON: which rows they were computed on
@@ -68,20 +57,6 @@ class RegisteredVersion:
     run_id: str
     alias: str | None  # None: registered without an alias (a DVC experiment's model)
     model_uri: str  # models:/NAME/VERSION
-
-
-@dataclass(frozen=True)
-class Promotion:
-    promoted: bool
-    challenger_version: str
-    champion_version: str | None  # before the gate
-    challenger_log_likelihood: float | None
-    champion_log_likelihood: float | None
-    required: float | None  # the champion's log-likelihood + register.min_improvement
-    message: str
-
-
-# ---------------------------------------------------------------- register
 
 
 def register_model(
@@ -105,7 +80,7 @@ def register_model(
     frame = _table_frame(model, Path(table)) if table is not None else None
     name = params.register.model_name
     experiment_id = stores.configure_mlflow(params.register.experiment)
-    check_champion_contract(_contract_frame(model.schema), name, str(model.directory), params.data.source)
+    check_champion_contract(contract_frame(model.schema), name, str(model.directory), params.data.source)
     key = registration_key(model.directory)
     client = MlflowClient()
     earlier = _version_of_earlier_run(client, experiment_id, name, key)
@@ -122,42 +97,6 @@ def register_model(
     if alias is not None:
         client.set_registered_model_alias(name, alias, version)
     return RegisteredVersion(name, version, run_id, alias, f"models:/{name}/{version}")
-
-
-def _contract_frame(schema: Any) -> pd.DataFrame:
-    """An empty frame with a schema's id and feature columns and dtypes: what Schema.problems reads."""
-    columns = {c: pd.Series(dtype="object") for c in schema.id_columns}
-    for c, t in zip(schema.features, schema.dtypes, strict=True):
-        try:
-            columns[c] = pd.Series(dtype=t)
-        except TypeError:
-            columns[c] = pd.Series(dtype="object")
-    return pd.DataFrame(columns)
-
-
-def check_champion_contract(frame: pd.DataFrame, name: str, what: str, source: str = "") -> None:
-    """Refuse (exit 2) a table or model whose columns are not those of NAME's @champion: it cannot
-    be compared with that champion, nor registered under its name, unless the user names it apart."""
-    version = current_champion(name)
-    if version is None:
-        return
-    champion = _version_model(name, version).schema
-    problems = champion.problems(frame)
-    if problems:
-        raise _contract_error(what, name, version, champion, problems, source, "or registered under its name")
-
-
-def _contract_error(what: str, name: str, version: str, champion: Any, problems: list[str], source: str,
-                    also: str) -> PipelineError:
-    base = source.split(":", 1)[1] if source.startswith("sklearn:") else "" if ":" in source else Path(source).stem
-    stem = re.sub(r"[^\w-]+", "-", base).strip("-")
-    suggestion = f"{stem}-vae" if stem else f"{name}-2"
-    return PipelineError(
-        f"{what} has another table contract than @{CHAMPION} version {version} of {name} ({'; '.join(problems)}, "
-        f"against that champion's {len(champion.features)} columns {', '.join(map(repr, champion.features[:4]))}"
-        f"{', ...' if len(champion.features) > 4 else ''}): it cannot be compared with that champion {also}. "
-        f"Give this table's models a name of their own: set register.model_name in params.yaml "
-        f"(or --set register.model_name={suggestion})")
 
 
 def registration_key(directory: Path) -> str:
@@ -326,173 +265,3 @@ def _version_tags(model: LoadedModel, metrics: dict[str, Any] | None, run_id: st
     if metrics and _is_scalar(metrics.get("log_likelihood")):
         tags["log_likelihood"] = repr(float(metrics["log_likelihood"]))
     return tags
-
-
-# ---------------------------------------------------------------- promote
-
-
-def promote(params: Params, data_path: Path, *, version: str | None = None) -> Promotion:
-    """Move @champion to the challenger if its log-likelihood on DATA beats the champion's."""
-    stores.configure_tracking()
-    name, data_path = params.register.model_name, Path(data_path)
-    challenger = _challenger(name, version)
-    with promotion_lock(name):  # held from reading @champion to moving it (pipeline.locks)
-        return _gate(params, challenger, data_path)
-
-
-def _gate(params: Params, challenger: str, data_path: Path) -> Promotion:
-    name = params.register.model_name
-    champion = registered_aliases(MlflowClient(), name, f"models:/{name}").get(CHAMPION)
-    if champion == challenger:
-        return Promotion(False, challenger, champion, None, None, None,
-                         f"version {challenger} of {name} is already @{CHAMPION}; nothing to do")
-    if champion is None:
-        return _first_champion(params, challenger, data_path)
-    return _against_champion(params, challenger, champion, data_path)
-
-
-def _challenger(name: str, version: str | None) -> str:
-    if version is not None:
-        return str(resolve_version(f"models:/{name}/{version}").version)
-    try:
-        return str(resolve_version(f"models:/{name}@{CHALLENGER}").version)
-    except PipelineError as exc:
-        raise PipelineError(f"no challenger: run vaepipe register first ({exc})") from None
-
-
-def _version_model(name: str, version: str) -> LoadedModel:
-    return load_model_dir(download_model_dir(f"models:/{name}/{version}"))
-
-
-def _log_likelihood(model: LoadedModel, data_path: Path, params: Params, who: str) -> float:
-    try:
-        return float(metrics_dict(model, data_path, params.evaluate)["log_likelihood"])
-    except PipelineError as exc:
-        raise PipelineError(f"{who} cannot be evaluated on {data_path}: {exc}") from None
-
-
-def _against_champion(params: Params, challenger: str, champion: str, data_path: Path) -> Promotion:
-    """The gate: the challenger must beat the champion by register.min_improvement on the same table."""
-    name, margin = params.register.model_name, params.register.min_improvement
-    new_model, old_model = _version_model(name, challenger), _version_model(name, champion)
-    problems = old_model.schema.problems(_contract_frame(new_model.schema))
-    if problems:  # registered before registration checked it: no gate between two tables
-        raise _contract_error(f"version {challenger} of {name}", name, champion, old_model.schema, problems,
-                              params.data.source, "on one table; nothing moves")
-    ll_new = _log_likelihood(new_model, data_path, params, f"challenger version {challenger}")
-    ll_old = _log_likelihood(old_model, data_path, params, f"champion version {champion}")
-    required = ll_old + margin
-    tags = {"gate_champion_version": champion, "gate_champion_log_likelihood": repr(ll_old),
-            "gate_required": repr(required)}
-    if not (math.isfinite(ll_new) and ll_new > required):
-        _tag(name, challenger, {**_gate_tags(ll_new, data_path, "refused"), **tags})
-        message = (f"promotion refused: version {challenger} of {name} scores log-likelihood {ll_new:.4f} nats/row "
-                   f"on {data_path}, which does not beat champion version {champion} ({ll_old:.4f}) + "
-                   f"register.min_improvement {margin:g} = {required:.4f}; @{CHAMPION} stays on version {champion}")
-        raise GateRefused(message, Promotion(False, challenger, champion, ll_new, ll_old, required, message))
-    _crown(name, challenger, champion, {**_gate_tags(ll_new, data_path, "promoted"), **tags})
-    return Promotion(True, challenger, champion, ll_new, ll_old, required,
-                     f"version {challenger} of {name} is now @{CHAMPION}: log-likelihood {ll_new:.4f} > "
-                     f"{ll_old:.4f} (version {champion}) + {margin:g} on {data_path}")
-
-
-def _first_champion(params: Params, challenger: str, data_path: Path) -> Promotion:
-    """No champion yet: DATA must pass validation against the challenger, whose likelihood must be finite."""
-    name = params.register.model_name
-    model = _version_model(name, challenger)
-    report = validate_table(read_table(data_path), data=params.data, params=params.validate,
-                            against=model.schema, where=str(data_path))
-    if not report.success:
-        failed = [c.line() for c in report.failures()]
-        raise ValidationFailed(f"promotion refused: {data_path} fails validation against version "
-                               f"{challenger} of {name}: {'; '.join(failed[:5])}")
-    ll_new = _log_likelihood(model, data_path, params, f"challenger version {challenger}")
-    if not math.isfinite(ll_new):
-        _tag(name, challenger, _gate_tags(ll_new, data_path, "refused"))
-        message = (f"promotion refused: version {challenger} of {name} scores a non-finite "
-                   f"log-likelihood ({ll_new}) on {data_path}")
-        raise GateRefused(message, Promotion(False, challenger, None, ll_new, None, None, message))
-    _crown(name, challenger, None, {**_gate_tags(ll_new, data_path, "promoted"), "validation_status": "passed"})
-    return Promotion(True, challenger, None, ll_new, None, None,
-                     f"version {challenger} of {name} is now @{CHAMPION} (there was none): validation of "
-                     f"{data_path} passed, log-likelihood {ll_new:.4f} nats/row")
-
-
-def _gate_tags(ll_new: float, data_path: Path, result: str) -> dict[str, str]:
-    return {"gate_result": result, "gate_log_likelihood": repr(ll_new), "gate_data": str(data_path),
-            "gated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def _tag(name: str, version: str, tags: dict[str, str]) -> None:
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-
-
-def _crown(name: str, challenger: str, expected: str | None, tags: dict[str, str]) -> None:
-    """Set @champion unless it moved while the gate ran (cannot happen under promotion_lock)."""
-    client = MlflowClient()
-    now = registered_aliases(client, name, f"models:/{name}").get(CHAMPION)
-    if now != expected:
-        raise PipelineError(f"@{CHAMPION} of {name} moved to version {now} while the gate ran; run promote again")
-    _tag(name, challenger, {**tags, "promoted_at": tags["gated_at"]})
-    client.set_registered_model_alias(name, CHAMPION, challenger)
-
-
-def current_champion(name: str) -> str | None:
-    """The version @champion of NAME points at; None when there is none (or no such model yet)."""
-    stores.configure_tracking()
-    try:
-        version = MlflowClient().get_registered_model(name).aliases.get(CHAMPION)
-    except MlflowException as exc:
-        if not not_found(exc):
-            raise
-        return None
-    return None if version is None else str(version)
-
-
-# ---------------------------------------------------------------- listing
-
-
-@dataclass(frozen=True)
-class VersionRow:
-    """One registered version as `vaepipe models` lists it."""
-
-    version: str
-    aliases: tuple[str, ...]
-    created: str  # UTC, to the minute
-    log_likelihood: float | None  # held-out nats/row logged at registration
-    gate: str  # the gate's last verdict on it ("" when never gated)
-    schema_hash: str
-
-
-def list_versions(name: str) -> list[VersionRow]:
-    """Every version of registered model NAME, newest first; [] when nothing is registered yet.
-
-    Reads an existing store only: with no sqlite file yet, nothing is registered, and none is created.
-    """
-    db = stores.sqlite_path(stores.check_store())
-    if db is not None and not db.exists():
-        return []
-    stores.configure_tracking()
-    client = MlflowClient()
-    try:
-        aliases = registered_aliases(client, name, f"models:/{name}")
-    except PipelineError:
-        if not client.search_registered_models(max_results=1):
-            return []
-        raise
-    by_version: dict[str, list[str]] = {}
-    for alias, version in aliases.items():
-        by_version.setdefault(version, []).append(alias)
-    rows = [_version_row(mv, tuple(sorted(by_version.get(str(mv.version), []))))
-            for mv in client.search_model_versions(f"name = '{name}'")]
-    return sorted(rows, key=lambda r: -int(r.version))
-
-
-def _version_row(mv: ModelVersion, aliases: tuple[str, ...]) -> VersionRow:
-    tags = mv.tags or {}
-    ll = tags.get("log_likelihood")
-    created = time.strftime("%Y-%m-%d %H:%M", time.gmtime((mv.creation_timestamp or 0) / 1000))
-    return VersionRow(str(mv.version), aliases, created, None if ll is None else float(ll),
-                      tags.get("gate_result", ""), tags.get("schema_hash", "")[:12])
