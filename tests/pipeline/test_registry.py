@@ -399,3 +399,13 @@ def test_the_gate_names_the_key_when_two_versions_hold_different_tables(store: S
     with pytest.raises(PipelineError, match=r"version 2 of mixed has another table contract.*register\.model_name"):
         promote(params, store.test, version=second.version)
     assert champion("mixed") == first.version
+
+
+def test_versions_registered_before_the_registry_package_still_find_their_class() -> None:
+    """Their stored code (a copy of pyfunc_model.py) runs `from pipeline.pyfunc import VAEPyfunc`
+    when MLflow loads them: that path stays, as the registry's own class."""
+    from pipeline.pyfunc import VAEPyfunc
+    from pipeline.registry import pyfunc
+
+    assert VAEPyfunc is pyfunc.VAEPyfunc
+    assert "from pipeline.registry.pyfunc import VAEPyfunc" in pyfunc.MODEL_CODE.read_text()
