@@ -7,8 +7,6 @@ them to the default remote when one is configured. Run from the project's root (
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +41,7 @@ def check_project(prepared_dir: str, source: str | None = None) -> None:
         raise PipelineError(f"data.prepared_dir is {prepared_dir!r} but dvc.yaml tracks {PREPARED}; "
                             "leave data.prepared_dir at its default to version with DVC")
     if source is not None:
-        from pipeline.prepare import check_tracked
+        from pipeline.stages.prepare import check_tracked
 
         check_tracked(source, TABLES)
 
@@ -59,28 +57,6 @@ def install_model(trained: Path) -> Path:
     HISTORY_PLOT.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(HISTORY_PLOT, (MODEL / HISTORY).read_bytes())
     return MODEL
-
-
-def registration_json(name: str, version: str, experiment: str | None = None) -> bytes:
-    """reports/registered.json: what `vaepipe register --output` and the flow write.
-
-    No run id: a DVC out holds what a rerun reproduces (the version's run is in the registry).
-    experiment: the DVC experiment that registered the version (it has no alias).
-    """
-    body = {"name": name, "version": version} | ({"experiment": experiment} if experiment else {})
-    return json.dumps(body).encode()
-
-
-def dvc_experiment() -> dict[str, str] | None:
-    """The DVC experiment this process runs in, as version tags; None outside one.
-
-    `dvc exp run` sets DVC_EXP_NAME and DVC_EXP_BASELINE_REV in its stages' environment (`dvc repro`
-    sets only DVC_ROOT and DVC_STAGE), so an experiment's register stage can keep the registry's
-    aliases, which production reads, where they are."""
-    name = os.environ.get("DVC_EXP_NAME", "").strip()
-    if not name:
-        return None
-    return {"dvc_experiment": name, "dvc_experiment_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
 
 
 def dvc(*args: str) -> subprocess.CompletedProcess[str]:

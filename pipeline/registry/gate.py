@@ -16,12 +16,12 @@ from pipeline import stores
 from pipeline.config import Params
 from pipeline.contract.model import LoadedModel
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
-from pipeline.evaluate import metrics_dict
 from pipeline.io.tables import read_table
 from pipeline.registry.champion import contract_error, contract_frame, version_model
 from pipeline.registry.locks import promotion_lock
 from pipeline.registry.versions import CHALLENGER, CHAMPION, registered_aliases, resolve_version
-from pipeline.validate import validate_table
+from pipeline.stages.evaluate import metrics_dict
+from pipeline.stages.validate import validate_table
 
 
 @dataclass(frozen=True)

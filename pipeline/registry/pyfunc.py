@@ -20,9 +20,9 @@ from mlflow.pyfunc import PythonModel
 from pipeline.config import EmbedParams, ValidateParams
 from pipeline.contract.drift import column_drift, drift_summary
 from pipeline.contract.model import LoadedModel, load_model_dir
-from pipeline.embed import embed_frame
 from pipeline.errors import PipelineError
 from pipeline.registry.versions import ARTIFACT_KEY
+from pipeline.stages.embed import embed_frame
 
 log = logging.getLogger(__name__)
 MIN_DRIFT_ROWS = 30  # smaller requests say too little about the distribution to warn on

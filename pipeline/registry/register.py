@@ -31,7 +31,6 @@ from mlflow.types.schema import AnyType
 from pipeline import stores
 from pipeline.config import Params
 from pipeline.contract.model import LoadedModel, load_model_dir
-from pipeline.embed import embed_frame
 from pipeline.errors import PipelineError
 from pipeline.io.hashing import file_sha256
 from pipeline.io.tables import iter_table_batches, read_table
@@ -40,6 +39,7 @@ from pipeline.registry.champion import check_champion_contract, contract_frame
 from pipeline.registry.lineage import lineage_tags
 from pipeline.registry.pyfunc import MODEL_CODE, embed_params, pip_requirements
 from pipeline.registry.versions import ARTIFACT_KEY, CHALLENGER
+from pipeline.stages.embed import embed_frame
 from vae.store import CHECKPOINT, HISTORY, MANIFEST, WEIGHTS
 
 HISTORY_METRICS = ("train_elbo", "train_recon", "train_kl", "val_elbo", "val_recon", "val_kl", "lr", "beta")

@@ -13,7 +13,7 @@ import torch
 from pipeline.config import DataParams, ValidateParams, load_params
 from pipeline.contract.drift import Drift, column_drift, drift_summary
 from pipeline.contract.schema import SKETCH_LEVELS, Schema
-from pipeline.validate import ValidationReport, validate_table
+from pipeline.stages.validate import ValidationReport, validate_table
 
 DATA = DataParams(id_columns=("sample_id",))
 PARAMS = ValidateParams()  # drift: fail

@@ -31,7 +31,7 @@ from pipeline.registry.gate import promote
 from pipeline.registry.lineage import lineage_tags
 from pipeline.registry.register import register_model
 from pipeline.registry.versions import download_model_dir
-from pipeline.train import train_model
+from pipeline.stages.train import train_model
 from tests.pipeline.helpers import own_store
 from tests.pipeline.servers import free_port, server, server_env
 

@@ -18,7 +18,7 @@ from pipeline.io.sources import synthetic_table
 from pipeline.io.tables import write_table_atomic
 from pipeline.registry.locks import promotion_lock
 from pipeline.registry.register import register_model
-from pipeline.train import train_model
+from pipeline.stages.train import train_model
 from tests.pipeline.helpers import own_store
 
 NAME = "race-vae"
