@@ -29,7 +29,7 @@ def main() -> None:
     os.chdir(work)
     sys.path.insert(0, str(ROOT))
     from pipeline.config import load_params
-    from pipeline.flows import training_flow
+    from pipeline.orchestration.flows import training_flow
     from pipeline.stages import evaluate, prepare, register, train, validate
 
     params = load_params(Path(params_path), args.set)

@@ -44,7 +44,7 @@ def _version() -> str:
 
 def _progress(total_epochs: int) -> Callable[[EpochStats], None]:
     """Epochs with ELBO: one rewritten line on a terminal, a few plain log lines otherwise."""
-    from pipeline.progress import TrainingProgress, epoch_line
+    from pipeline.orchestration.progress import TrainingProgress, epoch_line
 
     if not sys.stderr.isatty():
         return TrainingProgress(lambda line: print(line, file=sys.stderr, flush=True))
@@ -112,7 +112,7 @@ def cmd_embed(a: argparse.Namespace, p: Params) -> int:
     if a.with_variance:
         p = replace(p, embed=replace(p.embed, with_variance=True))
     if p.embed.dask_address and Path(a.input).is_dir():
-        from pipeline.flows import embedding_flow
+        from pipeline.orchestration.flows import embedding_flow
 
         embed.check_embed_output(Path(a.input), Path(a.output))  # before the cluster starts
 
@@ -198,7 +198,7 @@ def cmd_run(a: argparse.Namespace, p: Params) -> int:
 
     check_store()  # the flow ends in the registry: a dead server fails now, not after training
     check_prefect_api()
-    from pipeline.flows import training_flow
+    from pipeline.orchestration.flows import training_flow
 
     _quiet_user_tracebacks(a.debug)
 
@@ -225,7 +225,7 @@ def cmd_serve(a: argparse.Namespace, p: Params) -> int:
     from pipeline.stores import check_prefect_api
 
     check_prefect_api()
-    from pipeline import schedule, versioning
+    from pipeline.orchestration import schedule, versioning
 
     dvc = not a.no_dvc
     if dvc:

@@ -67,7 +67,7 @@ def test_a_folder_becomes_a_folder_of_parts_in_order_with_provenance(model_dir: 
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_local_dask_cluster_gives_the_same_parts_as_one_process(model_dir: Path, folder: Path,
                                                                    tmp_path: Path) -> None:
-    from pipeline.flows import embedding_flow
+    from pipeline.orchestration.flows import embedding_flow
 
     params = load_params(None, SETTINGS)
     here = tmp_path / "here"

@@ -89,7 +89,7 @@ def test_a_registration_retried_after_the_version_exists_registers_no_duplicate(
         root: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect import flow
 
-    from pipeline.flows import register_task
+    from pipeline.orchestration.flows import register_task
 
     params = load_params(None, [*SETTINGS, "register.model_name=retry-vae", "train.epochs=2"])
     model = train_model(root / "train.parquet", root / "retry-model", params).directory

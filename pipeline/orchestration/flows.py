@@ -1,4 +1,5 @@
-"""Prefect flows: they only compose tasks; every task wraps one stage function (pipeline.stages) in a few lines."""
+"""Prefect flows: they only compose tasks; every task wraps one function of a stage module
+(pipeline.stages) in a few lines."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline import stores, versioning
+from pipeline import stores
 from pipeline.config import Params, load_params
 from pipeline.contract.model import load_model_dir
 from pipeline.errors import user_error
 from pipeline.io.outputs import parts_dir
 from pipeline.io.sources import resolve_source
-from pipeline.progress import TrainingProgress
+from pipeline.orchestration import versioning
+from pipeline.orchestration.progress import TrainingProgress
 from pipeline.registry.register import RegisteredVersion
 from pipeline.registry.resolve import ResolvedModel, resolve_ref
 from pipeline.stages import embed, evaluate, prepare, register, train, validate
