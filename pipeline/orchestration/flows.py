@@ -119,8 +119,8 @@ def promote_task(params: Params, version: str, data: Path) -> dict[str, Any]:
 
 
 @task(cache_policy=NO_CACHE)
-def install_model_task(model_dir: Path) -> Path:
-    return versioning.install_model(model_dir)
+def install_model_task(model_dir: Path, stages: versioning.DvcStages) -> Path:
+    return versioning.install_model(model_dir, stages)
 
 
 @task(cache_policy=NO_CACHE)
@@ -184,39 +184,38 @@ def training_flow(params_path: str | None = None, overrides: list[str] | None = 
     """newest table -> drift vs @champion -> prepare -> validate -> train -> evaluate challenger and
     champion -> register -> promote (the gate) [-> dvc commit, dvc push].
 
-    dvc: write the dvc.yaml stages' outputs and record them in dvc.lock (run from the project root).
+    dvc: write the outputs of dvc.yaml's stages, where dvc.yaml says (versioning.read_stages), and
+    record them in dvc.lock (run from the project root).
     """
     params = load_params(Path(params_path) if params_path else None, overrides or [])
     stores.check_store()  # the flow ends in the registry: find a dead server before training
-    if dvc:
-        versioning.check_project(params.data.prepared_dir, params.data.source)
-        if overrides or (params_path and Path(params_path) != Path("params.yaml")):
-            get_run_logger().warning("dvc.lock records params.yaml; this run's --params/--set are not in it")
+    tracked = versioning.check_project(params.data.prepared_dir, params.data.source) if dvc else None
+    if tracked is not None and (overrides or (params_path and Path(params_path) != Path("params.yaml"))):
+        get_run_logger().warning("dvc.lock records params.yaml; this run's --params/--set are not in it")
     started = time.perf_counter()
     params = replace(params, data=replace(params.data, source=newest_table_task(params)))
     drift_task(params.data.source, params)
     splits = prepare_task(params)
     # the table as recorded, in its own row order (the dvc.yaml stage validates the same): the
     # i.i.d. checks see what a split, a subset of the rows, would hide
-    validate_task(params.data.source, params, versioning.VALIDATION if dvc else None)
+    validate_task(params.data.source, params, tracked.validation if tracked else None)
     model_dir = train_task(splits["train"], Path(out) if out else _new_run_dir(), params, splits["val"])
-    if dvc:
-        model_dir = install_model_task(model_dir)
+    if tracked is not None:
+        model_dir = install_model_task(model_dir, tracked)
     metrics = evaluate_task(str(model_dir), splits["test"], params,
-                            versioning.METRICS if dvc else model_dir / "metrics.json")
+                            tracked.metrics if tracked else model_dir / "metrics.json")
     champion = champion_task(params)
     champion_metrics = None if champion is None else evaluate_task(
         f"models:/{params.register.model_name}/{champion}", splits["test"], params, None)
-    if dvc:
-        dvc_commit_task(versioning.TRAINING_STAGES)  # before register: its lineage reads dvc.lock
+    if tracked is not None:
+        dvc_commit_task(tracked.training)  # before register: its lineage reads dvc.lock
     registered = register_task(model_dir, params, metrics, splits["test"])
     promotion = promote_task(params, registered.version, splits["test"])
     decision = register.decision_line(promotion, params.register.min_improvement)
     compare_task(metrics, champion_metrics, splits["test"], (registered.version, champion), decision)
-    if dvc:
-        write_atomic(versioning.REGISTERED,
-                     register.registration_json(registered.name, registered.version))
-        dvc_commit_task((versioning.REGISTER_STAGE,))
+    if tracked is not None:
+        write_atomic(tracked.registered, register.registration_json(registered.name, registered.version))
+        dvc_commit_task((versioning.REGISTER,))
         dvc_push_task()
     get_run_logger().info(decision)
     result = {"model_dir": str(model_dir), "source": params.data.source, "metrics": metrics,
