@@ -20,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-import pipeline.train as train_step
 from pipeline.config import load_params
-from pipeline.model import load_model_dir
-from pipeline.prepare import prepare
+from pipeline.contract.model import load_model_dir
+from pipeline.stages import train
+from pipeline.stages.prepare import prepare
 from vae import anomaly_threshold, load_checkpoint, score_rows
 
 
@@ -42,7 +42,7 @@ def main() -> None:
         captured.append(scores.detach().to(torch.float64).clone())
         return anomaly_threshold(scores, quantile)
 
-    train_step.anomaly_threshold = capture  # type: ignore[assignment]
+    train.anomaly_threshold = capture  # type: ignore[assignment]
     rule = (lambda s, q: float(torch.quantile(s, q))) if args.empirical else anomaly_threshold
     flagged = {q: [] for q in args.quantiles}
     rows = []
@@ -50,7 +50,7 @@ def main() -> None:
         params = load_params(None, ["data.source=sklearn:breast_cancer", f"data.seed={split}", *args.set])
         with tempfile.TemporaryDirectory() as tmp:
             paths = prepare(params.data, params.train.val_fraction, Path(tmp) / "prepared")
-            train_step.train_model(paths["train"], Path(tmp) / "model", params, val_path=paths["val"])
+            train.train_model(paths["train"], Path(tmp) / "model", params, val_path=paths["val"])
             model = load_model_dir(Path(tmp) / "model")
             test = pd.read_parquet(paths["test"])
             scorer = model.vae

@@ -30,11 +30,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from pipeline import steps
     from pipeline.config import load_params
-    from pipeline.embed import embed_file, read_drift
-    from pipeline.model import load_model_dir
-    from pipeline.tables import synthetic_table
+    from pipeline.contract.model import load_model_dir
+    from pipeline.io.sources import synthetic_table
+    from pipeline.stages import train
+    from pipeline.stages.embed import embed_file, read_drift
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="vaepipe-drift-bench-"))
@@ -43,7 +43,7 @@ def main() -> None:
     table = synthetic_table(args.rows + 5_000, args.cols, seed=0)  # one generator: training and new rows alike
     table.iloc[:5_000].to_parquet(work / "train.parquet", index=False)
     table.iloc[5_000:].to_parquet(work / "new.parquet", index=False)
-    steps.train(work / "train.parquet", work / "model", params)
+    train.run(work / "train.parquet", work / "model", params)
     model = load_model_dir(work / "model")
     modes = {"off": None, "on": params.validate}
     seconds: dict[str, list[float]] = {m: [] for m in modes}

@@ -60,7 +60,7 @@ def write_table(path: Path, rows: int, cols: int, seed: int = 0) -> None:
 
 def train_model(root: Path, cols: int) -> Path:
     from pipeline.config import load_params
-    from pipeline.train import train_model as train
+    from pipeline.stages.train import train_model as train
 
     table = root / "train.parquet"
     write_table(table, 20_000, cols, seed=1)
@@ -117,7 +117,7 @@ def measure(kind: str, model: Path, table: Path, root: Path, score_samples: int 
     out = root / f"out-{kind}.parquet"
     result = run_child(kind, str(model), str(table), str(out), str(score_samples))
     if kind == "on":
-        from pipeline.embed import read_drift
+        from pipeline.stages.embed import read_drift
 
         result["drifted"] = sum(bool(d["drifted"]) for d in read_drift(out))
     out.unlink(missing_ok=True)

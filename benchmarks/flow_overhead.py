@@ -28,9 +28,9 @@ def main() -> None:
     params_path = str(ROOT / "params.yaml")
     os.chdir(work)
     sys.path.insert(0, str(ROOT))
-    from pipeline import steps
     from pipeline.config import load_params
-    from pipeline.flows import training_flow
+    from pipeline.orchestration.flows import training_flow
+    from pipeline.stages import evaluate, prepare, register, train, validate
 
     params = load_params(Path(params_path), args.set)
     timings: dict[str, float] = {}
@@ -41,12 +41,12 @@ def main() -> None:
         timings[name] = time.perf_counter() - t0
         return out
 
-    splits = timed("prepare", steps.prepare_data, params)
-    timed("validate", steps.validate_data, splits["train"], params)
-    timed("train", steps.train, splits["train"], work / "direct", params, val_path=splits["val"], validate=False)
-    metrics = timed("evaluate", steps.evaluate, str(work / "direct"), splits["test"], params)
-    v = timed("register", steps.register, work / "direct", params, metrics=metrics, table=splits["test"])
-    timed("promote", steps.promote, params, version=v.version, data=splits["test"], refuse_raises=False)
+    splits = timed("prepare", prepare.run, params)
+    timed("validate", validate.run, splits["train"], params)
+    timed("train", train.run, splits["train"], work / "direct", params, val_path=splits["val"], validated=True)
+    metrics = timed("evaluate", evaluate.run, str(work / "direct"), splits["test"], params)
+    v = timed("register", register.run, work / "direct", params, metrics=metrics, table=splits["test"])
+    timed("promote", register.promote, params, version=v.version, data=splits["test"], refuse_raises=False)
     direct = sum(timings.values())
     for name, s in timings.items():
         print(f"direct {name:9s} {s:7.2f} s")

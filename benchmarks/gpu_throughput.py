@@ -35,7 +35,7 @@ import torch
 from train_throughput import HIDDEN, LATENT, MIN_SIGMA, plain_fit, synthetic_table  # same folder
 
 import vae
-from pipeline.tables import prefetch
+from pipeline.io.prefetch import prefetch
 
 HELD_OUT = 20_000
 

@@ -43,9 +43,9 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_params  # noqa: E402
-from pipeline.evaluate import metrics_dict  # noqa: E402
-from pipeline.model import load_model_dir  # noqa: E402
-from pipeline.train import train_model  # noqa: E402
+from pipeline.contract.model import load_model_dir  # noqa: E402
+from pipeline.stages.evaluate import metrics_dict  # noqa: E402
+from pipeline.stages.train import train_model  # noqa: E402
 
 
 def _rdata(package: str, item: str) -> pd.DataFrame:

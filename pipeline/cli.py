@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError, user_error
-from pipeline.outputs import check_output, same_path
+from pipeline.io.outputs import check_output, same_path
 from vae import EpochStats
 
 
@@ -44,8 +44,7 @@ def _version() -> str:
 
 def _progress(total_epochs: int) -> Callable[[EpochStats], None]:
     """Epochs with ELBO: one rewritten line on a terminal, a few plain log lines otherwise."""
-    from pipeline.progress import TrainingProgress
-    from pipeline.steps import epoch_line
+    from pipeline.orchestration.progress import TrainingProgress, epoch_line
 
     if not sys.stderr.isatty():
         return TrainingProgress(lambda line: print(line, file=sys.stderr, flush=True))
@@ -57,71 +56,70 @@ def _progress(total_epochs: int) -> Callable[[EpochStats], None]:
 
 
 def _print_json(obj: Any) -> None:
-    from pipeline.evaluate import metrics_json
+    from pipeline.stages.evaluate import metrics_json
 
     print(metrics_json(obj))
 
 
 def cmd_prepare(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.steps import prepare_data
+    from pipeline.stages import prepare
 
-    for name, path in prepare_data(p, a.tables).items():
+    for name, path in prepare.run(p, a.tables).items():
         print(f"{name}: {path}")
     return 0
 
 
 def cmd_validate(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.steps import validate_data
+    from pipeline.stages import validate
 
     if a.report is not None:
         check_output(a.report, [] if a.data.startswith(("sklearn:", "synthetic:")) else [Path(a.data)], None)
-    report = validate_data(a.data, p, against=a.against, report_path=a.report, raise_on_failure=False)
+    report = validate.run(a.data, p, against=a.against, report_path=a.report, raise_on_failure=False)
     for line in report.summary_lines():
         print(line)
     return 0 if report.success else 1
 
 
 def cmd_train(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.steps import train, train_line
+    from pipeline.stages import train
     from vae import distributed as data_parallel
 
     try:  # under torchrun every rank runs this; rank 0 reports and writes
-        s = train(Path(a.data), Path(a.out), p, resume=a.resume, val_path=a.val, validate=not a.prevalidated,
-                  validated=a.prevalidated, on_epoch=_progress(p.train.epochs))
+        s = train.run(Path(a.data), Path(a.out), p, resume=a.resume, val_path=a.val, validated=a.prevalidated,
+                      on_epoch=_progress(p.train.epochs))
         if not data_parallel.current().is_main:
             return 0
     finally:
         data_parallel.shutdown()
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    print(train_line(s))
+    print(train.result_line(s))
     return 0
 
 
 def cmd_evaluate(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.steps import evaluate
+    from pipeline.stages import evaluate
 
     if a.json is not None:
         check_output(a.json, [Path(a.data)], None)
-    _print_json(evaluate(a.model, Path(a.data), p, json_path=a.json))
+    _print_json(evaluate.run(a.model, Path(a.data), p, json_path=a.json))
     return 0
 
 
 def cmd_embed(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.steps import embed
+    from pipeline.stages import embed
 
     if a.with_variance:
         p = replace(p, embed=replace(p.embed, with_variance=True))
     if p.embed.dask_address and Path(a.input).is_dir():
-        from pipeline.flows import embedding_flow
-        from pipeline.steps import check_embed_output
+        from pipeline.orchestration.flows import embedding_flow
 
-        check_embed_output(Path(a.input), Path(a.output))  # before the cluster starts
+        embed.check_embed_output(Path(a.input), Path(a.output))  # before the cluster starts
 
         result = embedding_flow(a.model, Path(a.input), Path(a.output), p)
         print(f"wrote {result['rows']} rows in {result['parts']} parts to {a.output} ({result['model_version']})")
         return 0
-    rows = embed(a.model, Path(a.input), Path(a.output), p, on_batch=_rows_progress("embedded"))
+    rows = embed.run(a.model, Path(a.input), Path(a.output), p, on_batch=_rows_progress("embedded"))
     if sys.stderr.isatty():
         print(file=sys.stderr)
     print(f"wrote {rows} rows to {a.output}")
@@ -136,11 +134,10 @@ def _rows_progress(verb: str) -> Callable[[int], None]:
 
 
 def cmd_sample(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.embed import SAMPLE_BATCH_ROWS
-    from pipeline.steps import sample
+    from pipeline.stages import sample
 
-    several = a.n > SAMPLE_BATCH_ROWS  # progress where there is more than one batch
-    rows = sample(a.model, a.n, Path(a.output), p, on_batch=_rows_progress("sampled") if several else None)
+    several = a.n > sample.SAMPLE_BATCH_ROWS  # progress where there is more than one batch
+    rows = sample.run(a.model, a.n, Path(a.output), p, on_batch=_rows_progress("sampled") if several else None)
     if sys.stderr.isatty() and several:
         print(file=sys.stderr)
     print(f"wrote {rows} rows to {a.output}")
@@ -162,15 +159,14 @@ def _read_metrics(path: Path) -> dict[str, Any]:
 
 
 def cmd_register(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.steps import check_alias, promote, register
-    from pipeline.versioning import dvc_experiment, registration_json
+    from pipeline.stages import register
 
-    check_alias(a.alias)
+    register.check_alias(a.alias)
     if a.output is not None:
         check_output(a.output, [f for f in (a.metrics, a.table, a.data) if f is not None], None)
     metrics = _read_metrics(a.metrics) if a.metrics else None
-    experiment = dvc_experiment()  # `dvc exp run`: no alias moves, no gate
-    v = register(Path(a.model), p, alias=None if experiment else a.alias, metrics=metrics, table=a.table,
+    experiment = register.dvc_experiment()  # `dvc exp run`: no alias moves, no gate
+    v = register.run(Path(a.model), p, alias=None if experiment else a.alias, metrics=metrics, table=a.table,
                  tags=experiment)
     if experiment:
         name = experiment["dvc_experiment"]
@@ -180,20 +176,20 @@ def cmd_register(a: argparse.Namespace, p: Params) -> int:
     else:
         print(f"registered {v.name} version {v.version} as @{v.alias} ({v.model_uri})")
     if a.promote and not experiment:
-        result = promote(p, version=v.version, data=a.data, refuse_raises=False)
+        result = register.promote(p, version=v.version, data=a.data, refuse_raises=False)
         print(result["message"])
     if a.output:
         from vae.store import write_atomic
 
         write_atomic(Path(a.output),
-                     registration_json(v.name, v.version, experiment["dvc_experiment"] if experiment else None))
+                     register.registration_json(v.name, v.version, experiment["dvc_experiment"] if experiment else None))
     return 0
 
 
 def cmd_promote(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.steps import promote
+    from pipeline.stages import register
 
-    print(promote(p, version=a.version, data=a.data)["message"])
+    print(register.promote(p, version=a.version, data=a.data)["message"])
     return 0
 
 
@@ -202,7 +198,7 @@ def cmd_run(a: argparse.Namespace, p: Params) -> int:
 
     check_store()  # the flow ends in the registry: a dead server fails now, not after training
     check_prefect_api()
-    from pipeline.flows import training_flow
+    from pipeline.orchestration.flows import training_flow
 
     _quiet_user_tracebacks(a.debug)
 
@@ -213,9 +209,9 @@ def cmd_run(a: argparse.Namespace, p: Params) -> int:
 
 
 def cmd_summary(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.summary import summary_lines
+    from pipeline.stages import summary
 
-    for line in summary_lines(a.metrics, a.registered, a.model, p.register.model_name):
+    for line in summary.summary_lines(a.metrics, a.registered, a.model, p.register.model_name):
         print(line)
     return 0
 
@@ -229,7 +225,7 @@ def cmd_serve(a: argparse.Namespace, p: Params) -> int:
     from pipeline.stores import check_prefect_api
 
     check_prefect_api()
-    from pipeline import schedule, versioning
+    from pipeline.orchestration import schedule, versioning
 
     dvc = not a.no_dvc
     if dvc:
@@ -240,7 +236,7 @@ def cmd_serve(a: argparse.Namespace, p: Params) -> int:
 
 
 def cmd_models(a: argparse.Namespace, p: Params) -> int:
-    from pipeline.registry import CHAMPION, list_versions
+    from pipeline.registry.versions import CHAMPION, list_versions
     from pipeline.stores import tracking_uri
 
     name = a.name or p.register.model_name

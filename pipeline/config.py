@@ -74,7 +74,7 @@ class ValidateParams:
     # --against: share of a column's values that may lie beyond that widened range (a large table
     # from the training distribution has a few; rows far out are what the anomaly score is for)
     max_out_of_range_fraction: float = 0.01
-    # --against: drift of each column from the model's training distribution (pipeline.drift)
+    # --against: drift of each column from the model's training distribution (pipeline.contract.drift)
     drift: Literal["fail", "warn", "off"] = "fail"
     drift_max_shift_std: float = 0.25  # |new mean - training mean| in training stds
     drift_max_ks: float = 0.15  # Kolmogorov-Smirnov distance to the training distribution

@@ -60,7 +60,7 @@ def artifact_location() -> str | None:
 
 
 def cache_dir() -> Path:
-    """Downloaded registry artifacts, reused between calls (see pipeline.registry)."""
+    """Downloaded registry artifacts, reused between calls (see pipeline.registry.versions)."""
     return store_root() / CACHE_DIR
 
 

@@ -14,11 +14,12 @@ import torch
 from sklearn.datasets import load_diabetes, load_wine
 
 from pipeline.config import load_params
-from pipeline.embed import embed_file, embed_frame
-from pipeline.model import load_model_dir
-from pipeline.prepare import prepare
-from pipeline.tables import synthetic_table, write_table_atomic
-from pipeline.train import train_model
+from pipeline.contract.model import load_model_dir
+from pipeline.io.sources import synthetic_table
+from pipeline.io.tables import write_table_atomic
+from pipeline.stages.embed import embed_file, embed_frame
+from pipeline.stages.prepare import prepare
+from pipeline.stages.train import train_model
 from vae import anomaly_threshold, load_checkpoint, score_rows
 from vae.calibration import MissingAdjustment
 from vae.train import held_out_rows
@@ -105,16 +106,16 @@ def test_calibration_rows_are_kept_from_the_selection_and_the_refit_trains_on_th
     """train.calibration_fraction 0.2 of wine's 178 rows: 36 rows, none of them among the rows
     the selection trains on or early stopping chooses on; the refit trains on all 178; the threshold
     is placed on them (recorded), and the baselines saw every row."""
-    import pipeline.train as train_step
+    from pipeline.stages import train
 
     calls = []
-    real_fit = train_step.fit
+    real_fit = train.fit
 
     def spy(model, y, cfg, **kw):
         calls.append((y.clone(), kw["y_val"], kw["y_refit_extra"]))
         return real_fit(model, y, cfg, **kw)
 
-    monkeypatch.setattr(train_step, "fit", spy)
+    monkeypatch.setattr(train, "fit", spy)
     params = load_params(None, SMALL)
     train_model(wine_csv, tmp_path / "model", params)
     (y_fit, y_val, y_cal), = calls
@@ -180,7 +181,7 @@ def test_without_held_out_rows_the_threshold_is_placed_on_training_rows_with_a_w
     params = load_params(None, sets)
     table = tmp_path / "wine.csv"
     load_wine(as_frame=True).data.to_csv(table, index=False)
-    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.train"):
         train_model(table, tmp_path / "model", params)
     assert "no rows held out" in caplog.text
     record = load_model_dir(tmp_path / "model").metadata["anomaly"]

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.schema import Schema
+from pipeline.contract.schema import Schema
 from pipeline.stores import HTTP_DEFAULTS
 from tests.pipeline.helpers import clean_table
 from tests.pipeline.servers import free_port
@@ -502,12 +502,12 @@ def test_float32_overflow_is_named_by_validate(trained, tmp_path, capsys):
                                  KeyError("z_mean"), RuntimeError("CUDA error: an illegal memory access\nmore")])
 def test_a_real_bug_stays_exit_3(bug, trained, monkeypatch, capsys):
     """Exit 3 is kept for bugs: a step raising what no user can fix is not dressed up as a user error."""
-    import pipeline.steps
+    from pipeline.stages import validate
 
     def broken(*args: object, **kwargs: object) -> None:
         raise bug
 
-    monkeypatch.setattr(pipeline.steps, "validate_data", broken)
+    monkeypatch.setattr(validate, "run", broken)
     assert main(["validate", str(trained[1])]) == 3
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("vaepipe: internal error: ") and "--debug" in lines[0]

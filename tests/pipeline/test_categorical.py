@@ -12,10 +12,10 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.cli import main
 from pipeline.config import ValidateParams
-from pipeline.drift import column_drift
+from pipeline.contract.drift import column_drift
+from pipeline.contract.model import load_model_dir
+from pipeline.contract.schema import Schema
 from pipeline.errors import PipelineError
-from pipeline.model import load_model_dir
-from pipeline.schema import Schema
 from tests.pipeline.helpers import FAST_ARGS, run
 
 DRIVES = ("4", "f", "r")
@@ -131,7 +131,7 @@ def test_level_frequencies_drift(trained):
     assert "levels TV" in drifts["drv"].describe() or "total variation" in drifts["drv"].describe()
     assert not drifts["displ"].drifted
     # embed's path: the level counts from the coded cells give the same figures
-    from pipeline.drift import DriftStats
+    from pipeline.contract.drift import DriftStats
 
     stats = DriftStats(model.schema)
     stats.update(moved, model.features(moved, "t"))
@@ -141,7 +141,7 @@ def test_level_frequencies_drift(trained):
 
 
 def test_pyfunc_predict_embeds_text_columns(trained):
-    from pipeline.pyfunc import VAEPyfunc
+    from pipeline.registry.pyfunc import VAEPyfunc
 
     wrapped = VAEPyfunc()
     wrapped.load_context(SimpleNamespace(artifacts={"model_dir": str(trained / "model")}))
@@ -180,7 +180,7 @@ def test_a_registered_model_with_text_columns_predicts_through_mlflow(trained, t
     import mlflow
 
     from pipeline.config import load_params
-    from pipeline.registry import register_model
+    from pipeline.registry.register import register_model
 
     previous = mlflow.get_tracking_uri()
     monkeypatch.chdir(tmp_path)

@@ -162,9 +162,9 @@ def test_columns_against_a_model(model_dir, tmp_path, capsys):
 
 
 def test_embed_reports_drift_in_its_output_and_on_stderr(model_dir, tmp_path, capsys, caplog):
-    from pipeline.drift import column_drift
-    from pipeline.embed import read_drift
-    from pipeline.model import load_model_dir
+    from pipeline.contract.drift import column_drift
+    from pipeline.contract.model import load_model_dir
+    from pipeline.stages.embed import read_drift
 
     same = clean_table(seed=1)  # the training table itself: nothing drifts
     shifted = same.assign(m2=same["m2"] + 1.5 * same["m2"].std())

@@ -14,7 +14,7 @@ import torch
 import vae
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.tables import prefetch
+from pipeline.io.prefetch import prefetch
 from tests.pipeline.helpers import FAST, clean_table
 
 ARGS = [a for s in [*FAST, "data.id_columns=[sample_id]"] for a in ("--set", s)]

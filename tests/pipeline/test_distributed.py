@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.config import load_params
-from pipeline.train import train_model
+from pipeline.stages.train import train_model
 from tests.vae.closed_form import affine_vae_loglik, ppca_heldout_loglik
 from tests.vae.conftest import ppca_rows
 from vae import load_checkpoint, load_model

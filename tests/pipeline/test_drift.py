@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipeline.config import DataParams, ValidateParams, load_params
-from pipeline.drift import Drift, column_drift, drift_summary
-from pipeline.schema import SKETCH_LEVELS, Schema
-from pipeline.validate import ValidationReport, validate_table
+from pipeline.contract.drift import Drift, column_drift, drift_summary
+from pipeline.contract.schema import SKETCH_LEVELS, Schema
+from pipeline.stages.validate import ValidationReport, validate_table
 
 DATA = DataParams(id_columns=("sample_id",))
 PARAMS = ValidateParams()  # drift: fail
@@ -172,7 +172,7 @@ def _awkward_table(n: int, seed: int) -> pd.DataFrame:
 def test_the_streamed_sketch_gives_the_whole_table_verdict_and_statistics(narrow: bool) -> None:
     """float32: every feature column is one float32 holds exactly, so the sketch counts float32
     values against the float64 sketch points rounded outwards (_float32_bounds)."""
-    from pipeline.drift import DriftStats
+    from pipeline.contract.drift import DriftStats
 
     train = table(2000, seed=0).assign(k=np.random.default_rng(0).integers(0, 4, size=2000))
     schema = Schema.from_frame(train, ["sample_id"])
@@ -207,7 +207,7 @@ def test_the_streamed_sketch_gives_the_whole_table_verdict_and_statistics(narrow
 def test_float32_cells_are_read_as_they_are_without_a_second_conversion() -> None:
     """update(df, cells): the model's float32 features stand in for df's columns only where
     float32 holds those exactly; the statistics are the same either way."""
-    from pipeline.drift import DriftStats
+    from pipeline.contract.drift import DriftStats
 
     schema = Schema.from_frame(table(2000, seed=0), ["sample_id"])
     new = table(3000, seed=8).astype({c: np.float32 for c in "abcd"})
@@ -227,7 +227,7 @@ def test_float32_cells_are_read_as_they_are_without_a_second_conversion() -> Non
 
 
 def test_float32_bounds_compare_as_float64_does() -> None:
-    from pipeline.drift import _float32_bounds
+    from pipeline.contract.drift import _float32_bounds
 
     rng = np.random.default_rng(9)
     u = np.concatenate([rng.normal(size=500) * 10.0 ** rng.integers(-30, 30, size=500),

@@ -13,13 +13,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import steps
 from pipeline.config import load_params
-from pipeline.embed import read_provenance
-from pipeline.model import file_sha256
-from pipeline.outputs import PARTS_MANIFEST, own_parts
-from pipeline.tables import synthetic_table, write_table_atomic
-from pipeline.train import train_model
+from pipeline.io.hashing import file_sha256
+from pipeline.io.outputs import PARTS_MANIFEST, own_parts
+from pipeline.io.sources import synthetic_table
+from pipeline.io.tables import write_table_atomic
+from pipeline.stages import embed
+from pipeline.stages.embed import read_provenance
+from pipeline.stages.train import train_model
 
 SETTINGS = ["data.id_columns=[row_id]", "model.latent_dim=2", "model.hidden_dims=[16]", "train.epochs=3",
             "train.num_threads=1", "embed.score_samples=5", "embed.batch_rows=100"]
@@ -46,7 +47,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_folder_becomes_a_folder_of_parts_in_order_with_provenance(model_dir: Path, folder: Path,
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "emb"
-    rows = steps.embed(str(model_dir), folder, out, load_params(None, SETTINGS))
+    rows = embed.run(str(model_dir), folder, out, load_params(None, SETTINGS))
     assert rows == 250 + 120 + 333
     parts = ["day-0.parquet", "day-1.parquet", "day-2.parquet"]
     assert sorted(p.name for p in out.iterdir()) == [PARTS_MANIFEST, *parts]
@@ -66,11 +67,11 @@ def test_a_folder_becomes_a_folder_of_parts_in_order_with_provenance(model_dir: 
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_local_dask_cluster_gives_the_same_parts_as_one_process(model_dir: Path, folder: Path,
                                                                    tmp_path: Path) -> None:
-    from pipeline.flows import embedding_flow
+    from pipeline.orchestration.flows import embedding_flow
 
     params = load_params(None, SETTINGS)
     here = tmp_path / "here"
-    steps.embed(str(model_dir), folder, here, params)
+    embed.run(str(model_dir), folder, here, params)
     dask = tmp_path / "dask"
     result = embedding_flow(str(model_dir), folder, dask, load_params(None, [*SETTINGS, "embed.dask_address=local:2"]))
     assert result["rows"] == 703 and result["parts"] == 3

@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from pipeline.config import load_params
-from pipeline.drift import column_drift
-from pipeline.embed import DRIFT_KEY, embed_file, embed_frame, read_drift
+from pipeline.contract.columns import to_tensor
+from pipeline.contract.drift import column_drift
+from pipeline.contract.model import LoadedModel, load_model_dir
 from pipeline.errors import PipelineError
-from pipeline.model import LoadedModel, load_model_dir
-from pipeline.tables import synthetic_table, to_tensor, write_table_atomic
-from pipeline.train import train_model
+from pipeline.io.sources import synthetic_table
+from pipeline.io.tables import write_table_atomic
+from pipeline.stages.embed import DRIFT_KEY, embed_file, embed_frame, read_drift
+from pipeline.stages.train import train_model
 
 SETTINGS = ["data.id_columns=[row_id]", "model.latent_dim=2", "model.hidden_dims=[16]", "train.epochs=2",
             "train.num_threads=1", "embed.score_samples=0", "embed.batch_rows=100"]

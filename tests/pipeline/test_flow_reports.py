@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.flows import training_flow
-from pipeline.progress import TrainingProgress
-from pipeline.tables import synthetic_table
+from pipeline.io.sources import synthetic_table
+from pipeline.orchestration.flows import training_flow
+from pipeline.orchestration.progress import TrainingProgress
 from tests.pipeline.helpers import FAST, own_store
 from vae import EpochStats
 

@@ -6,7 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.errors import ValidationFailed
-from pipeline.flows import training_flow
+from pipeline.orchestration.flows import training_flow
 from tests.pipeline.helpers import FAST
 
 

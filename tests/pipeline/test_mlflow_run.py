@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import plots
 from pipeline.config import load_params
-from pipeline.model import load_model_dir
-from pipeline.registry import held_out, register_model
-from pipeline.steps import evaluate
-from pipeline.tables import synthetic_table, write_table_atomic
-from pipeline.train import train_model
+from pipeline.contract.model import load_model_dir
+from pipeline.io.sources import synthetic_table
+from pipeline.io.tables import write_table_atomic
+from pipeline.registry import plots
+from pipeline.registry.register import held_out, register_model
+from pipeline.stages import evaluate
+from pipeline.stages.train import train_model
 from tests.pipeline.helpers import own_store
 
 SETTINGS = ["data.id_columns=[row_id]", "model.latent_dim=2", "model.hidden_dims=[16]", "train.num_threads=1",
@@ -35,7 +36,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
         test = write_table_atomic(df.iloc[240:].reset_index(drop=True), root / "test.parquet")
         params = load_params(None, SETTINGS)
         train_model(train, root / "model", params)
-        metrics = evaluate(str(root / "model"), test, params)
+        metrics = evaluate.run(str(root / "model"), test, params)
         yield root / "model", metrics, register_model(root / "model", params, metrics=metrics, table=test)
 
 
@@ -103,7 +104,7 @@ def test_per_feature_bars_are_nats_beyond_each_column_s_own_fit_whatever_its_uni
 def test_summary_reads_a_champion_logged_under_the_older_names(registered) -> None:
     """A version registered before the test_ prefix (bare log_likelihood, no version tag) still shows
     its held-out log-likelihood as @champion."""
-    from pipeline.summary import registry_lines
+    from pipeline.stages.summary import registry_lines
 
     _, _, v = registered
     client = MlflowClient()

@@ -16,10 +16,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.embed
 from pipeline.cli import main
-from pipeline.evaluate import metrics_json
-from pipeline.outputs import PARTS_MANIFEST, own_parts
+from pipeline.io.outputs import PARTS_MANIFEST, own_parts
+from pipeline.stages import embed, sample
+from pipeline.stages.evaluate import metrics_json
 from tests.pipeline.helpers import FAST_ARGS, clean_table
 
 
@@ -55,7 +55,7 @@ def test_a_rerun_replaces_its_own_parts_and_keeps_every_other_file(model, tmp_pa
     names = sorted(p.name for p in Path("out").iterdir())
     assert names == [".hidden", PARTS_MANIFEST, "a.parquet", "c.parquet", "notes.txt"]  # b: ours, now stale
     assert Path("out/notes.txt").read_text() == "mine\n" and Path("out/.hidden").read_text() == "mine too\n"
-    assert pipeline.embed.read_provenance(Path("out/a.parquet"))["input_sha256"] == _digest(second / "a.parquet")
+    assert embed.read_provenance(Path("out/a.parquet"))["input_sha256"] == _digest(second / "a.parquet")
     assert own_parts(Path("out")) == ["a.parquet", "c.parquet"]
 
 
@@ -77,7 +77,7 @@ def test_an_empty_folder_and_a_folder_written_before_the_manifest_are_outputs(mo
 def test_sample_streams_in_row_groups_and_draws_the_rows_of_one_call(model, tmp_path, monkeypatch):
     whole = tmp_path / "whole.parquet"
     assert main(["sample", str(model), "10000", str(whole)]) == 0  # one batch
-    monkeypatch.setattr(pipeline.embed, "SAMPLE_BATCH_ROWS", 4096)
+    monkeypatch.setattr(sample, "SAMPLE_BATCH_ROWS", 4096)
     streamed, csv = tmp_path / "streamed.parquet", tmp_path / "streamed.csv"
     assert main(["sample", str(model), "10000", str(streamed)]) == 0
     assert main(["sample", str(model), "10000", str(csv)]) == 0
@@ -101,7 +101,7 @@ def test_an_allocation_that_fails_is_the_users_size(model, tmp_path, monkeypatch
     def too_big(*args: object, **kwargs: object) -> None:
         raise MemoryError("Unable to allocate 1.46 TiB for an array with shape (100000000000, 2)")
 
-    monkeypatch.setattr(pipeline.embed, "sample", too_big)
+    monkeypatch.setattr(sample, "sample", too_big)
     assert main(["sample", str(model), "10", str(tmp_path / "s.parquet")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vaepipe: error: not enough memory: Unable to allocate 1.46 TiB") and "\n" not in err

@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.config import DataParams
 from pipeline.errors import PipelineError
-from pipeline.prepare import prepare, split_rows
-from pipeline.tables import read_table, write_table_atomic
+from pipeline.io.tables import read_table, write_table_atomic
+from pipeline.stages.prepare import prepare, split_rows
 
 
 def test_prepare_is_byte_for_byte_deterministic(tmp_path: Path) -> None:

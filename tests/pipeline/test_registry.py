@@ -20,14 +20,18 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import plots, stores
+from pipeline import stores
 from pipeline.config import Params, load_params
+from pipeline.contract.model import load_model_dir
 from pipeline.errors import GateRefused, PipelineError, ValidationFailed
-from pipeline.model import load_model_dir
-from pipeline.registry import lineage_tags, promote, register_model
-from pipeline.resolve import download_model_dir
-from pipeline.tables import synthetic_table, write_table_atomic
-from pipeline.train import train_model
+from pipeline.io.sources import synthetic_table
+from pipeline.io.tables import write_table_atomic
+from pipeline.registry import plots
+from pipeline.registry.gate import promote
+from pipeline.registry.lineage import lineage_tags
+from pipeline.registry.register import register_model
+from pipeline.registry.versions import download_model_dir
+from pipeline.stages.train import train_model
 from tests.pipeline.helpers import own_store
 from tests.pipeline.servers import free_port, server, server_env
 
@@ -270,7 +274,7 @@ def test_predict_names_a_missing_column_and_ignores_an_extra_one(store: Store) -
 def test_predict_warns_about_drifted_columns(store: Store, caplog: pytest.LogCaptureFixture) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     frame = store.test_frame
-    with caplog.at_level("WARNING", logger="pipeline.pyfunc"):
+    with caplog.at_level("WARNING", logger="pipeline.registry.pyfunc"):
         model.predict(frame)
         assert not [r for r in caplog.records if "drifted" in r.getMessage()]
         model.predict(frame.assign(x4=frame["x4"] + 3 * frame["x4"].std()))
@@ -395,3 +399,13 @@ def test_the_gate_names_the_key_when_two_versions_hold_different_tables(store: S
     with pytest.raises(PipelineError, match=r"version 2 of mixed has another table contract.*register\.model_name"):
         promote(params, store.test, version=second.version)
     assert champion("mixed") == first.version
+
+
+def test_versions_registered_before_the_registry_package_still_find_their_class() -> None:
+    """Their stored code (a copy of pyfunc_model.py) runs `from pipeline.pyfunc import VAEPyfunc`
+    when MLflow loads them: that path stays, as the registry's own class."""
+    from pipeline.pyfunc import VAEPyfunc
+    from pipeline.registry import pyfunc
+
+    assert VAEPyfunc is pyfunc.VAEPyfunc
+    assert "from pipeline.registry.pyfunc import VAEPyfunc" in pyfunc.MODEL_CODE.read_text()

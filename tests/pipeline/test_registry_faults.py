@@ -14,10 +14,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import load_params
-from pipeline.locks import promotion_lock
-from pipeline.registry import register_model
-from pipeline.tables import synthetic_table, write_table_atomic
-from pipeline.train import train_model
+from pipeline.io.sources import synthetic_table
+from pipeline.io.tables import write_table_atomic
+from pipeline.registry.locks import promotion_lock
+from pipeline.registry.register import register_model
+from pipeline.stages.train import train_model
 from tests.pipeline.helpers import own_store
 
 NAME = "race-vae"
@@ -88,7 +89,7 @@ def test_a_registration_retried_after_the_version_exists_registers_no_duplicate(
         root: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect import flow
 
-    from pipeline.flows import register_task
+    from pipeline.orchestration.flows import register_task
 
     params = load_params(None, [*SETTINGS, "register.model_name=retry-vae", "train.epochs=2"])
     model = train_model(root / "train.parquet", root / "retry-model", params).directory
@@ -116,7 +117,7 @@ def test_a_registration_retried_after_the_version_exists_registers_no_duplicate(
 
 def test_the_registry_lock_for_remote_stores_admits_one_holder_and_names_it(root: Path) -> None:
     from pipeline.errors import PipelineError
-    from pipeline.locks import _registry_lock
+    from pipeline.registry.locks import _registry_lock
 
     with _registry_lock("lock-vae", timeout=5):
         assert MlflowClient().get_registered_model("lock-vae.promotion-lock").tags["holder"]

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.tables import synthetic_table
+from pipeline.io.sources import synthetic_table
 from tests.pipeline.servers import free_port, server, server_env
 
 pytestmark = pytest.mark.slow  # starts a Prefect server and a runner (runs in `make test`)

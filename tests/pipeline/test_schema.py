@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.contract.schema import Schema
 from pipeline.errors import PipelineError
-from pipeline.schema import Schema
 
 
 @pytest.fixture

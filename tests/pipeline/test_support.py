@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main
-from pipeline.model import load_model_dir
+from pipeline.contract.model import load_model_dir
 from tests.pipeline.helpers import FAST_ARGS, run
 
 ARGS = [*FAST_ARGS, "--set", "model.log_columns=auto"]

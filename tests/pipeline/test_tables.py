@@ -7,15 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.contract.columns import split_features, to_tensor
 from pipeline.errors import PipelineError
-from pipeline.tables import (
-    iter_table_batches,
-    load_source,
-    read_table,
-    split_features,
-    to_tensor,
-    write_table_atomic,
-)
+from pipeline.io.sources import load_source
+from pipeline.io.tables import iter_table_batches, read_table, write_table_atomic
 from tests.pipeline.helpers import clean_table
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 
 from pipeline.config import DataParams, Params, ValidateParams
+from pipeline.contract.schema import Schema
 from pipeline.errors import PipelineError
-from pipeline.prepare import prepare
-from pipeline.schema import Schema
-from pipeline.tables import load_source, read_table, write_table_atomic
-from pipeline.validate import ValidationReport, iid_stats, validate_path, validate_table
+from pipeline.io.sources import load_source
+from pipeline.io.tables import read_table, write_table_atomic
+from pipeline.stages.prepare import prepare
+from pipeline.stages.validate import ValidationReport, iid_stats, validate_path, validate_table
 
 DATA = DataParams(id_columns=("sample_id",))
 STRICT = ValidateParams()  # iid: fail

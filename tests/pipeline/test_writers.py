@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.outputs import TRAIN_LOCK, claimed_dir
+from pipeline.io.outputs import TRAIN_LOCK, claimed_dir
 from tests.pipeline.helpers import FAST_ARGS, clean_table
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.contract.columns import is_numeric_dtype, is_text_dtype, split_features
 from pipeline.errors import PipelineError
-from pipeline.tables import is_numeric_dtype, is_text_dtype, split_features
 
 
 def _names(cols: Sequence[str], limit: int = 8) -> str:

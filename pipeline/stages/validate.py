@@ -1,4 +1,4 @@
-"""The validate step: the table contract as a Great Expectations suite, plus i.i.d. checks.
+"""The validate stage: the table contract as a Great Expectations suite, plus i.i.d. checks.
 
 GX (Core 1.x, an ephemeral context per call) checks the columns, row count, nulls, infinities,
 constant columns and, against a model's schema, the training range. Pandas checks dtypes and
@@ -20,15 +20,16 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import DataParams, Params, ValidateParams, drop_columns
-from pipeline.schema import Schema, level_values
-from pipeline.tables import (
+from pipeline.contract.columns import (
     FLOAT32_MAX,
     float32_collapsed,
     is_numeric_dtype,
     is_text_dtype,
-    load_source,
-    resolve_source,
 )
+from pipeline.contract.schema import Schema, level_values
+from pipeline.errors import ValidationFailed
+from pipeline.io.sources import load_source, resolve_source
+from pipeline.registry.resolve import resolve_model
 from vae.atomic import write_atomic
 
 Severity = Literal["error", "warning"]
@@ -413,7 +414,7 @@ def _drift_checks(
     df: pd.DataFrame, numeric: Sequence[str], params: ValidateParams, against: Schema | None
 ) -> list[Check]:
     """--against: each numeric feature against the model's training distribution."""
-    from pipeline.drift import column_drift
+    from pipeline.contract.drift import column_drift
 
     if against is None or params.drift == "off":
         return []
@@ -429,3 +430,48 @@ def _drift_checks(
         checks.append(Check("drift", d.column, not d.drifted, severity, f"{d.describe()}; {limits}{hint}",
                             brief=brief))
     return checks
+
+
+def run(path: Path | str, params: Params, against: str | None = None, report_path: Path | None = None,
+        raise_on_failure: bool = True) -> ValidationReport:
+    """`vaepipe validate`: PATH, a table file or any data.source (a folder: its newest table;
+    sklearn:NAME; synthetic:), validated as recorded, in its own row order, before any split;
+    against: MODEL, whose table contract and training distribution the table is checked against."""
+    schema = resolve_model(against).schema if against else None
+    report = validate_path(path, params, against=schema, report_path=report_path)
+    if raise_on_failure:
+        raise_if_failed(report, path)
+    return report
+
+
+def raise_if_failed(report: ValidationReport, path: Path | str) -> None:
+    """ValidationFailed (exit 1) naming the drifted columns, then the first failure and a few more."""
+    if not report.success:
+        failures = report.failures()
+        drifted = [f"{c.column!r} ({c.brief})" for c in failures if c.name == "drift"]
+        others = [c for c in failures if c.name != "drift"]
+        parts = [f"drifted columns {', '.join(drifted)} (validate.drift)"] if drifted else []
+        parts += [c.line().removeprefix("FAIL ") if i == 0 and not drifted else (f"{c.name} ({c.column})" if c.column else c.name)
+                  for i, c in enumerate(others)]
+        head, rest = parts[0], parts[1:]
+        also = f"; also {'; '.join(rest[:4])}" + (" ..." if len(rest) > 4 else "") if rest else ""
+        raise ValidationFailed(f"{path} failed validation: {head}{also}")
+
+
+def against_champion(source: str, params: Params) -> ValidationReport | None:
+    """data.source against @champion's table contract and training distribution (drift).
+
+    None when there is no champion yet: nothing to compare with.
+    """
+    from pipeline.registry.champion import check_champion_contract
+    from pipeline.registry.versions import current_champion
+
+    name = params.register.model_name
+    version = current_champion(name)
+    if version is None:
+        return None
+    schema = resolve_model(f"models:/{name}/{version}").schema
+    df = load_source(source, seed=params.data.seed)
+    check_champion_contract(df, name, source, source)  # another table: no drift to speak of, another name
+    return validate_table(df, data=params.data, params=params.validate, against=schema,
+                          where=f"{source} against {name} version {version} (@champion)")

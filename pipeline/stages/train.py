@@ -1,4 +1,4 @@
-"""The train step: a table in, a self-contained, resumable model directory out."""
+"""The train stage: a table in, a self-contained, resumable model directory out."""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ import numpy as np
 import torch
 
 from pipeline.config import Params, drop_columns
+from pipeline.contract.columns import float32_collapsed, split_features, to_tensor
+from pipeline.contract.schema import Schema
 from pipeline.errors import PipelineError
-from pipeline.outputs import TRAIN_LOCK, busy_message, claimed_dir
-from pipeline.schema import Schema
-from pipeline.tables import file_sha256, float32_collapsed, read_table, split_features, to_tensor
+from pipeline.io.hashing import file_sha256
+from pipeline.io.outputs import TRAIN_LOCK, busy_message, claimed_dir
+from pipeline.io.tables import read_table, table_shape
+from pipeline.stages import validate
 from vae import (
     VAE,
     EpochStats,
@@ -359,3 +362,37 @@ def _precision_record(vae: VAE, y: torch.Tensor, params: Params) -> dict[str, An
     log.info("bf16 minus fp32 ELBO on %d rows: %.4g nats/row (max |diff| %.3g)", gap.rows, gap.diff, gap.max_abs_diff)
     return {"train": used, "probe_rows": gap.rows, "elbo_fp32": gap.elbo_fp32,
             "elbo_bf16_minus_fp32": gap.diff, "max_abs_diff": gap.max_abs_diff}
+
+
+def run(path: Path, out: Path, params: Params, *, resume: bool = False, val_path: Path | None = None,
+        validated: bool = False, on_epoch: Callable[[EpochStats], None] | None = None) -> TrainSummary:
+    """`vaepipe train`: validate the table (data.* and validate.* policies) unless the caller did
+    (validated), then fit into OUT (train_model)."""
+    check_out_dir(Path(out), resume)  # before the minutes validation may take
+    check_enough_rows(Path(path), params, val_table=val_path is not None)
+    if not validated:
+        validate.run(path, params)
+    return train_model(Path(path), Path(out), params, resume=resume, val_path=val_path, on_epoch=on_epoch,
+                       validated=True)
+
+
+def check_enough_rows(path: Path, params: Params, val_table: bool = False) -> None:
+    """A table with fewer rows to fit than 2 x (feature columns + 1) is refused at once, from its
+    metadata or header: its closed-form start (the full-covariance Gaussian) is not identified and
+    the model would be reported as trained (10 rows x 5 columns: best validation ELBO -388,206)."""
+    rows, columns = table_shape(path)
+    features = columns - len(params.data.id_columns)
+    fit_rows = rows if val_table else rows - int(round(rows * params.train.val_fraction))  # --val: all of them
+    need = MIN_ROWS_PER_COLUMN * (features + 1)
+    if rows > 0 and fit_rows < need:
+        raise PipelineError(
+            f"{path} has {features:,} feature columns and {rows:,} rows ({fit_rows:,} to fit after train.val_fraction): "
+            f"a model of how the columns vary together needs at least {MIN_ROWS_PER_COLUMN} x (columns + 1) = "
+            f"{need:,} rows to fit; add rows, or reduce the columns first (select them, or project them with PCA)")
+
+
+def result_line(s: TrainSummary) -> str:
+    """What a finished training run did, in one line."""
+    best = "" if s.best_val_elbo is None else f", best val ELBO {s.best_val_elbo:.3f} at epoch {s.best_epoch}"
+    refit = f"; then {s.refit_epochs} epochs on all rows (train.refit)" if s.refit_epochs else ""
+    return f"trained {s.directory}: {s.epochs} epochs{' (stopped early)' if s.stopped_early else ''}{best}{refit}"

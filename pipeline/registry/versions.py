@@ -1,12 +1,15 @@
-"""Resolve and download registered versions: models:/NAME@ALIAS or models:/NAME/VERSION to a
-model directory in the store's cache. Imports no other vaepipe step, so that loading a model
-(pipeline.model) can resolve a URI without importing the registry's register and gate."""
+"""Registered versions: models:/NAME@ALIAS or models:/NAME/VERSION to a version and its model
+directory, downloaded once into the store's cache; the aliases; every version as `vaepipe models`
+lists it. Imports no vaepipe step, so that resolving MODEL (pipeline.registry.resolve) does not
+import the registry's register and gate."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -20,8 +23,8 @@ from pipeline import stores
 from pipeline.errors import PipelineError
 
 ARTIFACT_KEY = "model_dir"  # the pyfunc's context.artifacts key of the model directory
+CHALLENGER, CHAMPION = "challenger", "champion"
 REF = re.compile(r"models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))")
-
 
 
 def not_found(exc: MlflowException) -> bool:
@@ -105,3 +108,59 @@ def _model_dir_in(root: Path, ref: str) -> Path:
     if ARTIFACT_KEY not in artifacts:
         raise PipelineError(f"{ref}: not a vaepipe model (its pyfunc has no {ARTIFACT_KEY!r} artifact)")
     return root / artifacts[ARTIFACT_KEY]["path"]
+
+
+def current_champion(name: str) -> str | None:
+    """The version @champion of NAME points at; None when there is none (or no such model yet)."""
+    stores.configure_tracking()
+    try:
+        version = MlflowClient().get_registered_model(name).aliases.get(CHAMPION)
+    except MlflowException as exc:
+        if not not_found(exc):
+            raise
+        return None
+    return None if version is None else str(version)
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One registered version as `vaepipe models` lists it."""
+
+    version: str
+    aliases: tuple[str, ...]
+    created: str  # UTC, to the minute
+    log_likelihood: float | None  # held-out nats/row logged at registration
+    gate: str  # the gate's last verdict on it ("" when never gated)
+    schema_hash: str
+
+
+def list_versions(name: str) -> list[VersionRow]:
+    """Every version of registered model NAME, newest first; [] when nothing is registered yet.
+
+    Reads an existing store only: with no sqlite file yet, nothing is registered, and none is created.
+    """
+    db = stores.sqlite_path(stores.check_store())
+    if db is not None and not db.exists():
+        return []
+    stores.configure_tracking()
+    client = MlflowClient()
+    try:
+        aliases = registered_aliases(client, name, f"models:/{name}")
+    except PipelineError:
+        if not client.search_registered_models(max_results=1):
+            return []
+        raise
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(version, []).append(alias)
+    rows = [_version_row(mv, tuple(sorted(by_version.get(str(mv.version), []))))
+            for mv in client.search_model_versions(f"name = '{name}'")]
+    return sorted(rows, key=lambda r: -int(r.version))
+
+
+def _version_row(mv: ModelVersion, aliases: tuple[str, ...]) -> VersionRow:
+    tags = mv.tags or {}
+    ll = tags.get("log_likelihood")
+    created = time.strftime("%Y-%m-%d %H:%M", time.gmtime((mv.creation_timestamp or 0) / 1000))
+    return VersionRow(str(mv.version), aliases, created, None if ll is None else float(ll),
+                      tags.get("gate_result", ""), tags.get("schema_hash", "")[:12])

@@ -1,4 +1,5 @@
-"""Prefect flows: they only compose tasks; every task wraps one step function in a few lines."""
+"""Prefect flows: they only compose tasks; every task wraps one function of a stage module
+(pipeline.stages) in a few lines."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline import embed as embed_step
-from pipeline import steps, stores, versioning
+from pipeline import stores
 from pipeline.config import Params, load_params
+from pipeline.contract.model import load_model_dir
 from pipeline.errors import user_error
-from pipeline.model import ResolvedModel, load_model_dir, resolve_ref
-from pipeline.outputs import parts_dir
-from pipeline.progress import TrainingProgress
-from pipeline.registry import RegisteredVersion
-from pipeline.tables import resolve_source
+from pipeline.io.outputs import parts_dir
+from pipeline.io.sources import resolve_source
+from pipeline.orchestration import versioning
+from pipeline.orchestration.progress import TrainingProgress
+from pipeline.registry.register import RegisteredVersion
+from pipeline.registry.resolve import ResolvedModel, resolve_ref
+from pipeline.stages import embed, evaluate, prepare, register, train, validate
 from vae.store import write_atomic
 
 
@@ -42,38 +45,37 @@ def newest_table_task(params: Params) -> str:
 @task(cache_policy=NO_CACHE)  # bad data is not retried: it will not get better
 def drift_task(source: str, params: Params) -> None:
     """The new table against @champion's contract and training distribution."""
-    report = steps.validate_against_champion(source, params)
+    report = validate.against_champion(source, params)
     if report is None:
         get_run_logger().info("no @champion yet: no training distribution to check drift against")
         return
     _report_artifact("drift", "Against the champion", report, report.where)
-    steps.raise_if_failed(report, report.where)
+    validate.raise_if_failed(report, report.where)
 
 
 @task(cache_policy=NO_CACHE)
 def prepare_task(params: Params) -> dict[str, Path]:
-    return steps.prepare_data(params)
+    return prepare.run(params)
 
 
 @task(cache_policy=NO_CACHE)
 def validate_task(path: Path | str, params: Params, report_path: Path | None = None) -> None:
-    report = steps.validate_data(path, params, report_path=report_path, raise_on_failure=False)
+    report = validate.run(path, params, report_path=report_path, raise_on_failure=False)
     _report_artifact("validation", "Validation", report, f"validation of {path}")
-    steps.raise_if_failed(report, path)
+    validate.raise_if_failed(report, path)
 
 
 @task(cache_policy=NO_CACHE)
 def train_task(path: Path, out: Path, params: Params, val_path: Path | None) -> Path:
     logger = get_run_logger()
-    summary = steps.train(path, out, params, val_path=val_path, validate=False, validated=True,
-                          on_epoch=TrainingProgress(logger.info))
-    logger.info(steps.train_line(summary))
+    summary = train.run(path, out, params, val_path=val_path, validated=True, on_epoch=TrainingProgress(logger.info))
+    logger.info(train.result_line(summary))
     return summary.directory
 
 
 @task(cache_policy=NO_CACHE)
 def evaluate_task(model: str, path: Path, params: Params, json_path: Path | None) -> dict[str, Any]:
-    return steps.evaluate(model, path, params, json_path=json_path)
+    return evaluate.run(model, path, params, json_path=json_path)
 
 
 @task(cache_policy=NO_CACHE)
@@ -91,7 +93,7 @@ def compare_task(challenger: dict[str, Any], champion: dict[str, Any] | None, pa
 
 @task(cache_policy=NO_CACHE)
 def champion_task(params: Params) -> str | None:
-    from pipeline.registry import current_champion
+    from pipeline.registry.versions import current_champion
 
     return current_champion(params.register.model_name)
 
@@ -108,17 +110,17 @@ def _retry_unless_user_error(task: Any, run: Any, state: Any) -> bool:
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],  # store access can be busy
       retry_condition_fn=_retry_unless_user_error)
 def register_task(model_dir: Path, params: Params, metrics: dict[str, Any], table: Path) -> RegisteredVersion:
-    return steps.register(model_dir, params, metrics=metrics, table=table)
+    return register.run(model_dir, params, metrics=metrics, table=table)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_unless_user_error)
 def promote_task(params: Params, version: str, data: Path) -> dict[str, Any]:
-    return steps.promote(params, version=version, data=data, refuse_raises=False)
+    return register.promote(params, version=version, data=data, refuse_raises=False)
 
 
 @task(cache_policy=NO_CACHE)
-def install_model_task(model_dir: Path) -> Path:
-    return versioning.install_model(model_dir)
+def install_model_task(model_dir: Path, stages: versioning.DvcStages) -> Path:
+    return versioning.install_model(model_dir, stages)
 
 
 @task(cache_policy=NO_CACHE)
@@ -141,8 +143,8 @@ def resolve_task(model: str) -> ResolvedModel:
 @task(cache_policy=NO_CACHE)
 def embed_partition_task(model_dir: Path, part: Path, out_dir: Path, params: Params, model_version: str) -> int:
     """One file of the folder; on a Dask worker it loads the model directory itself (cheap)."""
-    steps.use_threads(params.embed.num_threads)
-    return embed_step.embed_partition(load_model_dir(model_dir), part, out_dir, params.embed, model_version)
+    embed.use_threads(params.embed.num_threads)
+    return embed.embed_partition(load_model_dir(model_dir), part, out_dir, params.embed, model_version)
 
 
 def _task_runner(address: str) -> Any:
@@ -161,7 +163,7 @@ def _task_runner(address: str) -> Any:
 @flow(name="vaepipe-embed", log_prints=True)
 def _embedding_flow(model: str, input_dir: str, output_dir: str, params: Params) -> dict[str, Any]:
     resolved = resolve_task(model)  # once: every part is embedded by the same version
-    parts = embed_step.list_partitions(Path(input_dir))
+    parts = embed.list_partitions(Path(input_dir))
     with parts_dir(Path(output_dir), [Path(input_dir)]) as tmp:
         futures = embed_partition_task.map(unmapped(resolved.directory), parts, unmapped(tmp),
                                            unmapped(params), unmapped(resolved.version))
@@ -182,39 +184,38 @@ def training_flow(params_path: str | None = None, overrides: list[str] | None = 
     """newest table -> drift vs @champion -> prepare -> validate -> train -> evaluate challenger and
     champion -> register -> promote (the gate) [-> dvc commit, dvc push].
 
-    dvc: write the dvc.yaml stages' outputs and record them in dvc.lock (run from the project root).
+    dvc: write the outputs of dvc.yaml's stages, where dvc.yaml says (versioning.read_stages), and
+    record them in dvc.lock (run from the project root).
     """
     params = load_params(Path(params_path) if params_path else None, overrides or [])
     stores.check_store()  # the flow ends in the registry: find a dead server before training
-    if dvc:
-        versioning.check_project(params.data.prepared_dir, params.data.source)
-        if overrides or (params_path and Path(params_path) != Path("params.yaml")):
-            get_run_logger().warning("dvc.lock records params.yaml; this run's --params/--set are not in it")
+    tracked = versioning.check_project(params.data.prepared_dir, params.data.source) if dvc else None
+    if tracked is not None and (overrides or (params_path and Path(params_path) != Path("params.yaml"))):
+        get_run_logger().warning("dvc.lock records params.yaml; this run's --params/--set are not in it")
     started = time.perf_counter()
     params = replace(params, data=replace(params.data, source=newest_table_task(params)))
     drift_task(params.data.source, params)
     splits = prepare_task(params)
     # the table as recorded, in its own row order (the dvc.yaml stage validates the same): the
     # i.i.d. checks see what a split, a subset of the rows, would hide
-    validate_task(params.data.source, params, versioning.VALIDATION if dvc else None)
-    model_dir = train_task(splits["train"], Path(out) if out else steps.new_run_dir(), params, splits["val"])
-    if dvc:
-        model_dir = install_model_task(model_dir)
+    validate_task(params.data.source, params, tracked.validation if tracked else None)
+    model_dir = train_task(splits["train"], Path(out) if out else _new_run_dir(), params, splits["val"])
+    if tracked is not None:
+        model_dir = install_model_task(model_dir, tracked)
     metrics = evaluate_task(str(model_dir), splits["test"], params,
-                            versioning.METRICS if dvc else model_dir / "metrics.json")
+                            tracked.metrics if tracked else model_dir / "metrics.json")
     champion = champion_task(params)
     champion_metrics = None if champion is None else evaluate_task(
         f"models:/{params.register.model_name}/{champion}", splits["test"], params, None)
-    if dvc:
-        dvc_commit_task(versioning.TRAINING_STAGES)  # before register: its lineage reads dvc.lock
+    if tracked is not None:
+        dvc_commit_task(tracked.training)  # before register: its lineage reads dvc.lock
     registered = register_task(model_dir, params, metrics, splits["test"])
     promotion = promote_task(params, registered.version, splits["test"])
-    decision = steps.decision_line(promotion, params.register.min_improvement)
+    decision = register.decision_line(promotion, params.register.min_improvement)
     compare_task(metrics, champion_metrics, splits["test"], (registered.version, champion), decision)
-    if dvc:
-        write_atomic(versioning.REGISTERED,
-                     versioning.registration_json(registered.name, registered.version))
-        dvc_commit_task((versioning.REGISTER_STAGE,))
+    if tracked is not None:
+        write_atomic(tracked.registered, register.registration_json(registered.name, registered.version))
+        dvc_commit_task((versioning.REGISTER,))
         dvc_push_task()
     get_run_logger().info(decision)
     result = {"model_dir": str(model_dir), "source": params.data.source, "metrics": metrics,
@@ -222,6 +223,10 @@ def training_flow(params_path: str | None = None, overrides: list[str] | None = 
               "decision": decision, "seconds": time.perf_counter() - started}
     # the run's final state says what the gate decided (its name ends `prefect deployment run --watch`)
     return Completed(message=decision, name=_state_name(promotion), data=result)
+
+
+def _new_run_dir(root: Path = Path("models/runs")) -> Path:
+    return root / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
 
 
 def _state_name(promotion: dict[str, Any]) -> str:

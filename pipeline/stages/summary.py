@@ -58,8 +58,8 @@ def registry_lines(name: str, version: str | None) -> list[str]:
     """The registered version (its run, plots, the gate's decision), @champion, and the UI command."""
     from mlflow import MlflowClient
 
-    from pipeline.registry import CHAMPION, current_champion, held_out
-    from pipeline.resolve import resolve_version
+    from pipeline.registry.register import held_out
+    from pipeline.registry.versions import CHAMPION, current_champion, resolve_version
 
     uri = stores.check_store()
     db = stores.sqlite_path(uri)

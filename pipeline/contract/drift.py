@@ -1,7 +1,7 @@
 """Drift: does a new table come from the distribution a model was trained on?
 
 Per feature column, two two-sample tests against the training table as the model's schema
-stores it (moments and a quantile sketch, pipeline.schema), each with an effect size so that a
+stores it (moments and a quantile sketch, pipeline.contract.schema), each with an effect size so that a
 large table does not fail on a shift too small to matter:
 - location: the new mean minus the training mean in training standard deviations (Welch's t-test
   from the moments);
@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 
 from pipeline.config import ValidateParams
-from pipeline.schema import Schema, level_values
-from pipeline.tables import is_numeric_dtype
+from pipeline.contract.columns import is_numeric_dtype
+from pipeline.contract.schema import Schema, level_values
 
 MIN_DRIFT_ROWS = 2  # a mean and a variance need two values
 CHUNK_ROWS = 1 << 16  # rows per update step: bounds the temporaries of a whole-table update

@@ -66,3 +66,11 @@ class TrainingProgress:
         left = max(0, s.stage_epochs - s.epoch) * self.stage_seconds / max(self.stage_counted, 1)
         bound = "at most " if s.phase == "select" else ""  # early stopping may end the selection sooner
         return f"{head}  ({elapsed}, {bound}{clock_text(left)} left in this stage)"
+
+
+def epoch_line(s: EpochStats, epochs: int) -> str:
+    """One epoch, as the terminal's rewritten progress line shows it."""
+    val = "" if s.val_elbo is None else f"  val ELBO {s.val_elbo:.3f}"
+    if s.phase == "refit":  # its length is the epoch count early stopping chose
+        return f"refit on all rows, epoch {s.epoch}  ELBO {s.train_elbo:.3f}  recon {s.train_recon:.3f}  KL {s.train_kl:.3f}"
+    return f"epoch {s.epoch}/{epochs}  ELBO {s.train_elbo:.3f}  recon {s.train_recon:.3f}  KL {s.train_kl:.3f}{val}"

@@ -1,10 +1,10 @@
-"""The embed and sample steps: posterior means and anomaly scores for new rows; synthetic rows."""
+"""The embed stage: posterior means and anomaly scores for new rows, streamed from a table or a
+folder of Parquet files into Parquet; the same frame is the registered pyfunc's predict."""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,24 +15,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import EmbedParams, ValidateParams
-from pipeline.drift import DriftStats, drift_summary
+from pipeline.config import OUTPUT_COLUMN, EmbedParams, Params, ValidateParams
+from pipeline.contract.drift import DriftStats, drift_summary
+from pipeline.contract.model import LoadedModel, load_model_dir
 from pipeline.errors import PipelineError
-from pipeline.model import LoadedModel
-from pipeline.outputs import PROVENANCE_KEY, parts_dir
-from pipeline.tables import (
-    PARQUET_SUFFIXES,
-    atomic_path,
-    bound_heap_growth,
-    file_sha256,
-    iter_table_batches,
-    prefetch,
-)
-from vae import embed, sample, score_rows
+from pipeline.io.atomic import atomic_path
+from pipeline.io.hashing import file_sha256
+from pipeline.io.outputs import PROVENANCE_KEY, check_output, check_output_dir, parts_dir
+from pipeline.io.prefetch import bound_heap_growth, prefetch
+from pipeline.io.tables import PARQUET_SUFFIXES, iter_table_batches
+from pipeline.registry.resolve import resolve_ref
+from vae import VAEError, embed, resolve_device, score_rows
 from vae.inference import Workspace
 
 log = logging.getLogger(__name__)
-SAMPLE_BATCH_ROWS = 65_536  # rows drawn and written at a time by sample_file (a multiple of vae.sample's 4096)
 DRIFT_KEY = b"vaepipe.drift"  # Parquet metadata of an embedding output: each column's drift (JSON)
 
 
@@ -194,61 +190,41 @@ def read_drift(path: Path) -> list[dict[str, object]]:
     return list(json.loads(meta[DRIFT_KEY])) if DRIFT_KEY in meta else []
 
 
-def sample_file(model: LoadedModel, n: int, output_path: Path, seed: int = 0,
-                on_batch: Callable[[int], None] | None = None) -> int:
-    """N synthetic rows from p(z) p(y|z), feature columns in the schema's order and dtypes,
-    streamed to OUTPUT in SAMPLE_BATCH_ROWS row batches (memory does not grow with N); the file
-    appears whole or not at all. N whose file cannot fit on OUTPUT's disk is refused up front."""
-    if n < 1:
-        raise PipelineError(f"N is {n}; ask for at least one row")
-    output_path = Path(output_path)
-    check_room(output_path, n, len(model.schema.features))
-    generator = torch.Generator().manual_seed(seed)  # one stream over the batches: the same rows as one call
-    with atomic_path(output_path) as tmp:
-        writer: pq.ParquetWriter | None = None
-        try:
-            for done in range(0, n, SAMPLE_BATCH_ROWS):
-                frame = _sample_frame(model, min(SAMPLE_BATCH_ROWS, n - done), generator)
-                if output_path.suffix.lower() in PARQUET_SUFFIXES:
-                    table = pa.Table.from_pandas(frame, preserve_index=False)
-                    writer = writer or pq.ParquetWriter(tmp, table.schema)
-                    writer.write_table(table)
-                else:
-                    frame.to_csv(tmp, index=False, mode="a" if done else "w", header=not done)
-                if on_batch is not None:
-                    on_batch(done + len(frame))
-        finally:
-            if writer is not None:
-                writer.close()
-    return n
+def run(model: str, input_path: Path, output: Path, params: Params,
+        on_batch: Callable[[int], None] | None = None) -> int:
+    """`vaepipe embed`: INPUT file -> OUTPUT file, or INPUT folder -> OUTPUT folder of parts, in this process.
+
+    Refused before any work if OUTPUT would destroy INPUT, the model or a folder vaepipe did not write.
+    """
+    input_path = Path(input_path)
+    check_embed_output(input_path, Path(output))
+    use_threads(params.embed.num_threads)
+    try:
+        device = str(resolve_device(params.embed.device, "embed.device"))
+    except VAEError as exc:
+        raise PipelineError(str(exc)) from None
+    resolved = resolve_ref(model)
+    loaded = load_model_dir(resolved.directory, device)
+    taken = [c for c in loaded.id_columns if OUTPUT_COLUMN.fullmatch(c)]
+    if taken:
+        raise PipelineError(f"model {model}: its id column {taken[0]!r} would be overwritten by embed's own "
+                            "output column; rename it in the table and retrain")
+    if input_path.is_dir():
+        return embed_folder(loaded, input_path, Path(output), params.embed, resolved.version, on_batch,
+                            drift=params.validate)
+    return embed_file(loaded, input_path, Path(output), params.embed, on_batch,
+                      {"model_version": resolved.version, "input_file": input_path.name}, drift=params.validate)
 
 
-def _sample_frame(model: LoadedModel, rows: int, generator: torch.Generator) -> pd.DataFrame:
-    y = sample(model.vae, rows, generator=generator, on_grid=True)  # grid columns drawn on their grid
-    df = pd.DataFrame(y.numpy(), columns=list(model.schema.features))
-    for j, (name, dtype) in enumerate(zip(model.schema.features, model.schema.dtypes, strict=True)):
-        levels = model.schema.levels_of(j)
-        if levels:  # the drawn codes as their levels
-            names = np.asarray(levels, dtype=object)[df[name].to_numpy().astype(np.int64)]
-            df[name] = pd.Categorical(names, categories=list(levels)) if dtype == "category" else pd.array(names, dtype="str")
-        elif dtype.startswith(("int", "uint", "bool", "Int", "UInt")):
-            df[name] = df[name].round().astype(dtype)
-    return df
+def use_threads(n: int) -> None:
+    """torch's CPU threads for this process (0 leaves torch's default)."""
+    if n:
+        torch.set_num_threads(n)
 
 
-def check_room(path: Path, rows: int, columns: int) -> None:
-    """Refuse a table that would not fit on path's disk (8 bytes a Parquet cell, 24 a CSV one)."""
-    need = rows * columns * (8 if path.suffix.lower() in PARQUET_SUFFIXES else 24)
-    folder = next(p for p in (path.parent, *path.parents) if p.exists())
-    free = shutil.disk_usage(folder).free
-    if need > free:
-        raise PipelineError(f"{rows:,} rows x {columns} columns need about {_size(need)} at {path}, more than the "
-                            f"{_size(free)} free on that disk; ask for fewer rows or write elsewhere")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.3g} {unit}"
-        n /= 1024
-    raise AssertionError  # unreachable
+def check_embed_output(input_path: Path, output: Path) -> None:
+    """OUTPUT of `embed`: a Parquet file, or for a folder INPUT a folder of parts (pipeline.io.outputs)."""
+    if input_path.is_dir():
+        check_output_dir(output, [input_path])
+    else:
+        check_output(output, [input_path], PARQUET_SUFFIXES)

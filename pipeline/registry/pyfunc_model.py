@@ -6,6 +6,6 @@ serve`); it needs vaepipe importable in that environment. It is never imported b
 
 from mlflow.models import set_model
 
-from pipeline.pyfunc import VAEPyfunc
+from pipeline.registry.pyfunc import VAEPyfunc
 
 set_model(VAEPyfunc())

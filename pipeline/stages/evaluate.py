@@ -1,4 +1,4 @@
-"""The evaluate step: the metrics JSON (README "The metrics") for a model on a table."""
+"""The evaluate stage: the metrics JSON (README "The metrics") for a model on a table."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from pipeline.config import EvaluateParams
-from pipeline.model import LoadedModel
-from pipeline.tables import read_table
+from pipeline.config import EvaluateParams, Params
+from pipeline.contract.model import LoadedModel
+from pipeline.io.tables import read_table
+from pipeline.registry.resolve import resolve_model
 from vae import evaluate, load_baselines
 from vae.store import write_atomic
 
@@ -61,3 +62,11 @@ def _finite(value: Any) -> Any:
 
 def write_metrics(metrics: dict[str, Any], path: Path) -> None:
     write_atomic(Path(path), (metrics_json(metrics) + "\n").encode())
+
+
+def run(model: str, path: Path, params: Params, json_path: Path | None = None) -> dict[str, Any]:
+    """`vaepipe evaluate`: the metrics JSON of MODEL on the table at PATH, also written to json_path."""
+    metrics = metrics_dict(resolve_model(model), Path(path), params.evaluate)
+    if json_path is not None:
+        write_metrics(metrics, Path(json_path))
+    return metrics

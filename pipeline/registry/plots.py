@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline.model import LoadedModel
+from pipeline.contract.model import LoadedModel
 from vae import embed
 from vae import traversals as decode_traversals
 

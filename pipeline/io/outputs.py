@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import PipelineError, output_error
-from pipeline.tables import PARQUET_SUFFIXES, SUFFIXES
+from pipeline.io.tables import PARQUET_SUFFIXES, SUFFIXES
 from vae.atomic import dir_mode, file_mode, sweep_stale, temp_prefix, write_atomic
 from vae.store import BASELINES, CHECKPOINT, MANIFEST, WEIGHTS
 

@@ -1,4 +1,4 @@
-"""The prepare step: load data.source and split its rows into train, val and test tables."""
+"""The prepare stage: load data.source and split its rows into train, val and test tables."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import DataParams
+from pipeline.config import DataParams, Params
 from pipeline.errors import PipelineError
-from pipeline.outputs import check_output
-from pipeline.tables import load_source, resolve_source, write_table_atomic
+from pipeline.io.outputs import check_output
+from pipeline.io.sources import load_source, resolve_source
+from pipeline.io.tables import write_table_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -79,3 +80,8 @@ def prepare(data: DataParams, val_fraction: float, out_dir: Path, tables: Path |
         part = df.iloc[rows[name]].reset_index(drop=True)
         paths[name] = write_table_atomic(pd.DataFrame(part), out_dir / f"{name}.parquet")
     return paths
+
+
+def run(params: Params, tables: Path | None = None) -> dict[str, Path]:
+    """`vaepipe prepare`: the splits of data.source in data.prepared_dir (prepare)."""
+    return prepare(params.data, params.train.val_fraction, Path(params.data.prepared_dir), tables)

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.model import LoadedModel
+from pipeline.contract.model import LoadedModel
 
 MAX_TAG_CHARS = 5000  # MLflow keeps tag values up to 8000 characters
 

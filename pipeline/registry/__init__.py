@@ -1,0 +1,1 @@
+"""The MLflow model registry: register, resolve, the gate, the pyfunc form of a model, lineage, plots."""
