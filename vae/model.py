@@ -60,6 +60,8 @@ class DecoderOut:
     logits: torch.Tensor | None = None  # (..., L) the categorical columns' level logits, column after column
 
 
+LOGVAR_LIMIT = 30.0  # |log sigma^2| of q(z|y): see Encoder.forward
+
 class Encoder(nn.Module):
     """mu, logvar = MLP(x) + (A x + b): the linear path starts at the closed-form posterior."""
 
@@ -71,7 +73,9 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> Posterior:
         h = self.net(x) if self.linear is None else self.net(x) + self.linear(x)
         mu, logvar = h.float().chunk(2, dim=-1)
-        return Posterior(mu, logvar)
+        # exp(logvar) overflows float32 beyond 88.7 (an extreme row: an infinite KL, z and a NaN step);
+        # the bound is far outside any posterior a table gives (a variance of 1e13 standardized units)
+        return Posterior(mu, logvar.clamp(-LOGVAR_LIMIT, LOGVAR_LIMIT))
 
 
 class Decoder(nn.Module):

@@ -374,7 +374,10 @@ def _loop(
     on_epoch: Callable[[EpochStats], None] | None,
     on_checkpoint: Callable[[TrainState], None] | None,
 ) -> None:
-    """Epochs until `epochs` or early stopping; a non-finite epoch rolls back and lowers the lr."""
+    """Epochs until `epochs` or early stopping; a non-finite epoch rolls back and lowers the lr.
+
+    An epoch still non-finite after train.max_rollbacks ends the stage where a validated candidate
+    exists (its best weights are kept, as early stopping would); without validation rows it raises."""
     state, cfg = trainer.state, trainer.cfg
     rollbacks, saved = 0, -math.inf  # the first epoch is checkpointed: a run is resumable at once
     while state.epoch < epochs and not state.finished:
@@ -382,6 +385,15 @@ def _loop(
         out = trainer.run_epoch(x, mask)
         if out is None:
             rollbacks += 1
+            if rollbacks > cfg.max_rollbacks and val is not None and state.best_model:
+                trainer.rollback()  # leave finite weights behind
+                log.warning("loss or gradient stayed non-finite in epoch %d after %d rollbacks (lr lowered to "
+                            "%.3g): this stage ends with its best weights on validation (epoch %d)",
+                            state.epoch + 1, cfg.max_rollbacks, state.lr, state.best_epoch)
+                state.finished = True
+                if on_checkpoint is not None:
+                    on_checkpoint(state)
+                break
             if rollbacks > cfg.max_rollbacks:
                 trainer.rollback()  # leave finite weights behind
                 raise TrainingDivergedError(

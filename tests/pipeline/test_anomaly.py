@@ -150,16 +150,16 @@ def test_without_calibration_rows_the_threshold_is_placed_on_the_validation_rows
 def test_without_a_refit_the_calibration_rows_are_trained_on_by_no_model(tmp_path, wine_csv, monkeypatch):
     """train.refit false, train.calibration_fraction 0.2: the same 36 rows are carved, fit() never
     sees them (no rows for a refit), and the final model, which is the selection, places the threshold."""
-    import pipeline.train as train_step
+    from pipeline.stages import train
 
     calls = []
-    real_fit = train_step.fit
+    real_fit = train.fit
 
     def spy(model, y, cfg, **kw):
         calls.append((y.clone(), kw["y_refit_extra"]))
         return real_fit(model, y, cfg, **kw)
 
-    monkeypatch.setattr(train_step, "fit", spy)
+    monkeypatch.setattr(train, "fit", spy)
     train_model(wine_csv, tmp_path / "model", load_params(None, [*SMALL, "train.refit=false"]))
     (y_fit, extra), = calls
     assert extra is None and y_fit.shape[0] == 142

@@ -202,6 +202,24 @@ def test_persistent_non_finite_raises_and_leaves_the_last_good_weights(monkeypat
     _assert_same_weights(model.state_dict(), good.state_dict())
 
 
+def test_persistent_non_finite_with_validation_rows_ends_the_stage_with_its_best_weights(monkeypatch, caplog):
+    """With a validated candidate to keep, an epoch that stays non-finite ends the stage as early
+    stopping would: the best weights on validation, finite, and a warning instead of an error."""
+    y = _rows()
+    cfg = _cfg(epochs=6, max_rollbacks=2)  # 240 training rows: 4 steps an epoch
+    good = _model(y, noise_by_z=False)
+    first = vae.fit(good, y, dataclasses.replace(cfg, epochs=2))
+    model = _model(y, noise_by_z=False)
+    inject_nan(monkeypatch, model, lambda call: call > 8 and (call - 9) % 3 == 2)  # from epoch 3 on
+    with caplog.at_level(logging.WARNING, logger="vae.train"):
+        result = vae.fit(model, y, cfg)
+    assert "stayed non-finite in epoch 3 after 2 rollbacks" in caplog.text
+    assert len(result.history) == 2 and result.state.finished
+    assert result.best_epoch == first.best_epoch and result.state.best_val == first.state.best_val
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    _assert_same_weights(model.state_dict(), good.state_dict())  # fit() leaves a model at its best weights
+
+
 def test_validation_table_of_the_wrong_width_is_refused():
     y = _rows()
     with pytest.raises(vae.DataError, match="6 columns|expects 6"):
