@@ -176,7 +176,8 @@ def test_without_a_refit_the_calibration_rows_are_trained_on_by_no_model(tmp_pat
 
 
 def test_without_held_out_rows_the_threshold_is_placed_on_training_rows_with_a_warning(tmp_path, caplog):
-    sets = ["data.source=sklearn:wine", "train.val_fraction=0", "train.epochs=3", "model.hidden_dims=[8]",
+    sets = ["data.source=sklearn:wine", "train.val_fraction=0", "train.calibration_fraction=0", "train.epochs=3",
+            "model.hidden_dims=[8]",
             "model.latent_dim=2", "embed.score_samples=5"]
     params = load_params(None, sets)
     table = tmp_path / "wine.csv"
