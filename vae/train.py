@@ -124,8 +124,8 @@ def _clone(tree: Any, into: Any = None) -> Any:
             out._metadata = copy.deepcopy(tree._metadata)  # type: ignore[attr-defined]
         return out
     if isinstance(tree, list | tuple):
-        old = into if isinstance(into, list | tuple) and len(into) == len(tree) else [None] * len(tree)
-        return type(tree)(_clone(v, o) for v, o in zip(tree, old, strict=True))
+        olds: list[Any] = list(into) if isinstance(into, list | tuple) and len(into) == len(tree) else [None] * len(tree)
+        return type(tree)(_clone(v, o) for v, o in zip(tree, olds, strict=True))
     return copy.deepcopy(tree)
 
 
