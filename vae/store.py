@@ -175,11 +175,21 @@ def load_baselines(directory: Path) -> Baselines | None:
         raise ModelDirError(f"{path} is not a vaepipe baselines file; {RESTORE}") from None
 
 
+def migrate_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest of any READABLE format in today's terms: the one place where what an older model
+    directory left out is filled in with what it meant when it was written (a new default does not
+    apply to a model trained before the key existed). A new key of the model section adds its line here."""
+    out = {**manifest, "model": dict(manifest["model"])}
+    model = out["model"]
+    if manifest["format"] == 1:  # before format 2 there were no linear paths beside the MLPs
+        model.setdefault("linear_path", False)
+    model.setdefault("noise_by_z", False)  # saved before model.noise_by_z existed: no z-dependent head
+    out["format"] = FORMAT
+    return out
+
+
 def _build(manifest: dict[str, Any], path: Path) -> VAE:
-    model_dict = dict(manifest["model"])
-    if manifest["format"] == 1:
-        model_dict.setdefault("linear_path", False)
-    model_dict.setdefault("noise_by_z", False)  # models saved before the key existed had no head
+    model_dict = migrate_manifest(manifest)["model"]
     try:
         config = config_from_dict(ModelConfig, "model", model_dict)
     except ConfigError as exc:

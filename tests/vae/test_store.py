@@ -186,3 +186,23 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
     live.write_bytes(b"")
     store.write_atomic(target, b"data")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([store.CHECKPOINT, live.name])
+
+
+def test_an_older_model_directory_loads_through_the_migration(tmp_path):
+    """A format-1 directory (no linear paths, before model.noise_by_z): its manifest names neither key,
+    and the model it describes is built as it was trained, not with today's defaults (both true)."""
+    y = torch.randn(100, 4, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    old = vae.VAE(vae.describe_table(y), vae.ModelConfig(latent_dim=2, hidden_dims=(8,), linear_path=False,
+                                                         noise_by_z=False))
+    store.save_model(tmp_path, old, vae.TrainConfig(device="cpu"))
+    manifest = json.loads((tmp_path / store.MANIFEST).read_text())
+    manifest["format"] = 1
+    del manifest["model"]["linear_path"], manifest["model"]["noise_by_z"]
+    (tmp_path / store.MANIFEST).write_text(json.dumps(manifest))
+    migrated = store.migrate_manifest(manifest)
+    assert migrated["format"] == store.FORMAT and manifest["format"] == 1  # the manifest read is left alone
+    assert (migrated["model"]["linear_path"], migrated["model"]["noise_by_z"]) == (False, False)
+    loaded = vae.load_model(tmp_path)
+    assert loaded.config == old.config and vae.ModelConfig().linear_path and vae.ModelConfig().noise_by_z
+    assert vae.evaluate(loaded, y, iw_samples=5) == vae.evaluate(old, y, iw_samples=5)
