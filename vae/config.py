@@ -112,10 +112,10 @@ class TrainConfig:
     # patience 10, two falls by 0.3, against the constant 3e-4 with patience 40: 2 to 4 times fewer
     # epochs on the tuning tables, held-out figures within their spread (docs/benchmarks.md)
     lr_decays: int = 2
+    lr_decay: float = 0.3
     # the lr ramps linearly from lr / lr_warmup_steps to lr over each stage's first steps (0: none):
     # Adam's first full-size steps threw the closed-form start away on wide tables (cells)
     lr_warmup_steps: int = 500
-    lr_decay: float = 0.3
     seed: int = 0
     device: DeviceName = "auto"
     num_threads: int = 1  # one thread is often faster than two on a 2-vCPU box; 0 = torch default

@@ -62,6 +62,7 @@ class DecoderOut:
 
 LOGVAR_LIMIT = 30.0  # |log sigma^2| of q(z|y): see Encoder.forward
 
+
 class Encoder(nn.Module):
     """mu, logvar = MLP(x) + (A x + b): the linear path starts at the closed-form posterior."""
 
