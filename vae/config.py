@@ -18,6 +18,7 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
 LrScaling = Literal["none", "sqrt", "linear"]
 Init = Literal["linear_gaussian", "random"]
+RefitStart = Literal["selected", "init"]
 CudaGraph = Literal["auto", True, False]
 
 
@@ -125,11 +126,17 @@ class TrainConfig:
     # linear_gaussian: start from the closed-form linear-Gaussian fit of the training rows (exact
     # posterior, p(y) the baseline's), so no model scores below it on validation; random: as torch
     init: Init = "linear_gaussian"
-    # after early stopping chose the epoch count on the validation split, train again on all rows
-    # (training + validation) from the closed-form start of all rows for that many epochs: the
-    # held-out rows are not lost to the final model (only with init linear_gaussian and val_fraction).
-    # It doubles the time; with calibration rows it is what gives them back to the final model
+    # after early stopping chose the weights on the validation split, train on all rows (training,
+    # validation and calibration): the held-out rows are not lost to the final model (only with init
+    # linear_gaussian and val_fraction); with calibration rows it is what gives them back to it
     refit: bool = True
+    # where the refit starts. init: from the closed-form start of all rows for the selection's epoch
+    # count, replaying its lr falls (about doubles the time). selected: from the weights early
+    # stopping chose, refit_epochs epochs on all rows at the selection's last lr (no warm-up): 30-45 %
+    # fewer epochs, but 0.1 to 1.8 nats/row lower on each of the six tuning tables (10 epochs; 30: 0.1
+    # to 1.1), docs/benchmarks.md
+    refit_start: RefitStart = "init"
+    refit_epochs: int = 10  # refit_start selected: the epochs on all rows
     # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 runs the networks in bfloat16 (CPU too), the
     # loss terms and log-densities stay fp32; `vae.precision_gap` measures what bf16 changes
     precision: Precision = "auto"
@@ -153,7 +160,7 @@ class TrainConfig:
         return self.lr * (self.batch_size / self.lr_base_batch) ** power
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "mc_samples", "lr_base_batch"):
+        for key in ("epochs", "batch_size", "mc_samples", "lr_base_batch", "refit_epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} is {getattr(self, key)!r}; it must be >= 1")
         _check_positive("train", "lr", self.lr)
@@ -176,6 +183,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr_backoff is {self.lr_backoff!r}; it must be in (0, 1)")
         check_choice("train", "device", self.device, DeviceName)
         check_choice("train", "init", self.init, Init)
+        check_choice("train", "refit_start", self.refit_start, RefitStart)
         check_choice("train", "precision", self.precision, Precision)
         check_choice("train", "lr_scaling", self.lr_scaling, LrScaling)
         check_choice("train", "cuda_graph", self.cuda_graph, CudaGraph)

@@ -77,6 +77,7 @@ class TrainState:
     selected_model: dict[str, torch.Tensor] = field(default_factory=dict)  # refit must not end below them
     noise_open_epoch: int = 0  # model.noise_by_z: the epoch after which the selection opened the head
     decay_epochs: list[int] = field(default_factory=list)  # the selection's epochs after which lr decayed
+    refit_start: str = ""  # the refit's train.refit_start (selected | init); "" in the selection
     start_train_elbo: float = float("-inf")  # the stage's start on its training rows: see _collapsed
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,8 +158,8 @@ class _Trainer:
             model.load_state_dict(state.model)
             load_optimizer_state(self.opt, state.optimizer)
             self._restore_generator(_tensor(state.generator))
-        else:
-            state.lr = cfg.effective_lr
+        else:  # a fresh stage: the selection at train.lr, a refit from the selected weights at the lr it ended at
+            state.lr = state.lr or cfg.effective_lr
         for group in self.opt.param_groups:
             group["lr"] = state.lr
         self.runner = StepRunner(model, self.opt, cfg, device, self.precision, graph)
@@ -207,7 +208,8 @@ class _Trainer:
         xs, ms = x[perm], None if mask is None else mask[perm]
         starts = range(0, n, cfg.batch_size)
         betas = [kl_weight(step + i, cfg.beta, cfg.kl_warmup_steps) for i in range(len(starts))]
-        step_fn, gen, device, warmup = self.runner.step, self.gen, self.device, cfg.lr_warmup_steps
+        step_fn, gen, device = self.runner.step, self.gen, self.device
+        warmup = 0 if self.state.refit_start == "selected" else cfg.lr_warmup_steps  # trained weights: no ramp
         self.runner.sums.zero_()
         for i, (beta, a) in enumerate(zip(betas, starts, strict=True)):
             xb = xs[a : a + cfg.batch_size]
@@ -289,11 +291,13 @@ def fit(
         state.stopped_early, state.selected_epoch = state.finished, state.best_epoch
         del x, mask  # the refit's table replaces these on the device
         if refit:
-            state = _start_refit(state)
+            state = _start_refit(state, cfg)
             if on_checkpoint is not None:
                 on_checkpoint(state)
     if state.phase == "refit":
-        if not state.model:
+        if not state.model and state.refit_start == "selected":
+            model.load_state_dict(state.selected_model)
+        elif not state.model:
             init_linear_gaussian(model, y_all)
         x_all, mask_all = model.standardize(data_parallel.shard(y_all).to(device, torch.float32))
         trainer = _Trainer(model, cfg, device, state)
@@ -302,7 +306,7 @@ def fit(
             trainer.snapshot()
             assert val is not None, "a refit has validation rows"
             _start_candidate(trainer, x_all, mask_all, val)
-        _loop(trainer, x_all, mask_all, val, state.selected_epoch, on_epoch, on_checkpoint)
+        _loop(trainer, x_all, mask_all, val, _stage_epochs(state, cfg), on_epoch, on_checkpoint)
         _keep_selection_unless_refit_holds(state)
     state.finished = True
     model.load_state_dict(state.best_model or state.model)
@@ -346,13 +350,30 @@ def selection_model(model: VAE, result: FitResult) -> VAE:
     return chosen.eval()
 
 
-def _start_refit(state: TrainState) -> TrainState:
-    """A fresh run on all rows for the chosen number of epochs; the selection's record is kept."""
+def _start_refit(state: TrainState, cfg: TrainConfig) -> TrainState:
+    """A run on all rows; the selection's record is kept. train.refit_start selected: from the
+    selected weights (their noise head as it was) at the selection's last lr; init, or where the
+    selection's start was its best candidate: from the closed-form start of all rows for the chosen
+    epoch count (0: that start is the result), opening the head and lowering the lr after the same
+    epochs as the selection."""
+    selected = state.best_model or state.model
+    start = cfg.refit_start if state.best_epoch else "init"  # no epoch beat the start: its all-rows counterpart
+    if start == "selected":
+        opened, decays, lr = 0, [], state.lr
+    else:
+        opened = state.noise_open_epoch if state.noise_open_epoch < state.best_epoch else 0
+        decays, lr = [e for e in state.decay_epochs if e < state.best_epoch], 0.0
     return TrainState(history=state.history, phase="refit", selected_epoch=state.best_epoch,
-                      stopped_early=state.stopped_early, selected_val=state.best_val,
-                      selected_model=state.best_model or state.model,
-                      noise_open_epoch=state.noise_open_epoch if state.noise_open_epoch < state.best_epoch else 0,
-                      decay_epochs=[e for e in state.decay_epochs if e < state.best_epoch])
+                      stopped_early=state.stopped_early, selected_val=state.best_val, selected_model=selected,
+                      noise_open_epoch=opened, decay_epochs=decays, lr=lr, refit_start=start)
+
+
+def _stage_epochs(state: TrainState, cfg: TrainConfig) -> int:
+    """The most epochs the current stage runs: train.epochs for the selection; for the refit
+    train.refit_epochs from the selected weights, else the selection's chosen count."""
+    if state.phase == "select":
+        return cfg.epochs
+    return cfg.refit_epochs if state.refit_start == "selected" else state.selected_epoch
 
 
 def _keep_selection_unless_refit_holds(state: TrainState) -> None:
@@ -494,7 +515,7 @@ def _finish_epoch(
     opened = _open_noise_head(trainer)
     lr = state.lr  # the epoch's; a decay applies from the next
     _decay_lr(trainer)
-    stage_epochs = cfg.epochs if state.phase == "select" else state.selected_epoch
+    stage_epochs = _stage_epochs(state, cfg)
     stats = EpochStats(
         epoch=state.epoch, step=state.step, beta=beta, lr=lr,
         train_elbo=recon - kl, train_recon=recon, train_kl=kl,

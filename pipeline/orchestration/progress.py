@@ -37,7 +37,7 @@ class TrainingProgress:
         if s.phase != self.phase:
             if s.phase == "refit":
                 self.emit(f"selection over after {self.seen} epochs; refit on all rows (train.refit) for "
-                          f"the {s.stage_epochs} epochs the selection chose")
+                          f"{s.stage_epochs} epochs")
             self.phase, self.stage_seconds, self.stage_counted = s.phase, 0.0, 0
             self.last_time, self.last_epoch = now, 0
             first = True

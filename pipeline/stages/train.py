@@ -252,7 +252,8 @@ def fit_marks(result: FitResult) -> dict[str, Any]:
     history, state = result.state.history, result.state
     selection = sum(h["phase"] == "select" for h in history)
     if state.phase == "refit":  # the refit's best epoch on the validation rows, unless the selection's weights stayed
-        chosen = state.selected_epoch if state.best_val < state.selected_val else selection + state.best_epoch
+        kept = state.best_val < state.selected_val or (state.refit_start == "selected" and state.best_epoch == 0)
+        chosen = state.selected_epoch if kept else selection + state.best_epoch
     else:
         chosen = state.best_epoch  # 0: the closed-form start
     return {"chosen_epoch": chosen, "selection_epochs": selection, "selected_epoch": state.selected_epoch,

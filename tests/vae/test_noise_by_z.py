@@ -30,7 +30,8 @@ def _model(y: torch.Tensor, by_z: bool = True) -> vae.VAE:
 def _cfg(**train) -> vae.TrainConfig:
     return vae.TrainConfig(**{"epochs": 120, "batch_size": 64, "lr": 3e-3, "val_fraction": 0.2,
                               "early_stopping_patience": 10, "device": "cpu", "checkpoint_every_s": 0,
-                              "refit": True, "lr_decays": 0, **train})  # the stages, not the lr schedule
+                              "refit": True, "refit_start": "init", "lr_decays": 0,
+                              **train})  # the stages, not the lr schedule
 
 
 def _fit(y: torch.Tensor, by_z: bool, **train) -> tuple[vae.VAE, vae.FitResult]:

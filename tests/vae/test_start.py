@@ -41,7 +41,7 @@ def _model(y: torch.Tensor, mode: str, hidden: tuple[int, ...] = (), k: int = 2,
 
 def _config(**kw) -> vae.TrainConfig:
     base = {"epochs": 300, "lr": 3e-3, "batch_size": 256, "val_fraction": 0.0, "device": "cpu", "num_threads": 1,
-            "refit": True, "lr_decays": 0, "lr_warmup_steps": 0,
+            "refit": True, "refit_start": "init", "lr_decays": 0, "lr_warmup_steps": 0,
             "early_stopping_patience": 40}  # the start and the refit, not the schedule
     return vae.TrainConfig(**{**base, **kw})
 
@@ -109,10 +109,12 @@ def test_training_never_ends_below_its_start_on_validation():
     assert ends["random"] < start - 0.1, ends  # the settings do hurt a model that starts elsewhere
 
 
+@pytest.mark.parametrize("start", ["init", "selected"])
 @pytest.mark.parametrize("validation", ["fraction", "table", "refit_extra"])
-def test_refit_trains_on_all_rows_for_the_chosen_epochs(validation):
+def test_refit_trains_on_all_rows_for_the_chosen_epochs(validation, start):
+    """Where no epoch beat the start, the refit's result is the start of all rows, from either refit_start."""
     y = _correlated(300, d=8, seed=4)
-    cfg = _config(epochs=6, lr=5e-2, batch_size=32, val_fraction=0.3, early_stopping_patience=100)
+    cfg = _config(epochs=6, lr=5e-2, batch_size=32, val_fraction=0.3, early_stopping_patience=100, refit_start=start)
     model = _model(y, "full", (64, 64))
     if validation == "fraction":
         result = vae.fit(model, y, cfg)
@@ -238,15 +240,16 @@ def test_a_refit_that_ends_below_the_selection_keeps_the_selected_weights(monkey
         assert torch.equal(model.state_dict()[key], value), key
 
 
-def test_the_refit_steps_through_every_row():
+@pytest.mark.parametrize("start", ["init", "selected"])
+def test_the_refit_steps_through_every_row(start):
     """The refit trains on the training, validation and refit-only rows: 300 rows at batch 50 are 6
     steps an epoch, where the selection's 200 are 4 (a refit on the selection's rows alone kept
     every other test of the refit green: the start and the guard see all rows either way)."""
     y = _correlated(300, d=6, seed=4)
     y[:, 0] += 2 * torch.randn(300, generator=_gen(1)) ** 2  # beyond the linear start: epochs improve on it
-    cfg = _config(epochs=6, lr=3e-3, batch_size=50, early_stopping_patience=100)
+    cfg = _config(epochs=6, lr=3e-3, batch_size=50, early_stopping_patience=100, refit_start=start, refit_epochs=3)
     result = vae.fit(_model(y, "full", (32,)), y[:200], cfg, y_val=y[200:250], y_refit_extra=y[250:])
     steps = {phase: [h.step for h in result.history if h.phase == phase] for phase in ("select", "refit")}
     assert result.best_epoch >= 1 and steps["refit"], steps  # a refit ran
     assert steps["select"] == [4 * (e + 1) for e in range(6)]
-    assert steps["refit"] == [6 * (e + 1) for e in range(result.best_epoch)]
+    assert steps["refit"] == [6 * (e + 1) for e in range(result.best_epoch if start == "init" else 3)]

@@ -26,6 +26,7 @@ def _model(y: torch.Tensor, init_seed: int = 0, **config) -> vae.VAE:
 def _cfg(**kwargs) -> vae.TrainConfig:
     base = {"epochs": 6, "batch_size": 64, "lr": 3e-3, "mc_samples": 2, "kl_warmup_steps": 5,
             "val_fraction": 0.2, "early_stopping_patience": 100, "device": "cpu", "refit": False,
+            "refit_start": "init", "refit_epochs": 4,  # the refit's tests say which they test
             "checkpoint_every_s": 0}  # resume tests stop at a given epoch's checkpoint
     return vae.TrainConfig(**{**base, **kwargs})
 
@@ -44,12 +45,13 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("phase", ["select", "refit"])
-def test_resume_from_checkpoint_is_bit_identical(tmp_path, phase):
-    y, cfg = _rows(), _cfg(refit=True)
+@pytest.mark.parametrize(("phase", "start"), [("select", "init"), ("refit", "init"), ("refit", "selected")])
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, phase, start):
+    y, cfg = _rows(), _cfg(refit=True, refit_start=start)
     whole = _model(y)
     full = vae.fit(whole, y, cfg)
-    assert [h.phase for h in full.history] == ["select"] * cfg.epochs + ["refit"] * full.best_epoch
+    refit_epochs = full.best_epoch if start == "init" else cfg.refit_epochs
+    assert [h.phase for h in full.history] == ["select"] * cfg.epochs + ["refit"] * refit_epochs
     assert full.best_epoch >= 3
 
     def save_then_die(state: vae.TrainState) -> None:
@@ -359,3 +361,53 @@ def test_the_lr_warms_up_over_the_first_steps_of_each_stage(monkeypatch):
     assert result.best_epoch >= 2 and len(refit) == 5 * result.best_epoch  # 300 rows: 5 steps an epoch
     assert [lr for lr, _ in refit[:w]] == pytest.approx([3e-3 * k / w for k in range(1, w + 1)])
     assert all(h.lr == 3e-3 for h in result.history)  # history records the stage's lr, not the ramp
+
+
+def test_the_refit_from_the_selected_weights_goes_on_at_the_selections_last_lr(monkeypatch):
+    """train.refit_start selected: the refit starts from the weights early stopping chose (their
+    noise head as it was), on all rows, for train.refit_epochs epochs at the lr the selection ended
+    at, without a warm-up; its start is the selected model itself, which it keeps unless an epoch
+    beats it on the validation rows."""
+    from vae.train import _Trainer
+
+    y = _rows()
+    cfg = _cfg(epochs=60, lr=1e-2, early_stopping_patience=2, kl_warmup_steps=0, refit=True, lr_decays=2,
+               refit_start="selected", refit_epochs=3, lr_warmup_steps=4)
+    starts: list[dict[str, torch.Tensor]] = []
+    init = _Trainer.__init__
+
+    def spy(self, model, cfg, device, state):
+        init(self, model, cfg, device, state)
+        if state.phase == "refit":
+            starts.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    monkeypatch.setattr(_Trainer, "__init__", spy)
+    result = vae.fit(_model(y), y, cfg)
+    select = [h for h in result.history if h.phase == "select"]
+    refit = [h for h in result.history if h.phase == "refit"]
+    assert len(result.state.decay_epochs) == 0 and len(refit) == 3 and refit[-1].stage_over
+    assert [h.lr for h in refit] == [1e-2 * 0.3**2] * 3 == [select[-1].lr] * 3  # the selection's last lr
+    _assert_same_weights(starts[0], result.state.selected_model)  # started from the chosen weights
+    assert result.state.best_val >= result.state.selected_val  # never ends below them on validation
+
+
+def test_a_refit_from_the_selected_weights_that_does_not_beat_them_keeps_them(monkeypatch):
+    from vae.train import _Trainer
+
+    y = _rows()
+    cfg = _cfg(epochs=6, refit=True, refit_start="selected", refit_epochs=2, kl_warmup_steps=0)
+    run_epoch = _Trainer.run_epoch
+
+    def wreck_refit(self, x, mask):  # every refit epoch scrambles the decoder: worse on validation
+        out = run_epoch(self, x, mask)
+        if self.state.phase == "refit":
+            with torch.no_grad():
+                for p in self.model.decoder.parameters():
+                    p.add_(torch.randn_like(p))
+        return out
+
+    monkeypatch.setattr(_Trainer, "run_epoch", wreck_refit)
+    model = _model(y)
+    result = vae.fit(model, y, cfg)
+    assert result.state.best_epoch == 0 and result.state.best_val == result.state.selected_val
+    _assert_same_weights(model.state_dict(), result.state.selected_model)
