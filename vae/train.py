@@ -64,7 +64,7 @@ class TrainState:
     best_val: float = float("-inf")
     best_epoch: int = 0
     bad_epochs: int = 0
-    finished: bool = False
+    finished: bool = False  # the current stage is over before its count (patience after the last fall, or non-finite epochs); fit() ends with it set
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     best_model: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(default_factory=dict)
@@ -239,10 +239,12 @@ def fit(
 ) -> FitResult:
     """Maximize the ELBO of rows y (N, D, original units) with Adam; see TrainConfig.
 
-    Without y_val, train.val_fraction of y is held out for early stopping on validation ELBO,
-    which starts counting once the KL warm-up is over. The model ends with the best weights, or,
-    with train.refit, with those of a second run on all rows (y, the validation rows and
-    y_refit_extra) for the chosen epoch count.
+    Two stages, each run by _run_stage from its start (or a checkpoint) through _loop's epochs:
+    the selection trains on y and chooses its weights by the validation ELBO (without y_val,
+    train.val_fraction of y is held out), patience counting once the KL warm-up is over; its
+    plateaus open the noise head, lower the lr, then end it (_schedule). With train.refit the
+    refit then trains on all rows (y, the validation rows and y_refit_extra), as _start_refit
+    plans it (train.refit_start), and the model ends with its weights; else with the selection's.
 
     y_refit_extra: rows only the refit trains on; neither the selection's training nor early
     stopping sees them, so they stay out of sample for the selected model (selection_model), e.g.
@@ -274,39 +276,24 @@ def fit(
                     "from torch's random weights (and without train.refit)")
     refit = will_refit(model, cfg, y_val is not None)
     cfg = data_parallel.per_rank(cfg)  # under torchrun: batch_size / world_size rows a step on each rank
-    x, mask = model.standardize(data_parallel.shard(y).to(device, torch.float32))  # this rank's rows
     val = None if y_val is None else model.standardize(y_val.to(device, torch.float32))  # all of them
 
     state = resume if resume is not None else TrainState()
-    if state.phase == "select":
-        if not state.model and linear_start:
-            init_linear_gaussian(model, y)  # from all training rows: the same start however many ranks
-        trainer = _Trainer(model, cfg, device, state)
-        data_parallel.attach(trainer, cfg.seed, state.step)  # rank 0's weights; gradients averaged each step
-        if not state.model:
-            trainer.snapshot()
-            if val is not None:  # the start is a candidate: training never ends below it on validation
-                _start_candidate(trainer, x, mask, val)
-        _loop(trainer, x, mask, val, cfg.epochs, on_epoch, on_checkpoint)
+    if state.phase == "select":  # early stopping on the validation rows chooses the weights
+        # the closed-form start from all training rows: the same start however many ranks
+        start = (lambda m: init_linear_gaussian(m, y)) if linear_start else None
+        _run_stage(model, cfg, device, state, y, val, start, on_epoch, on_checkpoint)
         state.stopped_early, state.selected_epoch = state.finished, state.best_epoch
-        del x, mask  # the refit's table replaces these on the device
         if refit:
             state = _start_refit(state, cfg)
             if on_checkpoint is not None:
                 on_checkpoint(state)
-    if state.phase == "refit":
-        if not state.model and state.refit_start == "selected":
-            model.load_state_dict(state.selected_model)
-        elif not state.model:
-            init_linear_gaussian(model, y_all)
-        x_all, mask_all = model.standardize(data_parallel.shard(y_all).to(device, torch.float32))
-        trainer = _Trainer(model, cfg, device, state)
-        data_parallel.attach(trainer, cfg.seed, state.step)
-        if not state.model:
-            trainer.snapshot()
-            assert val is not None, "a refit has validation rows"
-            _start_candidate(trainer, x_all, mask_all, val)
-        _loop(trainer, x_all, mask_all, val, _stage_epochs(state, cfg), on_epoch, on_checkpoint)
+    if state.phase == "refit":  # all rows, as _start_refit planned it
+        assert val is not None, "a refit has validation rows"
+        selected = state.selected_model
+        start = ((lambda m: m.load_state_dict(selected)) if state.refit_start == "selected"
+                 else (lambda m: init_linear_gaussian(m, y_all)))
+        _run_stage(model, cfg, device, state, y_all, val, start, on_epoch, on_checkpoint)
         _keep_selection_unless_refit_holds(state)
     state.finished = True
     model.load_state_dict(state.best_model or state.model)
@@ -314,6 +301,33 @@ def fit(
     history = tuple(EpochStats(**h) for h in state.history)
     return FitResult(history, state.selected_epoch if state.phase == "refit" else state.best_epoch,
                      state.stopped_early, state)
+
+
+def _run_stage(
+    model: VAE,
+    cfg: TrainConfig,
+    device: torch.device,
+    state: TrainState,
+    rows: torch.Tensor,
+    val: tuple[torch.Tensor, torch.Tensor | None] | None,
+    start: Callable[[VAE], Any] | None,
+    on_epoch: Callable[[EpochStats], None] | None,
+    on_checkpoint: Callable[[TrainState], None] | None,
+) -> None:
+    """One stage (the selection or the refit) on rows (N, D, original units), from its start or
+    from where a checkpoint left it: `start` puts the stage's first weights in the model (None:
+    the model's own, e.g. torch's random ones); that start is the first candidate on validation."""
+    fresh = not state.model
+    if fresh and start is not None:
+        start(model)
+    x, mask = model.standardize(data_parallel.shard(rows).to(device, torch.float32))  # this rank's rows
+    trainer = _Trainer(model, cfg, device, state)
+    data_parallel.attach(trainer, cfg.seed, state.step)  # rank 0's weights; gradients averaged each step
+    if fresh:
+        trainer.snapshot()
+        if val is not None:  # training never ends below the start on validation
+            _start_candidate(trainer, x, mask, val)
+    _loop(trainer, x, mask, val, _stage_epochs(state, cfg), on_epoch, on_checkpoint)
 
 
 def will_refit(model: VAE, cfg: TrainConfig, validation_rows: bool) -> bool:
@@ -442,7 +456,7 @@ def _start_candidate(trainer: _Trainer, x: torch.Tensor, mask: torch.Tensor | No
     against which a collapsed epoch is told (_collapsed)."""
     trainer.model.eval()
     trainer.state.start_train_elbo = float(_mean_terms(trainer.model, x, mask, trainer.cfg, trainer.cfg.seed + 2).elbo)
-    _track_best(trainer, val, warm=False)
+    _track_best(trainer, val, warm=False)  # the start is no plateau
 
 
 def _collapsed(train_elbo: float | None, start: float) -> bool:
@@ -454,9 +468,10 @@ def _collapsed(train_elbo: float | None, start: float) -> bool:
 
 
 def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None], warm: bool,
-                train_elbo: float | None = None) -> LossTerms:
+                train_elbo: float | None = None) -> tuple[LossTerms, bool]:
     """Keep the weights with the best validation ELBO among epochs that did not collapse on their
-    training rows; count patience once the warm-up is over."""
+    training rows; count patience once the warm-up is over. Returns the validation terms and
+    whether patience ran out (a plateau: what follows is _plateau's to decide)."""
     state, cfg, model = trainer.state, trainer.cfg, trainer.model
     model.eval()
     v = _mean_terms(model, val[0], val[1], cfg, cfg.seed + 1)  # same eps every epoch
@@ -470,28 +485,35 @@ def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None]
         state.best_model = _clone(model.state_dict(), state.best_model)
     elif warm:
         state.bad_epochs += 1
-        if state.bad_epochs >= cfg.early_stopping_patience:
-            state.finished = True
-    return v
+    return v, warm and state.bad_epochs >= cfg.early_stopping_patience
 
 
-def _open_noise_head(trainer: _Trainer) -> bool:
-    """model.noise_by_z trains in two stages: the means and the shared noise first; when early
-    stopping would end that stage, the z-dependent scales open and training goes on with fresh
-    patience (the refit opens them after the same epoch). The first stage takes at most half of
-    train.epochs."""
-    state, dec = trainer.state, trainer.model.decoder
-    if not dec.by_z:
-        return False
-    if state.phase == "refit":  # noise_open_epoch is the selection's (0: it never opened)
-        opening = state.epoch == state.noise_open_epoch
-    else:  # noise_open_epoch is 0 until the head opens
-        opening = not state.noise_open_epoch and (state.finished or state.epoch == trainer.cfg.epochs // 2)
-        if opening:
-            state.finished, state.bad_epochs, state.noise_open_epoch = False, 0, state.epoch
-    if opening:
+def _schedule(trainer: _Trainer, plateau: bool) -> bool:
+    """What happens after an epoch besides its steps; True where the noise head opened.
+
+    The selection answers each plateau (patience ran out) with the next of: the z-dependent noise
+    scales open (model.noise_by_z: the means and the shared noise train first; at the latest after
+    half of train.epochs), the lr falls by train.lr_decay (train.lr_decays times), the stage ends.
+    The refit replays the selection's openings and falls after the same epochs and never ends early.
+    """
+    state, cfg, dec = trainer.state, trainer.cfg, trainer.model.decoder
+    if state.phase == "refit":  # noise_open_epoch, decay_epochs: the selection's (0, []: never)
+        opens, falls = dec.by_z and state.epoch == state.noise_open_epoch, state.epoch in state.decay_epochs
+    else:
+        opens = dec.by_z and not state.noise_open_epoch and (plateau or state.epoch == cfg.epochs // 2)
+        falls = plateau and not opens and len(state.decay_epochs) < cfg.lr_decays
+        state.finished = plateau and not opens and not falls
+        if opens or falls:
+            state.bad_epochs = 0  # fresh patience
+        if opens:
+            state.noise_open_epoch = state.epoch
+        if falls:
+            state.decay_epochs.append(state.epoch)
+    if opens:
         dec.noise_gate.fill_(1.0)
-    return opening
+    if falls:
+        trainer.set_lr(state.lr * cfg.lr_decay)  # from the next epoch on
+    return bool(opens)
 
 
 def _finish_epoch(
@@ -506,15 +528,15 @@ def _finish_epoch(
     state.epoch += 1
     recon, kl = (float(t) for t in means.cpu())
     v: LossTerms | None = None
-    if val is None:  # nothing held out (or the refit): the last epoch's weights are the result
+    plateau = False
+    if val is None:  # nothing held out: the last epoch's weights are the result
         if state.phase == "select":
             state.best_epoch = state.epoch
     else:  # the refit tracks its best epoch but never stops early: it runs the chosen count
-        v = _track_best(trainer, val, warm=state.phase == "select" and state.step >= cfg.kl_warmup_steps,
-                        train_elbo=recon - kl)
-    opened = _open_noise_head(trainer)
-    lr = state.lr  # the epoch's; a decay applies from the next
-    _decay_lr(trainer)
+        v, plateau = _track_best(trainer, val, warm=state.phase == "select" and state.step >= cfg.kl_warmup_steps,
+                                 train_elbo=recon - kl)
+    lr = state.lr  # the epoch's; a fall applies from the next
+    opened = _schedule(trainer, plateau)
     stage_epochs = _stage_epochs(state, cfg)
     stats = EpochStats(
         epoch=state.epoch, step=state.step, beta=beta, lr=lr,
@@ -532,20 +554,3 @@ def _finish_epoch(
     state.history.append(asdict(stats))
     trainer.snapshot()
     return stats
-
-
-def _decay_lr(trainer: _Trainer) -> None:
-    """The learning-rate schedule: when early stopping would end the selection (after the noise head
-    opened, where there is one), the lr falls by train.lr_decay and training goes on with fresh
-    patience, train.lr_decays times; the refit replays those drops after the same epochs."""
-    state, cfg = trainer.state, trainer.cfg
-    if state.phase == "refit":
-        decay = state.epoch in state.decay_epochs
-    else:
-        decay = state.finished and len(state.decay_epochs) < cfg.lr_decays
-        if decay:
-            state.finished, state.bad_epochs = False, 0
-            state.decay_epochs.append(state.epoch)
-    if decay:
-        trainer.set_lr(state.lr * cfg.lr_decay)
-
