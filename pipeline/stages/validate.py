@@ -1,57 +1,38 @@
-"""The validate stage: the table contract as a Great Expectations suite, plus i.i.d. checks.
+"""The validate stage: a table against the contract, one report of Checks.
 
-GX (Core 1.x, an ephemeral context per call) checks the columns, row count, nulls, infinities,
-constant columns and, against a model's schema, the training range. Pandas checks dtypes and
-duplicates; numpy/scipy check the i.i.d. assumption along row order (docs/architecture.md,
-"Contracts"). Row numbers in reports are 0-based positions in the table.
+GX checks the columns, row count, nulls, constant columns and, against a model's schema, its
+levels and training range (pipeline.contract.expectations); pandas checks dtypes, infinities,
+float32 precision and duplicates (here); numpy/scipy check the i.i.d. assumption along row order
+(pipeline.contract.iid) and, against a model, drift (pipeline.contract.drift)
+(docs/architecture.md, "Contracts"). Row numbers in reports are 0-based positions in the table.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import DataParams, Params, ValidateParams, drop_columns
+from pipeline.contract.checks import MAX_ROWS_SHOWN, Check, Severity
 from pipeline.contract.columns import (
     FLOAT32_MAX,
     float32_collapsed,
     is_numeric_dtype,
     is_text_dtype,
 )
+from pipeline.contract.expectations import expectations, gx_checks
+from pipeline.contract.iid import iid_checks
 from pipeline.contract.schema import Schema, level_values
 from pipeline.errors import ValidationFailed
 from pipeline.io.sources import load_source, resolve_source
 from pipeline.registry.resolve import resolve_model
 from vae.atomic import write_atomic
-
-Severity = Literal["error", "warning"]
-MAX_ROWS_SHOWN = 5
-MIN_IID_ROWS = 8  # below this the i.i.d. statistics are noise
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    column: str | None
-    success: bool
-    severity: Severity
-    message: str
-    rows: tuple[int, ...] = ()  # up to MAX_ROWS_SHOWN offending row positions
-    brief: str = ""  # the measured effect in a few words, for one-line errors (drift)
-
-    def line(self) -> str:
-        tag = "PASS" if self.success else ("FAIL" if self.severity == "error" else "WARN")
-        col = f" column {self.column!r}" if self.column is not None else ""
-        more = f" (rows {', '.join(map(str, self.rows))})" if self.rows else ""
-        return f"{tag} {self.name}{col}: {self.message}{more}"
 
 
 @dataclass(frozen=True)
@@ -135,14 +116,15 @@ def validate_table(
     numeric = [c for c in features if is_numeric_dtype(df[c].dtype) and c not in set(categorical)]
     precision = _precision_checks(df, numeric)
     imprecise = {c.column for c in precision if not c.success}
+    checked = [c for c in numeric if c not in imprecise]
     checks = [
         *_numeric_checks(df, features, categorical),
         *_level_checks(df, categorical, against),
         *_finite_checks(df, numeric),
         *precision,
-        *_gx_checks(df, [c for c in numeric if c not in imprecise], data, params, against, categorical),
+        *gx_checks(df, expectations(df, checked, data, params, against, categorical), checked, categorical),
         _duplicate_check(df, [*numeric, *categorical], params.max_duplicate_fraction),
-        *_iid_checks(df, numeric, params),
+        *iid_checks(df, numeric, params),
         *_drift_checks(df, [*numeric, *categorical], params, against),
     ]
     success = not any(not c.success and c.severity == "error" for c in checks)
@@ -176,16 +158,6 @@ def _level_checks(df: pd.DataFrame, categorical: Sequence[str], against: Schema 
     return checks
 
 
-def _rows(result: dict[str, Any]) -> tuple[int, ...]:
-    return tuple(
-        int(i) for i in (result.get("partial_unexpected_index_list") or [])[:MAX_ROWS_SHOWN]
-    )
-
-
-def _quote(cols: Sequence[Any]) -> str:
-    return ", ".join(repr(str(c)) for c in sorted(cols, key=str))
-
-
 def _finite_checks(df: pd.DataFrame, numeric: Sequence[str]) -> list[Check]:
     checks = []
     for c in numeric:
@@ -205,124 +177,6 @@ def _precision_checks(df: pd.DataFrame, numeric: Sequence[str]) -> list[Check]:
     return checks or [Check("float32_precision", None, True, "error", "every integer column is distinct in float32")]
 
 
-def _expect(expectation: Any, check: str, ok: str, fail: str = "") -> Any:
-    # ok/fail are message templates: {n} the unexpected count, {p} its share, {v} the observed
-    # value, {s} a plural s
-    expectation.meta = {"check": check, "ok": ok, "fail": fail}
-    return expectation
-
-
-def _expectations(
-    df: pd.DataFrame,
-    numeric: Sequence[str],
-    data: DataParams,
-    params: ValidateParams,
-    against: Schema | None,
-    categorical: Sequence[str] = (),
-) -> list[Any]:
-    import great_expectations.expectations as gxe
-
-    if against is not None:
-        cols = [*against.features, *against.id_columns]
-    else:
-        cols = [*df.columns, *(c for c in data.id_columns if c not in df.columns)]
-    need = f"at least {params.min_rows} are needed (validate.min_rows)"
-    out = [
-        _expect(gxe.ExpectTableColumnsToMatchSet(column_set=cols, exact_match=True), "columns",
-                ok=f"the {len(cols)} expected columns"),
-        _expect(gxe.ExpectTableRowCountToBeBetween(min_value=params.min_rows), "row_count",
-                ok="{v} rows", fail=f"{{v}} rows; {need}"),
-    ]
-    for c in [*numeric, *categorical]:
-        if data.missing == "reject":
-            out.append(_expect(gxe.ExpectColumnValuesToNotBeNull(column=c), "no_nulls",
-                               ok="no null values",
-                               fail="{n} null value{s}; fill them or set data.missing: mask"))
-        out.append(_expect(gxe.ExpectColumnUniqueValueCountToBeBetween(column=c, min_value=2),
-                           "not_constant", ok="{v} distinct values",
-                           fail="{v} distinct value{s}; a constant or empty column carries nothing: drop it"))
-    if against is not None:
-        for j in against.categorical:
-            c, levels = against.features[j], list(against.levels[j])
-            if c in categorical:
-                known = gxe.ExpectColumnValuesToBeInSet(column=c, value_set=levels)
-                text = "{n} value{s} ({p}) not among the " + f"{len(levels)} training levels" + "{u}"
-                out.append(_expect(known, "known_levels", ok=text, fail=text))
-        ranges = zip(against.features, against.widened_range(params.range_tolerance), strict=True)
-        for c, (lo, hi) in ((c, r) for c, r in ranges if c in numeric):
-            between = gxe.ExpectColumnValuesToBeBetween(column=c, min_value=lo, max_value=hi,
-                                                        mostly=1.0 - params.max_out_of_range_fraction)
-            text = (f"{{n}} value{{s}} ({{p}}) outside the training range widened to [{lo:.6g}, {hi:.6g}] "
-                    f"(validate.range_tolerance); at most {params.max_out_of_range_fraction:.2%} allowed "
-                    "(validate.max_out_of_range_fraction)")
-            out.append(_expect(between, "in_training_range", ok=text, fail=text))
-    return out
-
-
-def _gx_checks(
-    df: pd.DataFrame,
-    numeric: Sequence[str],
-    data: DataParams,
-    params: ValidateParams,
-    against: Schema | None,
-    categorical: Sequence[str] = (),
-) -> list[Check]:
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    # that module pins its own logger at INFO and announces every ephemeral docs folder
-    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # tqdm bars on stderr
-    batch = (
-        ctx.data_sources.add_pandas("vaepipe")
-        .add_dataframe_asset("table")
-        .add_batch_definition_whole_dataframe("whole")
-    )
-    expectations = _expectations(df, numeric, data, params, against, categorical)
-    for i, e in enumerate(expectations):
-        e.meta["i"] = i  # GX returns results in its own order
-    suite = ctx.suites.add(gx.ExpectationSuite(name="table_contract", expectations=expectations))
-    vd = ctx.validation_definitions.add(
-        gx.ValidationDefinition(name="table_contract", data=batch, suite=suite)
-    )
-    # numeric features as float64 with NaN: bool and nullable dtypes then compare like numbers
-    frame = df.assign(**{c: df[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in numeric},
-                      **{c: level_values(df[c]) for c in categorical})  # levels as str, None where missing
-    result = vd.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY")
-    results: list[Any] = list(result.results)
-    checks = {r.expectation_config.meta["i"]: _gx_check(r) for r in results}
-    return [checks[i] for i in sorted(checks)]
-
-
-def _gx_check(r: Any) -> Check:
-    meta, column = r.expectation_config.meta, r.expectation_config.kwargs.get("column")
-    info = r.exception_info or {}
-    nested = [v for v in info.values() if isinstance(v, dict)]
-    failed = [d for d in (info, *nested) if d.get("raised_exception")]
-    if failed:
-        why = str(failed[0].get("exception_message", "")).splitlines()[:1]
-        return Check(
-            meta["check"], column, False, "error", f"GX could not evaluate it: {''.join(why)}"
-        )
-    result = r.result
-    if meta["check"] == "columns" and not r.success:
-        mism = (result.get("details") or {}).get("mismatched") or {}
-        parts = [
-            f"{label} columns {_quote(mism[key])}"
-            for key, label in (("missing", "missing"), ("unexpected", "extra"))
-            if mism.get(key)
-        ]
-        return Check("columns", None, False, "error", "; ".join(parts) or "columns do not match")
-    template = meta["ok"] if r.success else meta["fail"]
-    n, v = result.get("unexpected_count"), result.get("observed_value")
-    p = f"{(result.get('unexpected_percent') or 0.0) / 100:.2%}"
-    unseen = sorted({str(u) for u in result.get("partial_unexpected_list") or []})
-    u = f": {', '.join(map(repr, unseen[:MAX_ROWS_SHOWN]))}" if unseen and not r.success else ""
-    message = template.format(n=n, v=v, p=p, s="" if (n if n is not None else v) == 1 else "s", u=u)
-    return Check(meta["check"], column, bool(r.success), "error", message, _rows(result))
-
-
 def _duplicate_check(df: pd.DataFrame, numeric: Sequence[str], limit: float) -> Check:
     dup = df[list(numeric)].duplicated().to_numpy() if numeric else np.zeros(len(df), bool)
     count, n = int(dup.sum()), max(len(df), 1)
@@ -333,81 +187,6 @@ def _duplicate_check(df: pd.DataFrame, numeric: Sequence[str], limit: float) -> 
         f"columns; at most {limit:.1%} allowed (validate.max_duplicate_fraction)"
     )
     return Check("duplicates", None, ok, "error", message, () if ok else rows)
-
-
-@dataclass(frozen=True)
-class IidStat:
-    name: str  # autocorrelation | trend | shift
-    value: float  # lag-1 autocorrelation, Spearman rho vs row number, or mean2 - mean1 in stds
-    p_value: float  # two-sided, under "the rows are i.i.d."
-
-
-def iid_stats(x: np.ndarray) -> list[IidStat]:
-    """Effects of row order on one column (finite values, in row order); [] if too few or constant."""
-    from scipy import stats
-
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    n = x.size
-    if n < MIN_IID_ROWS or np.ptp(x) == 0:
-        return []
-    xc = x - x.mean()
-    r1 = float(xc[:-1] @ xc[1:] / (xc @ xc))
-    p_r1 = float(2 * stats.norm.sf(abs(r1 + 1 / n) * math.sqrt(n)))  # r1 ~ N(-1/n, 1/n) if i.i.d.
-    rho = stats.spearmanr(x, np.arange(n))
-    a, b = x[: n // 2], x[n // 2 :]
-    pooled = math.sqrt((a.var() + b.var()) / 2)
-    gap = float(b.mean() - a.mean())  # > 0: the second half is higher
-    if pooled > 0:
-        shift, p_shift = gap / pooled, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    else:  # each half constant
-        shift, p_shift = (math.copysign(math.inf, gap), 0.0) if gap else (0.0, 1.0)
-    return [
-        IidStat("autocorrelation", r1, p_r1),
-        IidStat("trend", float(rho.statistic), float(rho.pvalue)),
-        IidStat("shift", shift, p_shift),
-    ]
-
-
-_IID_TEXT = {
-    "autocorrelation": (
-        "lag-1 autocorrelation along row order",
-        "max_autocorrelation",
-        "neighbouring rows are alike (runs of high and of low values): shuffle the rows or check how they "
-        "were collected",
-    ),
-    "trend": (
-        "Spearman correlation with the row number",
-        "max_trend_correlation",
-        "values drift along the rows: shuffle the rows or check for drift",
-    ),
-    "shift": (
-        "second half's mean minus the first's, in pooled stds,",
-        "max_shift_std",
-        "the second half differs from the first: shuffle the rows or check for drift",
-    ),
-}
-
-
-def _iid_checks(df: pd.DataFrame, numeric: Sequence[str], params: ValidateParams) -> list[Check]:
-    if params.iid == "off":
-        return []
-    severity: Severity = "error" if params.iid == "fail" else "warning"
-    alpha = params.iid_alpha / max(len(numeric), 1)  # Bonferroni: the columns are tested at once
-    checks = []
-    for c in numeric:
-        for s in iid_stats(df[c].to_numpy(dtype=np.float64, na_value=np.nan)):
-            what, key, hint = _IID_TEXT[s.name]
-            if s.name == "autocorrelation" and s.value < 0:
-                hint = ("neighbouring rows alternate (a high value tends to follow a low one): rows interleaved "
-                        "from two sources or taken in pairs? shuffle the rows or check how they were collected")
-            limit = getattr(params, key)
-            fired = abs(s.value) > limit and s.p_value < alpha
-            message = f"{what} {s.value:+.3f} (limit {limit} validate.{key}, p={s.p_value:.2g})"
-            checks.append(
-                Check(s.name, c, not fired, severity, message + (f": {hint}" if fired else ""))
-            )
-    return checks
 
 
 def _drift_checks(

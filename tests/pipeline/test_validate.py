@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 
 from pipeline.config import DataParams, Params, ValidateParams
+from pipeline.contract.iid import iid_stats
 from pipeline.contract.schema import Schema
 from pipeline.errors import PipelineError
 from pipeline.io.sources import load_source
 from pipeline.io.tables import read_table, write_table_atomic
 from pipeline.stages.prepare import prepare
-from pipeline.stages.validate import ValidationReport, iid_stats, validate_path, validate_table
+from pipeline.stages.validate import ValidationReport, validate_path, validate_table
 
 DATA = DataParams(id_columns=("sample_id",))
 STRICT = ValidateParams()  # iid: fail
