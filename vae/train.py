@@ -471,7 +471,7 @@ def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None]
                 train_elbo: float | None = None) -> tuple[LossTerms, bool]:
     """Keep the weights with the best validation ELBO among epochs that did not collapse on their
     training rows; count patience once the warm-up is over. Returns the validation terms and
-    whether patience ran out (a plateau: what follows is _plateau's to decide)."""
+    whether patience ran out (a plateau: what follows is _schedule's to decide)."""
     state, cfg, model = trainer.state, trainer.cfg, trainer.model
     model.eval()
     v = _mean_terms(model, val[0], val[1], cfg, cfg.seed + 1)  # same eps every epoch
