@@ -102,8 +102,7 @@ def test_progress_lines_a_long_run_with_both_stages_in_a_few_lines() -> None:
     assert at_80.endswith("(0:16 elapsed, at most 2:24 left in this stage)"), at_80
     assert any(line.startswith("epoch 200: the z-dependent noise scales open") for line in lines)
     assert any(line.startswith("epoch 345/800 ") and line.endswith("selection done)") for line in lines)
-    switch = lines.index("selection over after 345 epochs; refit on all rows (train.refit) for the 300 epochs "
-                         "the selection chose")
+    switch = lines.index("selection over after 345 epochs; refit on all rows (train.refit) for 300 epochs")
     assert lines[switch + 1].startswith("refit on all rows, epoch 1/300 ")
     at_150 = next(line for line in lines if line.startswith("refit on all rows, epoch 150/300 "))
     assert at_150.endswith("(1:39 elapsed, 0:30 left in this stage)"), at_150  # 150 x 0.2 s, no bound
