@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run test lint bench docs clean
+.PHONY: install run test lint bench params docs clean
 
 install: $(STAMP)
 
@@ -41,9 +41,14 @@ lint: install
 	$(BIN)/ruff check vae pipeline tests benchmarks
 	$(BIN)/mypy
 
-# docs/params.md from params.yaml (a test fails when it is stale)
+# params.yaml and docs/params.md are written from the settings' declarations (pipeline/config.py,
+# vae/config.py: default, type, help); a test fails when either is stale. `make params` resets
+# params.yaml to the built-in defaults: your own values in it are lost.
+params: install
+	$(BIN)/python -m pipeline.params_doc --yaml > params.yaml.tmp && mv params.yaml.tmp params.yaml
+
 docs: install
-	$(BIN)/python -m pipeline.params_doc > docs/params.md
+	$(BIN)/python -m pipeline.params_doc > docs/params.md.tmp && mv docs/params.md.tmp docs/params.md
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py

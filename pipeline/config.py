@@ -1,4 +1,8 @@
-"""The only reader of params.yaml: typed, frozen sections, unknown keys rejected by name."""
+"""The only reader of params.yaml: typed, frozen sections, unknown keys rejected by name.
+
+Each key is declared once, in its section's dataclass (here, and ModelConfig / TrainConfig in
+vae/config.py): its type (a Literal names its choices), its built-in default and its help
+(`setting`). params.yaml and docs/params.md are written from them (pipeline.params_doc)."""
 
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ import yaml
 
 from pipeline.errors import PipelineError
 from vae import ConfigError, ModelConfig, TrainConfig, config_from_dict
-from vae.config import DeviceName, MissingPolicy
+from vae.config import DeviceName, MissingPolicy, check_choice, setting
 
 DEFAULT_PARAMS = Path("params.yaml")
+OnFailure = Literal["fail", "warn", "off"]  # what a failed check does: fail, warn, or no check
 OUTPUT_COLUMN = re.compile(r"z_\d+|z_logvar_\d+|log_likelihood|anomaly_pvalue|anomaly")  # embed's own output columns
 
 
@@ -25,16 +30,21 @@ def _at_least(key: str, value: int, low: int) -> None:
 
 @dataclass(frozen=True)
 class DataParams:
-    source: str = "sklearn:breast_cancer"  # a CSV/Parquet path, sklearn:NAME or synthetic:ROWSxCOLS
-    id_columns: tuple[str, ...] = ()  # passed through untouched to every output
-    # columns left out of the model without editing the table (train, validate); the model records
-    # them, so later tables may still carry them
-    drop_columns: tuple[str, ...] = ()
-    missing: MissingPolicy = "reject"
-    standardize: bool = True  # reported figures stay in original units (Jacobian added)
-    test_fraction: float = 0.2  # prepare: rows held out for evaluation and the promotion gate
-    seed: int = 0  # prepare: the split's permutation
-    prepared_dir: str = "data/prepared"
+    source: str = setting("sklearn:breast_cancer", "a CSV/Parquet path, sklearn:NAME, or synthetic:ROWSxCOLS")
+    id_columns: tuple[str, ...] = setting(
+        (), "columns passed through untouched to every output (never modelled)")
+    drop_columns: tuple[str, ...] = setting(
+        (), "columns the model leaves out, without editing the table (train, validate); the model "
+        "records them, so later tables may still carry them")
+    missing: MissingPolicy = setting(
+        "reject", "what empty cells do; reject: refused by column and row; mask: the likelihood sums over the "
+        "observed cells, the encoder sees the mask, and embed adds anomaly_pvalue")
+    standardize: bool = setting(
+        True, "learn the noise on standardized columns (p(y) is always in the table's units: the "
+        "Jacobian is added)")
+    test_fraction: float = setting(0.2, "rows prepare holds out for evaluation and the promotion gate")
+    seed: int = setting(0, "the split's seed (prepare's permutation of the rows)")
+    prepared_dir: str = setting("data/prepared", "where prepare writes train/val/test.parquet")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "id_columns", tuple(self.id_columns))
@@ -50,42 +60,49 @@ class DataParams:
             )
         if len(set(self.id_columns)) < len(self.id_columns):
             raise ConfigError(f"data.id_columns {list(self.id_columns)} names a column twice")
-        if self.missing not in ("reject", "mask"):
-            raise ConfigError(f"data.missing is {self.missing!r}; choose one of reject, mask")
+        check_choice("data", "missing", self.missing, MissingPolicy)
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"data.test_fraction is {self.test_fraction!r}; it must be in (0, 1)")
 
 
 @dataclass(frozen=True)
 class ValidateParams:
-    iid: Literal["fail", "warn", "off"] = "fail"
-    max_duplicate_fraction: float = 0.05  # share of rows that repeat an earlier row
-    min_rows: int = 10
-    # i.i.d. limits (effect sizes) meant for plain violations: a sorted or drifting column, runs of
-    # alike rows, a step between the halves. sklearn:breast_cancer's shipped order has a real but
-    # milder trend (|rho| ~0.2, halves 0.4 std apart) that these let through
-    max_autocorrelation: float = 0.5  # lag-1 autocorrelation along row order, per column
-    max_trend_correlation: float = 0.5  # |Spearman rho| of a column against the row number
-    max_shift_std: float = 0.8  # first vs second half, difference of means in pooled stds
-    # a limit fires only where the statistic is also significant at iid_alpha (Bonferroni over the
-    # columns), so small i.i.d. tables, whose statistics are noisy (sd ~ 1/sqrt(n)), stay clean
-    iid_alpha: float = 1e-4
-    range_tolerance: float = 0.5  # --against: allowed overshoot of the training range, in ranges
-    # --against: share of a column's values that may lie beyond that widened range (a large table
-    # from the training distribution has a few; rows far out are what the anomaly score is for)
-    max_out_of_range_fraction: float = 0.01
-    # --against: drift of each column from the model's training distribution (pipeline.contract.drift)
-    drift: Literal["fail", "warn", "off"] = "fail"
-    drift_max_shift_std: float = 0.25  # |new mean - training mean| in training stds
-    drift_max_ks: float = 0.15  # Kolmogorov-Smirnov distance to the training distribution
-    drift_alpha: float = 1e-3  # a limit fires only where the test is significant (Bonferroni)
+    iid: OnFailure = setting(
+        "fail", "the i.i.d. checks along the row order, meant for plain violations: a sorted or drifting "
+        "column, runs of alike rows, a step between the halves")
+    max_duplicate_fraction: float = setting(0.05, "share of rows that may repeat an earlier row")
+    min_rows: int = setting(10, "fewer rows are refused")
+    # sklearn:breast_cancer's shipped order has a real but milder trend (|rho| ~0.2, halves 0.4 std
+    # apart) that the i.i.d. limits let through
+    max_autocorrelation: float = setting(
+        0.5, "i.i.d. limit (an effect size, like the next two): lag-1 autocorrelation along the row "
+        "order, per column")
+    max_trend_correlation: float = setting(0.5, "i.i.d. limit: |Spearman rho| of a column against the row number")
+    max_shift_std: float = setting(0.8, "i.i.d. limit: second half's mean minus the first's, in pooled stds")
+    iid_alpha: float = setting(
+        1e-4, "significance of the i.i.d. tests, before the Bonferroni correction over the columns: a "
+        "limit fires only where its statistic is also significant, so small i.i.d. tables, whose "
+        "statistics are noisy (sd ~ 1/sqrt(n)), stay clean")
+    range_tolerance: float = setting(
+        0.5, "--against MODEL (and embed): allowed overshoot of the training range, in ranges")
+    max_out_of_range_fraction: float = setting(
+        0.01, "--against MODEL (and embed): share of a column's values beyond that widened range (a large "
+        "table from the training distribution has a few; rows far out are what the anomaly score is for)")
+    # pipeline.contract.drift
+    drift: OnFailure = setting(
+        "fail", "the drift of each column from the model's training distribution (--against MODEL, and embed)")
+    drift_max_shift_std: float = setting(0.25, "drift limit: |new mean - training mean| in training stds")
+    drift_max_ks: float = setting(
+        0.15, "drift limit: Kolmogorov-Smirnov distance to the training distribution (text columns: total "
+        "variation)")
+    drift_alpha: float = setting(
+        1e-3, "a drift limit fires only where its test is significant at this level (Bonferroni)")
 
     def __post_init__(self) -> None:
         for key in ("iid", "drift"):
             if getattr(self, key) is False:  # YAML 1.1 reads a bare `off` (params.yaml, --set) as false
                 object.__setattr__(self, key, "off")
-            if getattr(self, key) not in ("fail", "warn", "off"):
-                raise ConfigError(f"validate.{key} is {getattr(self, key)!r}; choose one of fail, warn, off")
+            check_choice("validate", key, getattr(self, key), OnFailure)
         if not 0 <= self.max_out_of_range_fraction <= 1:
             raise ConfigError("validate.max_out_of_range_fraction must be in [0, 1]")
         if not 0 < self.drift_alpha <= 1:
@@ -98,9 +115,10 @@ class ValidateParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    iw_samples: int = 1000  # K of IWAE_K; the gap to log p(y) shrinks like 1/K
-    seed: int = 0
-    batch_rows: int = 256
+    iw_samples: int = setting(
+        1000, "K of the IWAE log-likelihood estimate (its gap to log p(y) shrinks like 1/K)")
+    seed: int = setting(0, "the draws of z")
+    batch_rows: int = setting(256, "rows scored at a time (x iw_samples draws each)")
 
     def __post_init__(self) -> None:
         _at_least("evaluate.iw_samples", self.iw_samples, 1)
@@ -109,23 +127,25 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class EmbedParams:
-    batch_rows: int = 65536  # rows read, encoded and written at a time: bounds memory
-    score_samples: int = 100  # importance samples per row for log_likelihood; 0 = no score columns
-    anomaly_quantile: float = 0.01  # rows below this quantile of held-out rows' log-likelihoods
-    with_variance: bool = False
-    seed: int = 0
-    # where the embedding flow maps the files of a folder: "" in this process, "local:N" a local
-    # Dask cluster of N worker processes (started and stopped by the flow), else a scheduler address
-    dask_address: str = ""
-    device: DeviceName = "auto"  # auto: CUDA when present (pinned, overlapped copies), else CPU
-    # torch threads on the CPU; 0 = torch's default (one per core). One is as fast as two on a
-    # 2-vCPU box, and two embeddings at once then share the cores instead of oversubscribing them
-    # (3.5x slower each with two threads apiece)
-    num_threads: int = 1
+    batch_rows: int = setting(65536, "rows read, encoded and written at a time: bounds memory")
+    score_samples: int = setting(
+        100, "K of the per-row IWAE score, log_likelihood (0: no score or anomaly columns)")
+    anomaly_quantile: float = setting(0.01, "anomaly: below this quantile of held-out rows' scores")
+    with_variance: bool = setting(False, "also write z_logvar_* (the CLI's --with-variance)")
+    seed: int = setting(0, "the draws of the scores")
+    dask_address: str = setting(
+        "", "where the embedding flow maps the files of a folder: \"\" in this process, local:N a local "
+        "Dask cluster of N worker processes (started and stopped by the flow), else a scheduler address "
+        "such as tcp://scheduler:8786")
+    device: DeviceName = setting(
+        "auto", "where embed runs; auto: CUDA when present (pinned, overlapped copies), else the CPU")
+    # two threads apiece made two embeddings at once 3.5x slower each
+    num_threads: int = setting(
+        1, "torch threads on the CPU (0: torch's default, one per core); one is as fast as two on a "
+        "2-vCPU box, and two embeddings at once then share the cores instead of oversubscribing them")
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"embed.device is {self.device!r}; choose one of auto, cpu, cuda")
+        check_choice("embed", "device", self.device, DeviceName)
         _at_least("embed.batch_rows", self.batch_rows, 1)
         _at_least("embed.num_threads", self.num_threads, 0)
         _at_least("embed.score_samples", self.score_samples, 0)
@@ -141,9 +161,10 @@ class EmbedParams:
 
 @dataclass(frozen=True)
 class RegisterParams:
-    model_name: str = "measurement-vae"
-    min_improvement: float = 0.0  # nats/row the challenger must gain over the champion
-    experiment: str = "vaepipe"
+    model_name: str = setting("measurement-vae", "the MLflow registered model")
+    min_improvement: float = setting(
+        0.0, "nats/row a challenger must beat @champion by on the gate's table")
+    experiment: str = setting("vaepipe", "the MLflow experiment runs are logged in")
 
 
 @dataclass(frozen=True)

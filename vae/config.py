@@ -1,12 +1,13 @@
-"""Typed, frozen options of the model and of training. Defaults carry their reason."""
+"""Typed, frozen options of the model and of training. Each field declares its default and its help
+(`setting`): the one description of the key, from which params files and their docs are written."""
 
 from __future__ import annotations
 
 import math
 import types
 import typing
-from dataclasses import dataclass, fields
-from typing import Any, Literal, get_args, get_origin
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from vae.errors import ConfigError
 
@@ -20,11 +21,27 @@ LrScaling = Literal["none", "sqrt", "linear"]
 Init = Literal["linear_gaussian", "random"]
 RefitStart = Literal["selected", "init"]
 CudaGraph = Literal["auto", True, False]
+T = TypeVar("T")
+
+
+def setting(default: T, help: str) -> T:
+    """A config field: its built-in default and what it does, in a line or a few (a string's
+    choices are its Literal annotation's and go unsaid)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _spelled(option: Any) -> str:
+    """An option as params.yaml spells it (true/false, not True/False)."""
+    return str(option).lower() if isinstance(option, bool) else str(option)
 
 
 def _options(allowed: tuple[Any, ...]) -> str:
-    """The choices as params.yaml spells them (true/false, not True/False)."""
-    return ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+    return ", ".join(_spelled(a) for a in allowed)
+
+
+def choices(kind: Any) -> tuple[str, ...]:
+    """A Literal annotation's options as params.yaml spells them; () for any other annotation."""
+    return tuple(_spelled(a) for a in get_args(kind)) if get_origin(kind) is Literal else ()
 
 
 def check_choice(section: str, key: str, value: object, options: Any) -> None:
@@ -42,28 +59,35 @@ def _check_positive(section: str, key: str, value: float, *, allow_zero: bool = 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    latent_dim: int = 8  # small enough to read; measured on breast_cancer, bfi, leaf (benchmarks/quality.py)
-    hidden_dims: tuple[int, ...] = (128, 128)  # () makes encoder and decoder affine (pPCA case)
-    likelihood: Likelihood = "auto"  # binary {0,1} columns get a Bernoulli, the rest a Gaussian
-    # full: the noise carries the correlations the latent misses; with the linear start the model
-    # begins at the full-covariance Gaussian, the baseline every model must meet
-    decoder_variance: DecoderVariance = "full"
-    fixed_sigma: float = 1.0  # only for decoder_variance: fixed, in standardized units
-    min_sigma: float = 1e-3  # floor: a continuous density on a repeated value can grow unboundedly
-    activation: Activation = "relu"  # fastest on CPU; smooth activations are an option
-    noise_rank: int = 4  # decoder_variance lowrank: rank of the noise covariance beyond its diagonal
-    # a linear path beside each MLP (mu = MLP(x) + A x + b): training starts it at the closed-form
-    # linear-Gaussian fit, so the network only has to learn what that fit misses
-    linear_path: bool = True
-    # full / lowrank (the diagonal kinds ignore it): per-column noise scales that depend on z,
-    # Sigma(z) = D(z) Sigma D(z) with D(z) = diag(exp(h(z))) from a decoder head; training opens
-    # the head once the means have converged (see vae.train), so the noise cannot take over what
-    # the latent should explain
-    noise_by_z: bool = True  # measured: +0.4 to +1.9 nats/row on concrete, quakes, college (tuning tables)
-    # real columns modelled as log y (strictly positive ones; the density keeps the Jacobian -log y,
-    # so nats/row stay in the table's units): none, auto (each positive column where that raises the
-    # validation log-likelihood of the full Gaussian: vae.table.choose_log_columns), or a list of names
-    log_columns: Any = "auto"
+    # 8: small enough to read; measured on breast_cancer, bfi, leaf (benchmarks/quality.py)
+    latent_dim: int = setting(8, "size of z")
+    hidden_dims: tuple[int, ...] = setting(
+        (128, 128), "encoder and decoder layers ([] = affine: pPCA / factor analysis / full Gaussian)")
+    likelihood: Likelihood = setting(
+        "auto", "the density of the columns; auto: binary {0,1} columns get a Bernoulli, the rest a Gaussian")
+    decoder_variance: DecoderVariance = setting(
+        "full", "the noise of the real columns; full carries the correlations the latent misses, and with "
+        "the linear start the model begins at the full-covariance Gaussian, the baseline every model must meet")
+    fixed_sigma: float = setting(1.0, "decoder_variance fixed: the noise sd, standardized units")
+    min_sigma: float = setting(
+        1e-3, "floor of every noise sd (a column on a grid: at least its resolution): a continuous density "
+        "on a repeated value can grow without bound")
+    activation: Activation = setting("relu", "the networks' nonlinearity (relu is the fastest on the CPU)")
+    noise_rank: int = setting(4, "decoder_variance lowrank: rank of the noise covariance beyond its diagonal")
+    linear_path: bool = setting(
+        True, "an affine path beside each MLP (mu = MLP(x) + A x + b), started at the closed-form "
+        "linear-Gaussian fit: the network only has to learn what that fit misses")
+    # the head opens once the means have converged (see vae.train). Measured: +0.4 to +1.9 nats/row
+    # on concrete, quakes, college (tuning tables)
+    noise_by_z: bool = setting(
+        True, "full / lowrank (the diagonal kinds ignore it): per-column noise scales that depend on z, "
+        "Sigma(z) = D(z) Sigma D(z) with D(z) = diag(exp(h(z))) from a decoder head, opened after the "
+        "first stage, so the noise cannot take over what the latent should explain")
+    # auto: vae.table.choose_log_columns
+    log_columns: Any = setting(
+        "auto", "none | auto | [names]: real columns modelled as log y (strictly positive ones; the density "
+        "keeps the Jacobian, so nats/row stay in the table's units); auto: each positive column where that "
+        "raises the validation log-likelihood of the full Gaussian")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
@@ -94,64 +118,76 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 800  # with model.noise_by_z the first stage takes at most half
-    batch_size: int = 128  # fast on CPU; small enough for tables of a few hundred rows
-    lr: float = 1e-3  # Adam's, after the warm-up and until the first plateau; then it falls (lr_decays)
-    mc_samples: int = 1  # M reparameterized samples per row (Kingma & Welling 2014 use 1)
-    beta: float = 1.0  # 1 is the ELBO; other values trade reconstruction against KL
-    kl_warmup_steps: int = 0  # optimizer steps over which beta ramps linearly from 0
-    val_fraction: float = 0.1  # rows held out for early stopping (and, without calibration rows, the anomaly threshold)
-    # rows of the training table held out from the selection's training and early stopping, on
-    # which the pipeline places the anomaly threshold; only a refit trains on them (0: none, the
-    # threshold goes on the validation rows). breast_cancer, quantile 0.01: 1.5 % of test rows
-    # flagged on 0.2's 82 rows, 3.7 % on the 46 validation rows. Without a refit no model trains on
-    # them (six tuning tables: the selection on 90 % of the rows scored up to 4.9 nats/row more)
-    calibration_fraction: float = 0.2
-    early_stopping_patience: int = 10  # epochs without a better validation ELBO
-    # when early stopping would end the selection, the lr falls by lr_decay and training goes on,
-    # lr_decays times (0: a constant lr); the refit replays the drops. 1e-3 (after a warm-up),
-    # patience 10, two falls by 0.3, against the constant 3e-4 with patience 40: 2 to 4 times fewer
-    # epochs on the tuning tables, held-out figures within their spread (docs/benchmarks.md)
-    lr_decays: int = 2
-    lr_decay: float = 0.3
-    # the lr ramps linearly from lr / lr_warmup_steps to lr over each stage's first steps (0: none):
-    # Adam's first full-size steps threw the closed-form start away on wide tables (cells)
-    lr_warmup_steps: int = 500
-    seed: int = 0
-    device: DeviceName = "auto"
-    num_threads: int = 1  # one thread is often faster than two on a 2-vCPU box; 0 = torch default
-    grad_clip: float = 100.0  # clips the global gradient norm; guards against rare huge steps
-    max_rollbacks: int = 3  # consecutive non-finite rollbacks before training gives up
-    lr_backoff: float = 0.5  # learning-rate factor after each rollback
-    # linear_gaussian: start from the closed-form linear-Gaussian fit of the training rows (exact
-    # posterior, p(y) the baseline's), so no model scores below it on validation; random: as torch
-    init: Init = "linear_gaussian"
-    # after early stopping chose the weights on the validation split, train on all rows (training,
-    # validation and calibration): the held-out rows are not lost to the final model (only with init
-    # linear_gaussian and val_fraction); with calibration rows it is what gives them back to it
-    refit: bool = True
-    # where the refit starts. init: from the closed-form start of all rows for the selection's epoch
-    # count, replaying its lr falls (about doubles the time). selected: from the weights early
-    # stopping chose, refit_epochs epochs on all rows at the selection's last lr (no warm-up): 30-45 %
-    # fewer epochs, but 0.1 to 1.8 nats/row lower on each of the six tuning tables (10 epochs; 30: 0.1
-    # to 1.1), docs/benchmarks.md
-    refit_start: RefitStart = "init"
-    refit_epochs: int = 10  # refit_start selected: the epochs on all rows
-    # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 runs the networks in bfloat16 (CPU too), the
-    # loss terms and log-densities stay fp32; `vae.precision_gap` measures what bf16 changes
-    precision: Precision = "auto"
-    # CUDA only: replay each full-size training step from a CUDA graph (forward, backward, clipping,
-    # fused Adam): one launch instead of hundreds. auto: on CUDA wherever a graph is correct (one
-    # process; see vae.step.resolve_cuda_graph), off on the CPU; true / false force it (CPU: off)
-    cuda_graph: CudaGraph = "auto"
-    # large batches: lr * (batch_size / lr_base_batch) ** (1/2 | 1); sqrt is the rule for Adam
-    # (Malladi et al. 2022), none keeps train.lr whatever the batch
-    lr_scaling: LrScaling = "none"
-    lr_base_batch: int = 128
-    # a checkpoint for --resume after the first epoch, then once this many seconds have passed since
-    # the last (and at the end of each stage): on a GPU an epoch takes milliseconds and writing the
-    # run's state every epoch cost most of its time; 0 writes one every epoch
-    checkpoint_every_s: float = 10.0
+    epochs: int = setting(800, "epochs to train at most; with model.noise_by_z the first stage takes at most half")
+    batch_size: int = setting(128, "rows a step (fast on the CPU; small enough for tables of a few hundred rows)")
+    lr: float = setting(1e-3, "Adam's learning rate after the warm-up, until the first plateau (then lr_decays)")
+    mc_samples: int = setting(1, "draws of z per row in the ELBO (Kingma & Welling 2014 use 1)")
+    beta: float = setting(1.0, "weight of the KL term (1: the ELBO; others trade reconstruction against KL)")
+    # 0: training starts at the exact posterior of the linear fit
+    kl_warmup_steps: int = setting(0, "optimizer steps over which beta ramps linearly from 0 (0: none)")
+    val_fraction: float = setting(
+        0.1, "rows of the training table held out for early stopping (without --val) and, without "
+        "calibration rows, for the anomaly threshold")
+    # breast_cancer, quantile 0.01: 1.5 % of test rows flagged on 0.2's 82 rows, 3.7 % on the 46
+    # validation rows. Without a refit no model trains on them (six tuning tables: the selection on
+    # 90 % of the rows scored up to 4.9 nats/row more)
+    calibration_fraction: float = setting(
+        0.2, "rows of the training table kept from the selection's training and early stopping, on which "
+        "the anomaly threshold is placed; only a refit trains on them (0: none, the threshold goes on the "
+        "validation rows)")
+    early_stopping_patience: int = setting(
+        10, "epochs without a better validation ELBO before the lr falls or a stage ends")
+    # 1e-3 (after a warm-up), patience 10, two falls by 0.3, against the constant 3e-4 with patience
+    # 40: 2 to 4 times fewer epochs on the tuning tables, held-out figures within their spread
+    # (docs/benchmarks.md)
+    lr_decays: int = setting(
+        2, "times the lr falls (by lr_decay) where early stopping would end the selection, training going "
+        "on (0: a constant lr); the refit replays the falls")
+    lr_decay: float = setting(0.3, "the factor of each fall")
+    lr_warmup_steps: int = setting(
+        500, "the lr ramps linearly from lr / lr_warmup_steps to lr over each stage's first steps (0: full "
+        "from the first): Adam's first full-size steps threw the closed-form start away on wide tables")
+    seed: int = setting(0, "weights, batches, draws, splits")
+    device: DeviceName = setting("auto", "where training runs; auto: CUDA when present, else the CPU")
+    num_threads: int = setting(
+        1, "torch threads on the CPU (0: torch's default, one per core; one is often fastest on 2 cores)")
+    grad_clip: float = setting(100.0, "the global gradient norm is clipped here (rare huge steps)")
+    max_rollbacks: int = setting(
+        3, "consecutive non-finite epochs rolled back (the lr lowered each time) before the stage ends with "
+        "its best weights on validation (without validation rows, training fails)")
+    lr_backoff: float = setting(0.5, "learning-rate factor after each rollback")
+    init: Init = setting(
+        "linear_gaussian", "where training starts; linear_gaussian: the closed-form linear-Gaussian fit of the "
+        "training rows (exact posterior, p(y) the baseline's), so no model scores below it on validation; random: as "
+        "torch initializes")
+    refit: bool = setting(
+        True, "after early stopping chose the weights on the validation split, train on all rows (training, "
+        "validation and calibration): the held-out rows are not lost to the final model (only with init "
+        "linear_gaussian and val_fraction); with calibration rows it is what gives them back to it")
+    # selected: 30-45 % fewer epochs, but 0.1 to 1.8 nats/row lower on each of the six tuning tables
+    # (10 epochs; 30: 0.1 to 1.1), docs/benchmarks.md
+    refit_start: RefitStart = setting(
+        "init", "where the refit starts; init: the closed-form start of all rows, for the selection's epoch "
+        "count, replaying its lr falls (about doubles the time); selected: the weights early stopping "
+        "chose, refit_epochs epochs on all rows at the selection's last lr (no warm-up)")
+    refit_epochs: int = setting(10, "refit_start selected: the epochs on all rows")
+    precision: Precision = setting(
+        "auto", "the networks' number format; auto: bf16 autocast on CUDA, fp32 on the CPU; bf16 runs the "
+        "networks in bfloat16 (CPU too), the loss terms and log-densities stay fp32 (vae.precision_gap "
+        "measures what bf16 changes)")
+    # a graph covers forward, backward, clipping and fused Adam; correct: vae.step.resolve_cuda_graph
+    cuda_graph: CudaGraph = setting(
+        "auto", "replay each full-size training step from a CUDA graph (CUDA only), one launch instead of "
+        "hundreds; auto: on CUDA wherever a graph is correct (one process), off on the CPU; true / false "
+        "force it (CPU: off)")
+    lr_scaling: LrScaling = setting(
+        "none", "the lr of large batches: lr * (batch_size / lr_base_batch)^p with p = 1/2 (sqrt, the rule for Adam: "
+        "Malladi et al. 2022) or 1 (linear); none keeps train.lr whatever the batch")
+    lr_base_batch: int = setting(128, "the batch size lr is given for (lr_scaling)")
+    # on a GPU an epoch takes milliseconds, and writing the run's state every epoch cost most of its time
+    checkpoint_every_s: float = setting(
+        10.0, "a checkpoint for --resume after the first epoch, then once this many seconds have passed "
+        "since the last (and at the end of each stage); 0 writes one every epoch")
 
     @property
     def effective_lr(self) -> float:

@@ -1,6 +1,9 @@
-"""params.yaml and --set: values are YAML, with numbers in exponent form read as numbers."""
+"""params.yaml and --set: values are YAML, with numbers in exponent form read as numbers; params.yaml and
+docs/params.md are written from the settings' declarations; a choice is its Literal's."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -41,12 +44,67 @@ def test_params_yaml_lists_every_key_at_its_built_in_default():
             assert listed[name][key] == value, f"{name}.{key}: params.yaml {listed[name][key]!r}, default {value!r}"
 
 
-def test_docs_params_md_is_rendered_from_params_yaml():
-    """docs/params.md is generated (`make docs`): it fails here when params.yaml changed without it."""
+def test_params_yaml_and_docs_params_md_are_written_from_the_declarations():
+    """params.yaml (`make params`) and docs/params.md (`make docs`) are generated from the settings'
+    declarations: it fails here when a key, default, choice or help changed without them."""
     from pathlib import Path
 
-    from pipeline.params_doc import PARAMS, render
+    from pipeline.params_doc import params_md, params_yaml
 
-    docs = Path(__file__).resolve().parents[2] / "docs" / "params.md"
-    assert docs.read_text(encoding="utf-8") == render(PARAMS.read_text(encoding="utf-8")), "run `make docs`"
-    assert "| `calibration_fraction` | `0.2` |" in docs.read_text(encoding="utf-8")
+    root = Path(__file__).resolve().parents[2]
+    assert (root / "params.yaml").read_text(encoding="utf-8") == params_yaml(), "run `make params`"
+    docs = (root / "docs" / "params.md").read_text(encoding="utf-8")
+    assert docs == params_md(), "run `make docs`"
+    assert "| `calibration_fraction` | `0.2` |" in docs
+    assert "| `missing` | `reject` | reject \\| mask: " in docs  # the choices come from the Literal
+    assert "  cuda_graph: auto\n" in params_yaml() and "# auto | true | false: " in params_yaml()
+
+
+def test_a_setting_without_help_is_named():
+    from dataclasses import dataclass, field, fields
+
+    from pipeline.params_doc import _help
+
+    @dataclass(frozen=True)
+    class Section:
+        bare: int = 1
+        empty: int = field(default=2, metadata={"help": ""})
+
+    for f in fields(Section):
+        with pytest.raises(TypeError, match=rf"train\.{f.name} has no help: declare it as {f.name}: TYPE = setting"):
+            _help("train", f)
+
+
+def test_every_choice_key_refuses_what_its_literal_does_not_list():
+    """A key annotated with a Literal is checked against it, built from a params file or directly:
+    the message names section.key and the choices."""
+    import typing
+    from dataclasses import fields
+
+    from pipeline.config import SECTIONS
+    from pipeline.errors import PipelineError
+    from vae import ConfigError
+    from vae.config import choices
+
+    checked = []
+    for name, section in SECTIONS.items():
+        cls = type(section())
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if options := choices(hints[f.name]):
+                message = f"{name}.{f.name} is 'nonsense'; choose one of {', '.join(options)}"
+                with pytest.raises(ConfigError, match=re.escape(message)):
+                    cls(**{f.name: "nonsense"})
+                with pytest.raises(PipelineError, match=re.escape(message)):
+                    load_params(None, [f"{name}.{f.name}=nonsense"])
+                checked.append(f"{name}.{f.name}")
+    assert {"data.missing", "validate.iid", "validate.drift", "embed.device", "train.device",
+            "model.decoder_variance", "train.cuda_graph"} <= set(checked)
+
+
+def test_a_bare_off_reads_as_off():
+    """YAML 1.1 reads a bare `off` as false: the check keys take it as "off"."""
+    from pipeline.config import ValidateParams
+
+    assert load_params(None, ["validate.iid=off", "validate.drift=off"]).validate.iid == "off"
+    assert ValidateParams(iid=False, drift=False) == ValidateParams(iid="off", drift="off")  # type: ignore[arg-type]
