@@ -9,6 +9,7 @@ import torch
 
 from vae.elbo import kl_per_dim
 from vae.model import LOG_2PI, VAE
+from vae.terms import TERMS
 from vae.transfer import device_batches
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: Cov_y(E_q[z_j]) above this counts as active
@@ -111,9 +112,7 @@ def summarize(scores: RowScores, iw_samples: int) -> Evaluation:
     mu_var = scores.mu.var(0, unbiased=False) if n > 1 else torch.zeros(scores.mu.shape[1])
     return Evaluation(
         n_rows=n,
-        elbo=float(scores.elbo.mean()),
-        reconstruction=float(scores.recon.mean()),
-        kl=float(scores.kl.mean()),
+        **{t.key: float(getattr(scores, t.name).mean()) for t in TERMS},  # elbo, reconstruction, kl
         log_likelihood=float(scores.log_likelihood.mean()),
         log_likelihood_stderr=float(scores.stderr.pow(2).sum().sqrt() / n),
         iw_samples=iw_samples,

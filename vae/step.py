@@ -1,6 +1,6 @@
 """One optimizer step with nothing read back to the host: the loop can run ahead of the device.
 
-Gradient clipping and the finite check are device tensors; per-epoch sums of the ELBO terms and
+Gradient clipping and the finite check are device tensors; per-epoch sums of the ELBO terms (SUMMED) and
 of (gradient norm + loss), non-finite if any step's was, accumulate in `sums`, read once per epoch. On CUDA with
 train.cuda_graph (auto: wherever a graph is correct, see resolve_cuda_graph), full-size steps (forward,
 backward, clipping, Adam) replay from one CUDA graph.
@@ -11,18 +11,20 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 import torch
 
 from vae.config import CudaGraph, TrainConfig
-from vae.elbo import loss_terms
+from vae.elbo import LossTerms, loss_terms
 from vae.model import VAE
 from vae.precision import Resolved, autocast
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS handles, lazy state)
 ADAM_VARIANT = ("fused", "foreach", "capturable", "differentiable")  # how Adam runs, not what it holds
+SUMMED = tuple(f.name for f in fields(LossTerms))  # the terms `sums` adds up, in its order (the ELBO is their difference)
 
 
 def resolve_cuda_graph(setting: CudaGraph, device: torch.device, world_size: int = 1) -> bool:
@@ -86,15 +88,15 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
 
 class StepRunner:
-    """Optimizer steps of one fit() call; `sums` (3,): recon sum, KL sum, sum of (grad norm + loss),
-    the last finite unless a step's loss or gradient was not."""
+    """Optimizer steps of one fit() call; `sums` (len(SUMMED) + 1,): each SUMMED term's sum over the
+    rows, then the sum of (grad norm + loss), finite unless a step's loss or gradient was not."""
 
     def __init__(self, model: VAE, opt: torch.optim.Adam, cfg: TrainConfig, device: torch.device, precision: Resolved,
                  graph: bool = False):
         """graph: replay full-size steps from a CUDA graph (resolve_cuda_graph; opt capturable)."""
         self.model, self.opt, self.cfg, self.device, self.precision = model, opt, cfg, device, precision
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(SUMMED) + 1, dtype=torch.float64, device=device)
         self.use_graph = device.type == "cuda" and graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, ...] = ()
@@ -140,7 +142,7 @@ class StepRunner:
         norm = clip_grad_norm(grads, self.cfg.grad_clip)
         self.opt.step()
         # a non-finite loss or gradient norm makes the third sum non-finite: the epoch's finite check
-        self.sums += torch.stack([t.recon.detach().sum(), t.kl.detach().sum(), norm + loss.detach()])
+        self.sums += torch.stack([*(getattr(t, name).detach().sum() for name in SUMMED), norm + loss.detach()])
 
     def _capture(self, x: torch.Tensor, mask: torch.Tensor | None, eps: torch.Tensor, beta: float) -> None:
         """Warm up on a side stream, put weights, Adam's state and sums back, capture one step."""

@@ -19,8 +19,9 @@ from vae.errors import ConfigError, DataError, TrainingDivergedError
 from vae.init import has_linear_start, init_linear_gaussian
 from vae.model import VAE
 from vae.precision import resolve_precision
-from vae.step import StepRunner, load_optimizer_state, make_optimizer, resolve_cuda_graph
+from vae.step import SUMMED, StepRunner, load_optimizer_state, make_optimizer, resolve_cuda_graph
 from vae.table import check_values
+from vae.terms import split_values
 
 log = logging.getLogger(__name__)
 CALIBRATION_SEED_OFFSET = 7919  # calibration_split's generator: train.seed + this
@@ -40,6 +41,7 @@ class EpochStats:
     step: int
     beta: float
     lr: float
+    # vae.terms.history_columns(), in its order (tests/test_loss_terms.py): split_values fills them
     train_elbo: float
     train_recon: float
     train_kl: float
@@ -218,12 +220,12 @@ class _Trainer:
             if warmup and step + i <= warmup:  # the stage's first steps: lr ramps up (eager steps: the lr changes)
                 self._group_lr(self.state.lr * min(1.0, (step + i + 1) / warmup))
             step_fn(xb, None if ms is None else ms[a : a + cfg.batch_size], eps, beta, eager=step + i < warmup)
-        recon, kl, check = self.runner.sums.tolist()  # the epoch's one read
+        *sums, check = self.runner.sums.tolist()  # the epoch's one read: the SUMMED terms, then the check
         if not math.isfinite(check):
             log.warning("non-finite loss or gradient in epoch %d (lr %.3g)", self.state.epoch + 1, self.state.lr)
             return None
         self.state.step = step + len(starts)
-        return torch.tensor([recon, kl]) / n, betas[-1]
+        return torch.tensor(sums) / n, betas[-1]
 
 
 def fit(
@@ -526,7 +528,8 @@ def _finish_epoch(
     """Validate, track the best weights, decide on early stopping, snapshot."""
     state, cfg = trainer.state, trainer.cfg
     state.epoch += 1
-    recon, kl = (float(t) for t in means.cpu())
+    # the SUMMED terms' means; in float64, so that the ELBO is recon - kl of the reported floats
+    train = LossTerms(**dict(zip(SUMMED, means.cpu().double(), strict=True)))
     v: LossTerms | None = None
     plateau = False
     if val is None:  # nothing held out: the last epoch's weights are the result
@@ -534,16 +537,14 @@ def _finish_epoch(
             state.best_epoch = state.epoch
     else:  # the refit tracks its best epoch but never stops early: it runs the chosen count
         v, plateau = _track_best(trainer, val, warm=state.phase == "select" and state.step >= cfg.kl_warmup_steps,
-                                 train_elbo=recon - kl)
+                                 train_elbo=float(train.elbo))
     lr = state.lr  # the epoch's; a fall applies from the next
     opened = _schedule(trainer, plateau)
     stage_epochs = _stage_epochs(state, cfg)
     stats = EpochStats(
         epoch=state.epoch, step=state.step, beta=beta, lr=lr,
-        train_elbo=recon - kl, train_recon=recon, train_kl=kl,
-        val_elbo=None if v is None else float(v.elbo),
-        val_recon=None if v is None else float(v.recon),
-        val_kl=None if v is None else float(v.kl),
+        **split_values("train", train),
+        **split_values("val", v),
         seconds=seconds,
         phase=state.phase,
         total_epoch=len(state.history) + 1,

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 from vae import EpochStats
+from vae.terms import TERMS, column
 
 EVERY_S = 30.0  # at most this long between two lines
 SHARE = 0.1  # or this share of a stage's epochs
@@ -59,7 +60,7 @@ class TrainingProgress:
     def line(self, s: EpochStats, now: float) -> str:
         stage = "refit on all rows, epoch" if s.phase == "refit" else "epoch"
         val = "" if s.val_elbo is None else f"  val ELBO {s.val_elbo:.3f}"
-        head = f"{stage} {s.epoch}/{s.stage_epochs}  ELBO {s.train_elbo:.3f}  KL {s.train_kl:.3f}{val}"
+        head = f"{stage} {s.epoch}/{s.stage_epochs}  {terms_text(s, headline=True)}{val}"
         elapsed = f"{clock_text(now - self.started)} elapsed"
         if s.stage_over:
             return f"{head}  ({elapsed}; {'refit' if s.phase == 'refit' else 'selection'} done)"
@@ -68,9 +69,14 @@ class TrainingProgress:
         return f"{head}  ({elapsed}, {bound}{clock_text(left)} left in this stage)"
 
 
+def terms_text(s: EpochStats, headline: bool = False) -> str:
+    """The epoch's training terms: "ELBO -5.000  recon -4.000  KL 1.000"; headline: those a log line shows."""
+    return "  ".join(f"{t.label} {getattr(s, column('train', t)):.3f}" for t in TERMS if t.headline or not headline)
+
+
 def epoch_line(s: EpochStats, epochs: int) -> str:
     """One epoch, as the terminal's rewritten progress line shows it."""
     val = "" if s.val_elbo is None else f"  val ELBO {s.val_elbo:.3f}"
     if s.phase == "refit":  # its length is the epoch count early stopping chose
-        return f"refit on all rows, epoch {s.epoch}  ELBO {s.train_elbo:.3f}  recon {s.train_recon:.3f}  KL {s.train_kl:.3f}"
-    return f"epoch {s.epoch}/{epochs}  ELBO {s.train_elbo:.3f}  recon {s.train_recon:.3f}  KL {s.train_kl:.3f}{val}"
+        return f"refit on all rows, epoch {s.epoch}  {terms_text(s)}"
+    return f"epoch {s.epoch}/{epochs}  {terms_text(s)}{val}"

@@ -19,11 +19,11 @@ from matplotlib.figure import Figure
 from pipeline.contract.model import LoadedModel
 from vae import embed
 from vae import traversals as decode_traversals
+from vae.terms import TERMS, column
 
 MAX_LINE_FEATURES = 10  # traversals: beyond this many features a heatmap reads better than lines
 MAX_BARS = 60  # per-feature reconstruction: the worst features when there are more
 PLOT_ROWS = 5000  # rows of a table drawn in the latent view
-LOSS_TERMS = (("elbo", "ELBO"), ("recon", "reconstruction"), ("kl", "KL"))
 
 
 def _save(fig: Figure, out_dir: Path, name: str) -> Path:
@@ -42,20 +42,20 @@ def loss_curves(history: pd.DataFrame, out_dir: Path, marks: Mapping[str, Any] |
 
 
 def loss_figure(history: pd.DataFrame, marks: Mapping[str, Any] | None = None) -> Figure:
-    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    fig = Figure(figsize=(4 * len(TERMS), 3.8), layout="constrained")
     x = history["total_epoch"] if "total_epoch" in history else pd.Series(range(1, len(history) + 1), index=history.index)
     refit = history["phase"] == "refit" if "phase" in history else pd.Series(False, index=history.index)
     curves = (("train", ~refit, "train"), ("val", ~refit, "validation"), ("train", refit, "refit, all rows"),
               ("val", refit, "refit, validation rows (trained on)"))
     lines = _epoch_marks(x, refit, marks or {})
-    for i, (ax, (term, title)) in enumerate(zip(fig.subplots(1, 3), LOSS_TERMS, strict=True)):
+    for i, (ax, term) in enumerate(zip(fig.subplots(1, len(TERMS)), TERMS, strict=True)):  # a panel per term
         for split, rows, label in curves:
-            col = f"{split}_{term}"
+            col = column(split, term)
             if col in history and history.loc[rows, col].notna().any():
                 ax.plot(x[rows], history.loc[rows, col], label=label, marker="." if int(rows.sum()) < 30 else None)
         for at, label, style in lines:
             ax.axvline(at, color="grey", linestyle=style, linewidth=1, label=label)
-        ax.set(title=title, xlabel="epoch (selection, then refit)", ylabel="nats / row")
+        ax.set(title=term.title, xlabel="epoch (selection, then refit)", ylabel="nats / row")
         if i == 0:
             ax.legend(fontsize=7)
     return fig

@@ -15,6 +15,7 @@ from pipeline.io.tables import read_table
 from pipeline.registry.resolve import resolve_model
 from vae import evaluate, load_baselines
 from vae.store import write_atomic
+from vae.terms import TERMS
 
 
 def metrics_dict(model: LoadedModel, data_path: Path, params: EvaluateParams) -> dict[str, Any]:
@@ -24,9 +25,7 @@ def metrics_dict(model: LoadedModel, data_path: Path, params: EvaluateParams) ->
     stderr = ev.log_likelihood_stderr
     return {
         "n_rows": ev.n_rows,
-        "elbo": ev.elbo,
-        "reconstruction": ev.reconstruction,
-        "kl": ev.kl,
+        **{t.key: getattr(ev, t.key) for t in TERMS},  # elbo, reconstruction, kl
         "log_likelihood": ev.log_likelihood,
         "log_likelihood_stderr": None if math.isnan(stderr) else stderr,
         "iw_samples": ev.iw_samples,
