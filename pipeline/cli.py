@@ -211,9 +211,22 @@ def cmd_run(a: argparse.Namespace, p: Params) -> int:
 def cmd_summary(a: argparse.Namespace, p: Params) -> int:
     from pipeline.stages import summary
 
-    for line in summary.summary_lines(a.metrics, a.registered, a.model, p.register.model_name):
+    for line in summary.summary_lines(*_summary_paths(a), p.register.model_name):
         print(line)
     return 0
+
+
+def _summary_paths(a: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """--metrics, --registered, --model; where not given, the outputs ./dvc.yaml names (one place)."""
+    from pipeline.orchestration.versioning import PIPELINE, read_stages
+
+    if a.metrics and a.registered and a.model:
+        return a.metrics, a.registered, a.model
+    if not PIPELINE.exists():
+        raise PipelineError(f"no {PIPELINE} here to find the pipeline's outputs in: run `vaepipe summary` in the "
+                            "project, or give --metrics, --registered and --model")
+    stages = read_stages()
+    return a.metrics or stages.metrics, a.registered or stages.registered, a.model or stages.model
 
 
 def cmd_serve(a: argparse.Namespace, p: Params) -> int:
@@ -340,11 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the dvc.yaml stages' outputs and record them with dvc commit (and push)")
     c = add("summary", cmd_summary, "what the last pipeline run gave: log-likelihood against the full Gaussian, "
             "where the model, plots and MLflow UI are, the current @champion")
-    c.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"),
-                   help="the metrics JSON of the held-out rows (default: %(default)s)")
-    c.add_argument("--registered", type=Path, default=Path("reports/registered.json"),
-                   help="the register stage's name and version (default: %(default)s)")
-    c.add_argument("--model", type=Path, default=Path("models/vae"), help="the model directory (default: %(default)s)")
+    c.add_argument("--metrics", type=Path, help="the metrics JSON of the held-out rows (default: dvc.yaml's "
+                   "evaluate metrics file)")
+    c.add_argument("--registered", type=Path, help="the register stage's name and version (default: dvc.yaml's "
+                   "register out)")
+    c.add_argument("--model", type=Path, help="the model directory (default: dvc.yaml's train out)")
     c = add("serve", cmd_serve, "scheduled retraining: serve vaepipe-train/retrain (needs a Prefect server)")
     c.add_argument("--cron", default="0 3 * * *", help="when to retrain, a cron line (default: 03:00 every day)")
     c.add_argument("--no-dvc", action="store_true",

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,8 @@ from pipeline.cli import main
 from pipeline.config import ValidateParams
 from tests.pipeline.helpers import FAST_ARGS, IDS, clean_table, run
 from tests.vae.closed_form import ppca_heldout_loglik
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +324,17 @@ def test_after_a_refit_with_val_the_baselines_are_fitted_on_every_row_the_model_
     test = torch.from_numpy(test_df.drop(columns="sample_id").to_numpy(np.float64, copy=True))
     full = MultivariateNormal(seen.mean(0), torch.cov(seen.T, correction=0)).log_prob(test).mean()
     assert json.loads(out)["baselines"]["full_gauss"] == pytest.approx(float(full), abs=1e-6)
+
+
+def test_summary_finds_the_outputs_where_dvc_yaml_puts_them(tmp_path, monkeypatch, capsys):
+    """The pipeline's output paths live in dvc.yaml alone: `vaepipe summary` reads its defaults there
+    (a project that moved its metrics file is followed), and says what to do where there is none."""
+    text = (ROOT / "dvc.yaml").read_text()
+    assert "reports/metrics.json" in text
+    (tmp_path / "dvc.yaml").write_text(text.replace("reports/metrics.json", "elsewhere/held_out.json"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "summary")
+    assert code == 2 and "elsewhere/held_out.json does not exist" in err, err
+    (tmp_path / "dvc.yaml").unlink()
+    code, _, err = run(capsys, "summary")
+    assert code == 2 and "no dvc.yaml here" in err and "--metrics" in err, err
