@@ -197,6 +197,21 @@ def _plain(section: Any) -> dict[str, Any]:
 
 SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in fields(Params)}
 
+# The stages that read each section, its owner first. A section is named for what it configures;
+# the key names are a contract (users' params files), so a setting another stage needs stays in its
+# owner's section and is listed here: prepare writes the validation split (train.val_fraction), train
+# places the anomaly threshold embed applies (embed.*), embed and the gate check drift (validate.*).
+# `data` is the shared section. tests/pipeline/test_config.py holds this to the stages' code.
+READ_BY: dict[str, tuple[str, ...]] = {
+    "data": ("prepare", "validate", "train", "register"),
+    "validate": ("validate", "embed", "register"),
+    "model": ("train",),
+    "train": ("train", "prepare"),
+    "evaluate": ("evaluate", "register"),
+    "embed": ("embed", "train", "sample"),
+    "register": ("register", "validate"),
+}
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 as PyYAML reads it, but numbers in exponent form without a dot (1e-5, 3E4) are

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import SECTIONS
+from pipeline.config import READ_BY, SECTIONS
 from vae.config import choices
 
 WIDTH = 100  # params.yaml's lines
@@ -91,7 +91,10 @@ def params_md() -> str:
     """docs/params.md: a table per section, key, default and what it does."""
     out = [MD_HEAD.rstrip("\n")]
     for section in SECTIONS:
-        out += ["", f"## {section}", "", "| key | default | what |", "|---|---|---|"]
+        owner, *others = READ_BY[section]
+        also = f"; also read by {', '.join(others)}" if others else ""
+        out += ["", f"## {section}", "", f"Read by the {owner} stage{also}.", "",
+                "| key | default | what |", "|---|---|---|"]
         for key, default, what in keys(section):
             out.append(f"| `{key}` | `{_cell(yaml_value(default))}` | {_cell(what)} |")
     return "\n".join(out) + "\n"

@@ -108,3 +108,24 @@ def test_a_bare_off_reads_as_off():
 
     assert load_params(None, ["validate.iid=off", "validate.drift=off"]).validate.iid == "off"
     assert ValidateParams(iid=False, drift=False) == ValidateParams(iid="off", drift="off")  # type: ignore[arg-type]
+
+
+def test_read_by_names_every_stage_that_reads_a_section():
+    """pipeline.config.READ_BY (rendered in docs/params.md) against the code: the stage modules (the
+    register stage with its gate) and the sections of Params they read."""
+    import re
+    from pathlib import Path
+
+    from pipeline.config import READ_BY, SECTIONS
+
+    root = Path(__file__).resolve().parents[2] / "pipeline"
+    modules = {stage: [root / "stages" / f"{stage}.py"] for stage in
+               ("prepare", "validate", "train", "evaluate", "register", "embed", "sample")}
+    modules["register"].append(root / "registry" / "gate.py")
+    read = {section: set() for section in SECTIONS}
+    for stage, files in modules.items():
+        text = "".join(f.read_text(encoding="utf-8") for f in files)
+        for section in set(re.findall(rf"\bparams\.({'|'.join(SECTIONS)})\b", text)):
+            read[section].add(stage)
+    assert {s: set(stages) for s, stages in READ_BY.items()} == read
+    assert all(READ_BY[s] for s in SECTIONS)
