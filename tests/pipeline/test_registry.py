@@ -37,7 +37,7 @@ from pipeline.registry.lineage import lineage_tags
 from pipeline.registry.register import RegisteredVersion, register_model
 from pipeline.registry.versions import download_model_dir
 from pipeline.stages.train import train_model
-from tests.pipeline.helpers import own_store
+from tests.pipeline.helpers import LogRecords, own_store
 from tests.pipeline.servers import free_port, server, server_env
 
 NAME = "measurement-vae"
@@ -90,15 +90,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
         yield Store(root)
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @dataclass(frozen=True)
 class Registered:
     version: RegisteredVersion
@@ -110,7 +101,7 @@ def registered(store: Store) -> Registered:
     """Version 1 of NAME: the 10-epoch model with its held-out metrics, @challenger."""
     metrics = {"log_likelihood": -12.5, "elbo": -13.0, "log_likelihood_stderr": None,
                "per_feature_reconstruction": {f"x{j}": -2.0 - j for j in range(6)}}
-    mlflow_log, records = logging.getLogger("mlflow"), Records()  # MLflow's loggers do not propagate to the root
+    mlflow_log, records = logging.getLogger("mlflow"), LogRecords()  # MLflow's loggers do not propagate to the root
     mlflow_log.addHandler(records)
     try:
         v = register_model(store.model(10), store.params(), metrics=metrics, table=store.test)
