@@ -61,11 +61,12 @@ def test_the_flows_held_out_figure_is_the_true_gaussians_within_estimation_error
 def test_the_flows_figure_carries_the_jacobian_and_a_rerun_repeats_it():
     """Standardization makes the flow's fit blind to the columns' scale, so scaling the table by
     (1000, 0.01) must move the figure by exactly -log 1000 - log 0.01 nats/row (the Jacobian of the
-    change of units), and the same seed must give the same figure."""
+    change of units), and the same seed must give the same figure. Both hold at any epoch count;
+    after 20 the flow is a trained one (within 0.05 nats/row of the truth on this table)."""
     train, test, _ = _gaussian_table(seed=1)
     scale = np.array([1000.0, 0.01])
-    nats, _, _ = nsf_fit(train, test, seed=0, max_epochs=60)
-    again, _, _ = nsf_fit(train, test, seed=0, max_epochs=60)
-    scaled, _, _ = nsf_fit(train * scale, test * scale, seed=0, max_epochs=60)
+    nats, _, _ = nsf_fit(train, test, seed=0, max_epochs=20)
+    again, _, _ = nsf_fit(train, test, seed=0, max_epochs=20)
+    scaled, _, _ = nsf_fit(train * scale, test * scale, seed=0, max_epochs=20)
     assert again == nats
     assert scaled - nats == pytest.approx(-np.log(scale).sum(), abs=1e-3)

@@ -1,4 +1,8 @@
-"""`dvc repro` in a temporary git copy of the project: builds everything, then does nothing."""
+"""`dvc repro` in a temporary git copy of the project: builds everything, then does nothing.
+
+One copy for the module, built once (`built`: the first `dvc repro`, then a commit); each test that
+uses it starts from that commit (`repo`: the workspace restored with git and `dvc checkout`, no
+stage rerun), so none depends on another having run before it."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ def _sh(args, cwd, env):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
+def built(tmp_path_factory):
     repo = tmp_path_factory.mktemp("dvc-repo")
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
@@ -43,13 +47,26 @@ def repo(tmp_path_factory):
     _sh(["git", "init", "-q"], repo, env)
     _sh(["git", "add", "-A"], repo, env)
     _sh(["git", "commit", "-qm", "copy"], repo, env)
+    _sh([sys.executable, "-m", "dvc", "repro"], repo, env)
+    _sh(["git", "add", "-A"], repo, env)
+    _sh(["git", "commit", "-qm", "repro"], repo, env)
     return repo, env
+
+
+@pytest.fixture
+def repo(built):
+    """The built copy as committed: tracked files from git, untracked ones removed, the outs of
+    dvc.lock from the DVC cache. The MLflow store keeps what earlier tests registered."""
+    path, env = built
+    _sh(["git", "checkout", "-q", "--", "."], path, env)
+    _sh(["git", "clean", "-fdq"], path, env)
+    _sh([sys.executable, "-m", "dvc", "checkout", "--force"], path, env)
+    return path, env
 
 
 def test_repro_builds_then_does_nothing(repo):
     path, env = repo
     dvc = [sys.executable, "-m", "dvc"]
-    _sh([*dvc, "repro"], path, env)
     metrics = json.loads((path / "reports" / "metrics.json").read_text())
     assert metrics["n_rows"] == 80 and metrics["iw_samples"] == 20
     assert (path / "models" / "vae" / "model.json").exists()
@@ -74,8 +91,6 @@ def test_forced_rerun_gives_the_same_hashes(repo):
 
 def test_exp_run_with_a_param(repo):
     path, env = repo
-    _sh(["git", "add", "-A"], path, env)
-    _sh(["git", "commit", "-qm", "repro"], path, env)
     metrics_before = json.loads((path / "reports" / "metrics.json").read_text())
     out = _sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.epochs=5"], path, env)
     assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out

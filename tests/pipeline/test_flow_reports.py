@@ -1,19 +1,24 @@
 """What a training flow run tells its user: a few progress lines, and the gate's decision in its
-final state, its last log line and its metrics artifact (real flow runs, a real MLflow store)."""
+final state, its last log line and its metrics artifact (real flow runs, a real MLflow store).
+The first run (`first`, a module fixture) makes the champion that the worse run is compared with,
+whichever of the two tests runs first."""
 
 from __future__ import annotations
 
 import logging
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipeline.io.sources import synthetic_table
 from pipeline.orchestration.flows import training_flow
 from pipeline.orchestration.progress import TrainingProgress
-from tests.pipeline.helpers import FAST, own_store
+from tests.pipeline.helpers import FAST, LogRecords, own_store
 from vae import EpochStats
 
 
@@ -24,12 +29,20 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield root
 
 
-@pytest.fixture
-def task_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """The INFO lines of the flow's and its tasks' run loggers (they reach the root logger)."""
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
-        caplog.set_level(logging.INFO, logger=name)
-    yield caplog
+@contextmanager
+def task_log() -> Iterator[list[logging.LogRecord]]:
+    """The INFO lines of the flow's and its tasks' run loggers while the block runs."""
+    handler, loggers = LogRecords(), [logging.getLogger(n) for n in ("prefect.task_runs", "prefect.flow_runs")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+        lg.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
 
 
 def _run(store: Path, name: str, rows: int, seed: int, *extra: str):
@@ -39,12 +52,29 @@ def _run(store: Path, name: str, rows: int, seed: int, *extra: str):
     return training_flow(overrides=overrides, out=str(store / "models" / name), return_state=True)
 
 
-def test_first_run_says_it_promoted_v1_and_logs_a_few_progress_lines(prefect_harness, store, task_log) -> None:
-    state = _run(store, "good", 400, 1, "train.epochs=60", "train.early_stopping_patience=60")
+@dataclass(frozen=True)
+class FirstRun:
+    state: Any  # the flow run's final state
+    records: list[logging.LogRecord]  # its run loggers' lines
+    artifact: Any  # the "metrics" artifact just after it
+
+
+@pytest.fixture(scope="module")
+def first(prefect_harness, store) -> FirstRun:
+    """The first run of the store: 400 rows, 60 selection epochs; version 1 becomes the champion."""
+    from prefect.artifacts import Artifact
+
+    with task_log() as records:
+        state = _run(store, "good", 400, 1, "train.epochs=60", "train.early_stopping_patience=60")
+    return FirstRun(state, records, Artifact.get("metrics"))
+
+
+def test_first_run_says_it_promoted_v1_and_logs_a_few_progress_lines(first: FirstRun) -> None:
+    state = first.state
     assert state.is_completed() and state.name == "Promoted v1", state
     assert re.fullmatch(r"promoted v1, the first champion \(-?\d+\.\d{3} nats/row held out\)", state.message), state.message
     assert state.result()["decision"] == state.message
-    lines = [r.getMessage() for r in task_log.records if r.name == "prefect.task_runs"]
+    lines = [r.getMessage() for r in first.records if r.name == "prefect.task_runs"]
     epochs = [line for line in lines if re.match(r"(refit on all rows, )?epoch \d+/\d+ ", line)]
     refit = sum(line.startswith("refit on all rows, epoch") for line in epochs)
     # 60 selection epochs and a refit: every 10 % of a stage (or 30 s), its first and last epoch
@@ -52,17 +82,15 @@ def test_first_run_says_it_promoted_v1_and_logs_a_few_progress_lines(prefect_har
     assert epochs[0].startswith("epoch 1/60 ") and "elapsed" in epochs[0] and "left in this stage" in epochs[0]
     assert any(line.startswith("selection over after") and "refit on all rows" in line for line in lines), lines
     assert "refit done" in epochs[-1]
-    flow_lines = [r.getMessage() for r in task_log.records if r.name == "prefect.flow_runs"]
+    flow_lines = [r.getMessage() for r in first.records if r.name == "prefect.flow_runs"]
     assert state.message in flow_lines  # the decision, streamed by `prefect deployment run --watch`
 
-    from prefect.artifacts import Artifact
-
-    artifact = Artifact.get("metrics")
+    artifact = first.artifact
     assert artifact is not None and "challenger v1" in str(artifact.data)
     assert artifact.description.startswith(state.message)
 
 
-def test_a_worse_run_says_it_was_refused_and_which_version_stays(prefect_harness, store) -> None:
+def test_a_worse_run_says_it_was_refused_and_which_version_stays(prefect_harness, store, first: FirstRun) -> None:
     state = _run(store, "small", 40, 3)  # 20 rows to fit 6 columns: a worse model on its own test rows
     assert state.is_completed() and state.name == "Champion kept v1", state
     found = re.fullmatch(r"refused: v2 scores (-?\d+\.\d{3}) nats/row held out, not above v1's (-?\d+\.\d{3}); "

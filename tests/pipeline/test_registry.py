@@ -1,4 +1,8 @@
-"""Register, promote and load back through a real MLflow sqlite store (one per module: migrations cost seconds)."""
+"""Register, promote and load back through a real MLflow sqlite store (one per module: migrations cost seconds).
+
+What several tests read is made once by a module fixture, whichever test asks first: `registered`
+(version 1 of measurement-vae, @challenger only), `crowned` (then promoted: @champion),
+`second` (version 1 of second-vae, never a champion). No test depends on another having run."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import textwrap
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -27,12 +32,12 @@ from pipeline.errors import GateRefused, PipelineError, ValidationFailed
 from pipeline.io.sources import synthetic_table
 from pipeline.io.tables import write_table_atomic
 from pipeline.registry import plots
-from pipeline.registry.gate import promote
+from pipeline.registry.gate import Promotion, promote
 from pipeline.registry.lineage import lineage_tags
-from pipeline.registry.register import register_model
+from pipeline.registry.register import RegisteredVersion, register_model
 from pipeline.registry.versions import download_model_dir
 from pipeline.stages.train import train_model
-from tests.pipeline.helpers import own_store
+from tests.pipeline.helpers import LogRecords, own_store
 from tests.pipeline.servers import free_port, server, server_env
 
 NAME = "measurement-vae"
@@ -46,7 +51,7 @@ SETTINGS = [
 
 
 class Store:
-    """The module's store, tables and models; tests below run in file order and build on each other."""
+    """The module's store, tables and models."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -68,12 +73,53 @@ class Store:
             self.models[epochs] = out
         return self.models[epochs]
 
+    def other_model(self) -> Path:
+        """A model of another table ('x0', 'x1', 'x2', 'depth'), trained once."""
+        out = self.root / "other-model"
+        if not (out / "model.json").exists():
+            other = write_table_atomic(synthetic_table(200, 4, seed=3).rename(columns={"x3": "depth"}),
+                                       self.root / "other.parquet")
+            train_model(other, out, self.params("train.epochs=3"))
+        return out
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     root = tmp_path_factory.mktemp("registry").resolve()
     with own_store(root):
         yield Store(root)
+
+
+@dataclass(frozen=True)
+class Registered:
+    version: RegisteredVersion
+    records: list[logging.LogRecord]  # what MLflow logged while registering
+
+
+@pytest.fixture(scope="module")
+def registered(store: Store) -> Registered:
+    """Version 1 of NAME: the 10-epoch model with its held-out metrics, @challenger."""
+    metrics = {"log_likelihood": -12.5, "elbo": -13.0, "log_likelihood_stderr": None,
+               "per_feature_reconstruction": {f"x{j}": -2.0 - j for j in range(6)}}
+    mlflow_log, records = logging.getLogger("mlflow"), LogRecords()  # MLflow's loggers do not propagate to the root
+    mlflow_log.addHandler(records)
+    try:
+        v = register_model(store.model(10), store.params(), metrics=metrics, table=store.test)
+    finally:
+        mlflow_log.removeHandler(records)
+    return Registered(v, records.records)
+
+
+@pytest.fixture(scope="module")
+def crowned(registered: Registered, store: Store) -> Promotion:
+    """Version 1 of NAME promoted: there was no champion."""
+    return promote(store.params(), store.test)
+
+
+@pytest.fixture(scope="module")
+def second(store: Store) -> RegisteredVersion:
+    """Version 1 of second-vae, @challenger; no test makes it a champion."""
+    return register_model(store.model(10), store.params("register.model_name=second-vae"))
 
 
 def champion(name: str = NAME) -> str | None:
@@ -84,20 +130,12 @@ def champion(name: str = NAME) -> str | None:
 # ---------------------------------------------------------------- register
 
 
-def test_register_logs_the_run_and_creates_version_1_as_challenger(
-    store: Store, caplog: pytest.LogCaptureFixture
-) -> None:
-    metrics = {"log_likelihood": -12.5, "elbo": -13.0, "log_likelihood_stderr": None,
-               "per_feature_reconstruction": {f"x{j}": -2.0 - j for j in range(6)}}
-    mlflow_log = logging.getLogger("mlflow")  # MLflow's loggers do not propagate to the root
-    mlflow_log.addHandler(caplog.handler)
-    try:
-        v = register_model(store.model(10), store.params(), metrics=metrics, table=store.test)
-    finally:
-        mlflow_log.removeHandler(caplog.handler)
-    assert any(r.name.startswith("mlflow.pyfunc") for r in caplog.records), caplog.text  # it hears MLflow
+def test_register_logs_the_run_and_creates_version_1_as_challenger(registered: Registered) -> None:
+    v, records = registered.version, registered.records
+    text = "\n".join(r.getMessage() for r in records)
+    assert any(r.name.startswith("mlflow.pyfunc") for r in records), text  # it hears MLflow
     # logged from code: MLflow's "serialized using CloudPickle ... arbitrary code" warning is not given
-    assert not [r for r in caplog.records if "CloudPickle" in r.getMessage()], caplog.text
+    assert not [r for r in records if "CloudPickle" in r.getMessage()], text
     client = MlflowClient()
     assert (v.name, v.version, v.alias, v.model_uri) == (NAME, "1", "challenger", f"models:/{NAME}/1")
     assert "MLFLOW_REGISTRY_URI" not in os.environ  # a process-global registry would outlive this store
@@ -117,14 +155,15 @@ def test_register_logs_the_run_and_creates_version_1_as_challenger(
             "plots/traversals.png", "plots/per_feature_reconstruction.png"} <= artifacts
 
 
-def test_registered_version_holds_the_model_directory_without_its_checkpoint(store: Store) -> None:
+def test_registered_version_holds_the_model_directory_without_its_checkpoint(registered: Registered) -> None:
     path = download_model_dir(f"models:/{NAME}/1")
     assert {"model.json", "weights.pt", "history.csv"} <= {p.name for p in path.iterdir()}
     assert not (path / "checkpoint.pt").exists()
     assert download_model_dir(f"models:/{NAME}@challenger") == path  # cached, reused
 
 
-def test_register_refuses_a_bad_model_dir_before_writing_anything(store: Store, tmp_path: Path) -> None:
+def test_register_refuses_a_bad_model_dir_before_writing_anything(
+        store: Store, registered: Registered, tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="model.json"):
         register_model(tmp_path, store.params())
     assert [str(m.version) for m in MlflowClient().search_model_versions(f"name = '{NAME}'")] == ["1"]
@@ -146,12 +185,12 @@ def test_lineage_takes_the_data_hash_from_dvc_lock_when_it_names_the_training_ta
 
 
 @pytest.mark.parametrize(("ref", "says"), [
-    (f"models:/{NAME}@champion", "no such alias; registered aliases: challenger"),
+    ("models:/second-vae@champion", "no such alias; registered aliases: challenger"),
     ("models:/no-such-model@champion", "no registered model named 'no-such-model'"),
     (f"models:/{NAME}/9", "no such version; versions of measurement-vae: 1"),
     ("models:/", "expected models:/NAME@ALIAS or models:/NAME/VERSION"),
 ])
-def test_download_errors_name_the_ref(store: Store, ref: str, says: str) -> None:
+def test_download_errors_name_the_ref(registered: Registered, second: RegisteredVersion, ref: str, says: str) -> None:
     with pytest.raises(PipelineError) as info:
         download_model_dir(ref)
     assert str(info.value).startswith(ref) and says in str(info.value)
@@ -160,8 +199,8 @@ def test_download_errors_name_the_ref(store: Store, ref: str, says: str) -> None
 # ---------------------------------------------------------------- promote
 
 
-def test_promote_without_a_champion_promotes_the_challenger(store: Store) -> None:
-    result = promote(store.params(), store.test)
+def test_promote_without_a_champion_promotes_the_challenger(crowned: Promotion) -> None:
+    result = crowned
     assert result.promoted and result.challenger_version == "1" and result.champion_version is None
     assert result.challenger_log_likelihood is not None and np.isfinite(result.challenger_log_likelihood)
     assert champion() == "1"
@@ -169,7 +208,7 @@ def test_promote_without_a_champion_promotes_the_challenger(store: Store) -> Non
     assert tags["validation_status"] == "passed" and "promoted_at" in tags
 
 
-def test_promoting_the_champion_again_does_nothing(store: Store) -> None:
+def test_promoting_the_champion_again_does_nothing(store: Store, crowned: Promotion) -> None:
     result = promote(store.params(), store.test)
     assert not result.promoted and "already @champion" in result.message and champion() == "1"
 
@@ -210,16 +249,15 @@ def test_a_better_challenger_passes_only_by_min_improvement(store: Store) -> Non
     assert champion("gate-better") == "2"
 
 
-def test_a_first_champion_needs_a_table_that_passes_validation(store: Store) -> None:
+def test_a_first_champion_needs_a_table_that_passes_validation(store: Store, second: RegisteredVersion) -> None:
     params = store.params("register.model_name=second-vae")
-    register_model(store.model(10), params)
     trending = write_table_atomic(store.test_frame.sort_values("x0"), store.root / "sorted.parquet")
     with pytest.raises(ValidationFailed, match="sorted.parquet fails validation against version 1 of second-vae"):
         promote(params, trending)
     assert champion("second-vae") is None
 
 
-def test_promote_needs_a_challenger(store: Store) -> None:
+def test_promote_needs_a_challenger(store: Store, registered: Registered) -> None:
     with pytest.raises(PipelineError, match="no challenger: run vaepipe register first"):
         promote(store.params("register.model_name=nothing-here"), store.test)
     with pytest.raises(PipelineError, match="no such version"):
@@ -241,7 +279,7 @@ PREDICT = textwrap.dedent("""
 """)
 
 
-def test_champion_loads_and_embeds_in_a_fresh_process(store: Store) -> None:
+def test_champion_loads_and_embeds_in_a_fresh_process(store: Store, crowned: Promotion) -> None:
     env = os.environ | {"MLFLOW_TRACKING_URI": store.uri}
     done = subprocess.run([sys.executable, "-c", PREDICT, str(store.test)], env=env, cwd=store.root,
                           capture_output=True, text=True, timeout=120)
@@ -252,7 +290,7 @@ def test_champion_loads_and_embeds_in_a_fresh_process(store: Store) -> None:
     assert out["anomaly"] == "bool"
 
 
-def test_signature_lists_typed_inputs_and_outputs_and_no_pickle_is_logged(store: Store) -> None:
+def test_signature_lists_typed_inputs_and_outputs_and_no_pickle_is_logged(store: Store, crowned: Promotion) -> None:
     info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
     inputs = {c["name"]: c["type"] for c in info.signature.inputs.to_dict()}
     assert inputs == {"row_id": "long", **{f"x{j}": "double" for j in range(6)}}
@@ -263,7 +301,7 @@ def test_signature_lists_typed_inputs_and_outputs_and_no_pickle_is_logged(store:
     assert "model_code_path" in (local / "MLmodel").read_text()
 
 
-def test_predict_names_a_missing_column_and_ignores_an_extra_one(store: Store) -> None:
+def test_predict_names_a_missing_column_and_ignores_an_extra_one(store: Store, crowned: Promotion) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     with pytest.raises(mlflow.exceptions.MlflowException, match=r"missing inputs \['x3'\]"):
         model.predict(store.test_frame.drop(columns=["x3"]))
@@ -271,7 +309,7 @@ def test_predict_names_a_missing_column_and_ignores_an_extra_one(store: Store) -
     pd.testing.assert_frame_equal(model.predict(store.test_frame.assign(extra=1.0)), expected)
 
 
-def test_predict_warns_about_drifted_columns(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+def test_predict_warns_about_drifted_columns(store: Store, crowned: Promotion, caplog: pytest.LogCaptureFixture) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     frame = store.test_frame
     with caplog.at_level("WARNING", logger="pipeline.registry.pyfunc"):
@@ -286,7 +324,7 @@ def test_predict_warns_about_drifted_columns(store: Store, caplog: pytest.LogCap
     (lambda df: df.drop(columns=["x3"]), "missing column 'x3'"),
     (lambda df: df.assign(extra=1.0), "extra column 'extra'"),
 ])
-def test_the_table_contract_names_missing_and_extra_columns(store: Store, change, says: str) -> None:
+def test_the_table_contract_names_missing_and_extra_columns(store: Store, crowned: Promotion, change, says: str) -> None:
     """A bad request is the client's fault: an MlflowException with a 400 code (the server's answer)."""
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").unwrap_python_model()
     with pytest.raises(mlflow.exceptions.MlflowException, match=says) as raised:
@@ -294,7 +332,7 @@ def test_the_table_contract_names_missing_and_extra_columns(store: Store, change
     assert raised.value.get_http_status_code() == 400
 
 
-def test_predict_names_the_column_and_row_of_a_nan_cell(store: Store) -> None:
+def test_predict_names_the_column_and_row_of_a_nan_cell(store: Store, crowned: Promotion) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     frame = store.test_frame.copy()
     frame.loc[3, "x2"] = np.nan
@@ -305,7 +343,7 @@ def test_predict_names_the_column_and_row_of_a_nan_cell(store: Store) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(store: Store) -> Iterator[str]:
+def served(store: Store, crowned: Promotion) -> Iterator[str]:
     """`mlflow models serve` of the champion on a free port (its own process, like a user's)."""
     port = free_port()
     args = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
@@ -374,12 +412,10 @@ def test_plots_cover_one_many_latent_dims_and_many_features(tmp_path: Path) -> N
 
 
 
-def test_a_model_of_another_table_is_not_registered_under_the_champions_name(store: Store) -> None:
+def test_a_model_of_another_table_is_not_registered_under_the_champions_name(
+        store: Store, crowned: Promotion) -> None:
     """Its columns are not the champion's: no comparison, no new version, a message naming the key."""
-    other = write_table_atomic(synthetic_table(200, 4, seed=3).rename(columns={"x3": "depth"}),
-                               store.root / "other.parquet")
-    out = store.root / "other-model"
-    train_model(other, out, store.params("train.epochs=3"))
+    other, out = store.root / "other.parquet", store.other_model()
     before = [v.version for v in MlflowClient().search_model_versions(f"name = '{NAME}'")]
     with pytest.raises(PipelineError, match=r"missing columns 'x3', 'x4', 'x5'.*register\.model_name=other-vae"):
         register_model(out, store.params(f"data.source={other}"))
@@ -391,7 +427,7 @@ def test_a_model_of_another_table_is_not_registered_under_the_champions_name(sto
 def test_the_gate_names_the_key_when_two_versions_hold_different_tables(store: Store) -> None:
     """Versions of two tables under one name (registered while there was no champion, or before
     registration checked): promote says what to do instead of failing to evaluate the champion."""
-    other = store.root / "other-model"  # trained above on 'x0', 'x1', 'x2', 'depth'
+    other = store.other_model()
     params = store.params("register.model_name=mixed")
     first = register_model(store.model(10), params)
     second = register_model(other, params)

@@ -1,9 +1,9 @@
 """Scheduled retraining for real: `prefect server start`, `vaepipe serve`, `prefect deployment run`.
 
 One project copy (git + DVC, a local DVC remote), one Prefect server and one served deployment
-for the module; the tests run in file order and build on each other: a good table makes version 1
-the champion, a small table registers version 2 and the gate keeps version 1, a drifted table fails
-validation naming its drifted columns and registers nothing.
+for the module. Three triggered runs build on each other, so one test makes them in turn: a good
+table makes version 1 the champion, a small table registers version 2 and the gate keeps version 1,
+a drifted table fails validation naming its drifted columns and registers nothing.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def test_deployment_is_served_on_its_cron(project: Project) -> None:
     assert deployment["parameters"]["dvc"] is True
 
 
-def test_a_triggered_run_registers_a_champion_and_versions_it_with_dvc(project: Project) -> None:
+def _a_triggered_run_registers_a_champion_and_versions_it_with_dvc(project: Project) -> None:
     project.drop(synthetic_table(400, COLS, seed=1))
     code, run = project.run()
     assert code == 0 and run["state"]["type"] == "COMPLETED", project.log.read_text()[-3000:]
@@ -141,7 +141,7 @@ def test_a_triggered_run_registers_a_champion_and_versions_it_with_dvc(project: 
     assert "up to date" in status.stdout, status.stdout  # dvc.lock matches the workspace
 
 
-def test_a_run_on_clearly_worse_data_leaves_the_champion(project: Project) -> None:
+def _a_run_on_clearly_worse_data_leaves_the_champion(project: Project) -> None:
     before = project.lock_md5("prepare", "data/prepared")
     project.drop(synthetic_table(40, COLS, seed=3))  # 29 training rows for 8 columns: a worse fit
     code, run = project.run()
@@ -155,7 +155,7 @@ def test_a_run_on_clearly_worse_data_leaves_the_champion(project: Project) -> No
     assert project.lock_md5("prepare", "data/prepared") != before  # this run's data is versioned too
 
 
-def test_a_run_on_drifted_data_fails_validation_and_registers_nothing(project: Project) -> None:
+def _a_run_on_drifted_data_fails_validation_and_registers_nothing(project: Project) -> None:
     lock = (project.repo / "dvc.lock").read_text()
     drifted = synthetic_table(400, COLS, seed=4)
     for col, sd in (("x1", 1.0), ("x3", -1.5)):
@@ -169,3 +169,10 @@ def test_a_run_on_drifted_data_fails_validation_and_registers_nothing(project: P
     assert not any(f"'x{j}'" in message for j in (0, 2, 4, 5, 6, 7))
     assert project.versions() == ["1", "2"] and project.champion() == "1"
     assert (project.repo / "dvc.lock").read_text() == lock
+
+
+def test_triggered_runs_promote_a_champion_keep_it_against_worse_data_and_refuse_drifted_data(
+        project: Project) -> None:
+    _a_triggered_run_registers_a_champion_and_versions_it_with_dvc(project)
+    _a_run_on_clearly_worse_data_leaves_the_champion(project)  # version 1 is the champion to keep
+    _a_run_on_drifted_data_fails_validation_and_registers_nothing(project)  # versions 1 and 2 stay

@@ -27,9 +27,9 @@ def test_mlp_vae_beats_ppca_on_a_curved_manifold(latent_dim):
     linear = ppca_heldout_loglik(train, test, latent_dim, standardize=True)
     torch.manual_seed(0)
     model = vae.VAE(vae.describe_table(train), vae.ModelConfig(latent_dim=latent_dim, hidden_dims=(64, 64)))
-    cfg = vae.TrainConfig(epochs=50, lr=3e-3, val_fraction=0.1, early_stopping_patience=1000, device="cpu")
+    cfg = vae.TrainConfig(epochs=25, lr=3e-3, val_fraction=0.1, early_stopping_patience=1000, device="cpu")
     vae.fit(model, train, cfg)
     ev = vae.evaluate(model, test, iw_samples=100, seed=0)
-    # measured at 50 epochs: +11.6 (k=1) and +18.7 (k=2) nats/row; 5 is far beyond noise
+    # measured at 25 epochs: +17.5 (k=1) and +17.3 (k=2) nats/row (at 50: +20.5, +18.8); 5 is far beyond noise
     assert ev.log_likelihood > linear + 5.0, (ev.log_likelihood, linear)
     assert ev.elbo <= ev.log_likelihood + 3 * ev.log_likelihood_stderr
