@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -198,6 +199,11 @@ def cmd_run(a: argparse.Namespace, p: Params) -> int:
 
     check_store()  # the flow ends in the registry: a dead server fails now, not after training
     check_prefect_api()
+    if not os.environ.get("PREFECT_API_URL"):
+        # Prefect starts a temporary server for this run; on a fresh PREFECT_HOME its telemetry task
+        # races the database migration and prints a "database is locked" traceback. A server that
+        # lives for one run has nothing to report: off unless the user set it.
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from pipeline.orchestration.flows import training_flow
 
     _quiet_user_tracebacks(a.debug)
@@ -230,8 +236,6 @@ def _summary_paths(a: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 
 def cmd_serve(a: argparse.Namespace, p: Params) -> int:
-    import os
-
     if not os.environ.get("PREFECT_API_URL"):
         raise PipelineError("serve needs a Prefect server: run `prefect server start` and set "
                             "PREFECT_API_URL=http://127.0.0.1:4200/api")

@@ -38,10 +38,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu run where CUDA is, and are skipped elsewhere."""
+    """Files holding a test marked slow (a minute or more each) run first, so that under
+    `--dist loadfile` the two workers end together instead of one waiting on a long file that
+    started last. Tests marked gpu run where CUDA is, and are skipped elsewhere."""
     import pytest
     import torch
 
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group stays
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

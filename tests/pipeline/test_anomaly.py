@@ -66,6 +66,7 @@ def test_new_rows_are_flagged_at_the_configured_rate(tmp_path: Path) -> None:
     assert QUANTILE / 2 <= flagged / rows <= 2 * QUANTILE, f"{flagged} of {rows} test rows flagged"
 
 
+@pytest.mark.slow  # ten trainings with the default settings
 def test_new_rows_are_flagged_at_the_default_quantile(tmp_path: Path) -> None:
     """embed.anomaly_quantile 0.01 and every other setting the default (the pipeline's split: a
     --val table, 114 test rows), breast_cancer, ten splits: about 11 flags expected among 1140 test

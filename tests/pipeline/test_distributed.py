@@ -21,6 +21,8 @@ from tests.vae.closed_form import affine_vae_loglik, ppca_heldout_loglik
 from tests.vae.conftest import ppca_rows
 from vae import load_checkpoint, load_model
 
+pytestmark = pytest.mark.slow  # two torchrun trainings of two processes each (about a minute)
+
 REPO = Path(__file__).resolve().parents[2]
 # pPCA as an affine VAE with a shared variance, no scaling: its exact p(y) is closed-form
 SETTINGS = ["model.hidden_dims=[]", "model.decoder_variance=shared", "model.likelihood=gaussian",

@@ -1,4 +1,5 @@
 """`dvc repro` in a temporary git copy of the project: builds everything, then does nothing.
+(`dvc exp run -S`: test_user_table.py.)
 
 One copy for the module, built once (`built`: the first `dvc repro`, then a commit); each test that
 uses it starts from that commit (`repo`: the workspace restored with git and `dvc checkout`, no
@@ -17,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # runs the whole pipeline in subprocesses (minutes)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,17 +90,6 @@ def test_forced_rerun_gives_the_same_hashes(repo):
     out = _sh([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", *stages], path, env)
     assert all(f"Running stage '{s}'" in out for s in stages), out
     assert (path / "dvc.lock").read_text() == lock
-
-
-def test_exp_run_with_a_param(repo):
-    path, env = repo
-    metrics_before = json.loads((path / "reports" / "metrics.json").read_text())
-    out = _sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.epochs=5"], path, env)
-    assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
-    assert yaml.safe_load((path / "params.yaml").read_text())["train"]["epochs"] == 5
-    history = (path / "models" / "vae" / "history.csv").read_text()
-    assert history.count(",select\n") == 5  # then the refit's epochs on all rows (train.refit)
-    assert json.loads((path / "reports" / "metrics.json").read_text()) != metrics_before
 
 
 def test_plots_show_labelled_curves_over_an_epoch_count_that_runs_on_through_the_refit(repo):

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from tests.pipeline.servers import free_port, server_env, wait_http
 from tests.pipeline.user_project import NAME, ROOT, Repo, measurements, project_copy
+
+pytestmark = pytest.mark.slow  # runs the whole pipeline in subprocesses (minutes)
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,16 @@ def test_a_changed_table_reruns_the_pipeline(built: tuple[Repo, Built]) -> None:
 
 
 def test_an_experiment_moves_no_alias(repo: Repo) -> None:
+    """`dvc exp run -S`: the stages the param reaches rerun, the new version is registered without an
+    alias, and promoting it afterwards goes through the gate."""
     before, versions = repo.aliases(), repo.versions()
     out = repo.dvc("exp", "run", "-S", "train.epochs=5").stdout
+    assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out, out
+    assert yaml.safe_load((repo.path / "params.yaml").read_text())["train"]["epochs"] == 5
+    history = (repo.path / "models" / "vae" / "history.csv").read_text()
+    assert history.count(",select\n") == 5  # then the refit's epochs on all rows (train.refit)
+    assert "Running stage 'evaluate'" in out, out  # (its figures may equal the last ones: on these 40
+    # test rows both fits can end at the closed-form start, when no epoch beats it)
     assert "Running stage 'register'" in out and "without an alias" in out, out
     assert repo.aliases() == before  # neither @challenger nor @champion moved, and no gate ran
     [new] = [v for v in repo.versions() if v not in versions]

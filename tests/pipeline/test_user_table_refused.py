@@ -9,6 +9,8 @@ import pytest
 
 from tests.pipeline.user_project import Repo, alternating, measurements, project_copy
 
+pytestmark = pytest.mark.slow  # runs the whole pipeline in subprocesses (minutes)
+
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Repo:
