@@ -28,7 +28,7 @@ run: install
 	@echo
 	@$(BIN)/vaepipe summary
 
-# Two pytest workers (pytest-xdist), a module per worker (module fixtures such as test_dvc's
+# Two pytest workers (pytest-xdist), a module per worker (module fixtures such as test_user_table's
 # repository stay whole): most tests wait on subprocesses, so two beat one even on 2 cores
 # (418 s vs 593-660 s on the 2-vCPU box). Each worker is its own session: its own Prefect harness,
 # Prefect home and MLflow store (tests/conftest.py). TEST_WORKERS=0 runs in one process.

@@ -1,9 +1,10 @@
-"""A user's own table, end to end (issue 17): real dvc in a temporary git copy of the project, real
-MLflow sqlite store at the project's default place, real Prefect flows, `mlflow models serve` on
-127.0.0.1. One copy for the module: `built` adds a table, runs the pipeline, changes the table and
-runs it again, then commits; each later test starts from that commit (the workspace restored with
-git and `dvc checkout`, no stage rerun), so none depends on another having run before it. Tables
-refused before training: test_user_table_refused.py."""
+"""A user's own table, end to end (issue 17), and `dvc repro` itself: real dvc in a temporary git
+copy of the project, real MLflow sqlite store at the project's default place, real Prefect flows,
+`mlflow models serve` on 127.0.0.1. One copy for the module (one build, shared by the tests of the
+pipeline through dvc): `built` adds a table, runs the pipeline, changes the table and runs it
+again, then commits; each later test starts from that commit (the workspace restored with git and
+`dvc checkout`, no stage rerun), so none depends on another having run before it. Tables refused
+before training: test_user_table_refused.py; what dvc.yaml declares: test_dvc.py."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import textwrap
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -180,3 +182,104 @@ def test_the_docs_serve_the_champion_as_written(repo: Repo) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     assert not (repo.path / "mlflow.db").exists()
+
+
+# `dvc repro` on the built project: builds everything (test_a_changed_table_reruns_the_pipeline),
+# then does nothing; no wall-clock time in any out; plots; `vaepipe summary`; code as a dependency.
+# The committed workspace holds the second build: geyser cut to 199 rows, version 2 registered.
+
+
+def _said(done: subprocess.CompletedProcess[str]) -> str:
+    return done.stdout + done.stderr
+
+
+def test_repro_builds_then_does_nothing(repo: Repo) -> None:
+    metrics = json.loads((repo.path / "reports" / "metrics.json").read_text())
+    assert metrics["n_rows"] == 40 and metrics["iw_samples"] == 20  # 20 % of 199 rows held out
+    assert (repo.path / "models" / "vae" / "model.json").exists()
+    assert json.loads((repo.path / "reports" / "registered.json").read_text())["version"] == "2"  # the second build's
+    second = _said(repo.dvc("repro"))
+    assert "up to date" in second.lower() and "Running stage" not in second
+    shown = _said(repo.dvc("metrics", "show", "--json"))
+    assert "log_likelihood" in shown
+
+
+def test_forced_rerun_gives_the_same_hashes(repo: Repo) -> None:
+    """No wall-clock time in any out: every stage but register (a registry side effect: a new version
+    unless registration is idempotent) runs again and dvc.lock comes out byte for byte the same."""
+    lock = (repo.path / "dvc.lock").read_text()
+    assert "seconds" not in (repo.path / "reports" / "history.csv").read_text().splitlines()[0]
+    stages = ["prepare", "validate", "train", "evaluate"]
+    out = _said(repo.dvc("repro", "--force", "--single-item", *stages))
+    assert all(f"Running stage '{s}'" in out for s in stages), out
+    assert (repo.path / "dvc.lock").read_text() == lock
+
+
+def test_plots_show_labelled_curves_over_an_epoch_count_that_runs_on_through_the_refit(repo: Repo) -> None:
+    """`dvc plots show`: ELBO and KL charts with labelled axes, x counting on through the refit (where
+    `epoch` starts again), no chart of another column (phase); its output folder is git-ignored."""
+    plots = json.loads(repo.dvc("plots", "show", "--json").stdout)["data"]
+    assert sorted(k.split("::")[-1] for k in plots) == ["ELBO per epoch", "KL per epoch"], list(plots)
+    for key, (plot,) in plots.items():
+        content = plot["content"]
+        text = json.dumps(content["encoding"]) + json.dumps(content["layer"])
+        assert '"phase"' not in text and '"field": "epoch"' not in text, key
+        assert content["encoding"]["x"] == {"field": "total_epoch", "type": "quantitative",
+                                            "title": "epoch, counted over both stages"}
+        assert "nats / row" in text, key
+    history = pd.read_csv(repo.path / "reports" / "history.csv")
+    assert (history["phase"] == "refit").any() and history["epoch"].is_monotonic_increasing is False
+    assert history["total_epoch"].tolist() == list(range(1, len(history) + 1))
+    assert list(history.columns[1:]) == ["epoch", "step", "beta", "lr", "train_elbo", "train_recon", "train_kl",
+                                         "val_elbo", "val_recon", "val_kl", "phase"]
+    repo.dvc("plots", "show")
+    assert (repo.path / "dvc_plots" / "index.html").exists()
+    assert repo.sh("git", "check-ignore", "-q", "dvc_plots/index.html", ok=None).returncode == 0
+
+
+def test_summary_says_what_the_run_gave_in_a_few_lines(repo: Repo) -> None:
+    """`make run` ends with `vaepipe summary`, not the metrics JSON: the held-out log-likelihood beside
+    the full Gaussian, where the model, plots and MLflow UI are, and @champion."""
+    assert "\t@$(BIN)/vaepipe summary" in (ROOT / "Makefile").read_text().split("\nrun:", 1)[1].split("\n\n")[0]
+    out = _said(repo.dvc("repro", "--force", "--single-item", "evaluate"))
+    assert "kl_per_dim" not in out and "log_likelihood" not in out, out  # the JSON went to reports/metrics.json
+    done = repo.vaepipe("summary")
+    assert done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    metrics = json.loads((repo.path / "reports" / "metrics.json").read_text())
+    ll, full = metrics["log_likelihood"], metrics["baselines"]["full_gauss"]
+    assert len(lines) <= 10, done.stdout
+    assert lines[0].startswith(f"log-likelihood: {ll:.3f} ± {metrics['log_likelihood_stderr']:.3f} nats/row on 40 "
+                               "held-out rows"), lines[0]
+    assert f"full-covariance Gaussian: {full:.3f} nats/row; the VAE adds {ll - full:+.3f} nats/row" in done.stdout
+    assert "model directory: models/vae" in lines
+    version = json.loads((repo.path / "reports" / "registered.json").read_text())["version"]  # 2: the second build's
+    assert re.search(rf"model: registered as models:/{NAME}/{version} \(MLflow run 'geyser 143x3 "
+                     r"\d{4}-\d\d-\d\d \d\d:\d\d'\); (promoted|refused) ", done.stdout), done.stdout
+    # 143 training rows: 199, less 40 (20 %) for test, less 16 (10 % of the other 159) for validation.
+    # @champion: the first build's version 1, or a version test_an_experiment_moves_no_alias promoted
+    champion = repo.aliases()["champion"]
+    mine = " (this run's model)" if version == champion else ""
+    assert f"@champion: models:/{NAME}/{champion}{mine}, held-out log-likelihood " in done.stdout
+    plots = next(line for line in lines if line.startswith("plots: "))[7:].split(" (")[0]
+    assert (Path(plots) / "loss_curves.png").is_file(), plots
+    assert (f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{repo.path / 'mlflow' / 'mlflow.db'}; then http://"
+            in done.stdout)
+    assert "`dvc plots show` writes dvc_plots/index.html" in done.stdout
+
+
+def test_a_change_under_vae_reruns_evaluate(repo: Repo) -> None:
+    """A change to the library (here a baseline's file) makes every stage stale, evaluate included
+    (it used to depend on pipeline/evaluate.py only, and kept metrics.json from the old code)."""
+    repo.dvc("repro")
+    assert "up to date" in _said(repo.dvc("status")).lower()
+    baselines = repo.path / "vae" / "baselines.py"
+    before = baselines.read_text()
+    try:
+        baselines.write_text(before + "\n# a change\n")
+        status = json.loads(_said(repo.dvc("status", "--json")))
+        assert {"prepare", "validate", "train", "evaluate", "register"} <= set(status), status
+        assert {"changed deps": {"vae": "modified"}} in status["evaluate"], status["evaluate"]
+    finally:
+        baselines.write_text(before)
+    assert "up to date" in _said(repo.dvc("status")).lower()

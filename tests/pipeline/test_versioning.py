@@ -1,6 +1,6 @@
 """dvc.yaml describes the pipeline once: `vaepipe run --dvc` reads its stages and the paths they
 write from it (pipeline.orchestration.versioning), and refuses a dvc.yaml it could not follow. The
-flow and `dvc repro` running for real: test_scheduled.py and test_dvc.py."""
+flow and `dvc repro` running for real: test_scheduled.py and test_user_table.py."""
 
 from __future__ import annotations
 
