@@ -19,6 +19,15 @@ def prefect_harness():
 
 
 @pytest.fixture
+def prefect_api(prefect_harness) -> str:
+    """The harness server's API URL, for a `vaepipe run` in a subprocess (PREFECT_API_URL): that run
+    then skips starting a temporary Prefect server of its own (test_user_table_refused.py keeps one)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+@pytest.fixture
 def table_path(tmp_path):
     path = tmp_path / "table.parquet"
     clean_table().to_parquet(path, index=False)

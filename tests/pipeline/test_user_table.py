@@ -117,7 +117,7 @@ def test_an_experiment_moves_no_alias(repo: Repo) -> None:
     assert repo.aliases()["champion"] == (new if promoted.returncode == 0 else before["champion"])
 
 
-def test_another_table_needs_a_name_of_its_own(repo: Repo) -> None:
+def test_another_table_needs_a_name_of_its_own(repo: Repo, prefect_api: str) -> None:
     other = repo.path / "data" / "tables" / "cells.csv"
     measurements(seed=2).rename(columns={"a": "area", "b": "width", "c": "depth"}).to_csv(other, index=False)
     repo.set_params(data={"source": "data/tables/cells.csv"})
@@ -126,7 +126,7 @@ def test_another_table_needs_a_name_of_its_own(repo: Repo) -> None:
     text = done.stdout + done.stderr
     assert "register.model_name" in text and "cells-vae" in text and "missing columns" in text, text
     assert repo.versions() == versions and repo.aliases() == aliases  # nothing registered under the name
-    flow = repo.vaepipe("run", ok=False)
+    flow = repo.sh(sys.executable, "-m", "pipeline", "run", ok=False, env={**repo.env, "PREFECT_API_URL": prefect_api})
     assert flow.returncode == 2 and "register.model_name" in flow.stderr, flow.stderr
     assert repo.versions() == versions
     repo.set_params(register={"model_name": "cells-vae"})
