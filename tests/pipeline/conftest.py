@@ -18,10 +18,11 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def prefect_api(prefect_harness) -> str:
-    """The harness server's API URL, for a `vaepipe run` in a subprocess (PREFECT_API_URL): that run
-    then skips starting a temporary Prefect server of its own (test_user_table_refused.py keeps one)."""
+    """The harness server's API URL, for subprocesses (PREFECT_API_URL): a `vaepipe run` then starts
+    no temporary Prefect server of its own (test_user_table_refused.py keeps one), `vaepipe serve`
+    serves its deployment there."""
     from prefect.settings import PREFECT_API_URL
 
     return str(PREFECT_API_URL.value())

@@ -1,7 +1,8 @@
-"""Scheduled retraining for real: `prefect server start`, `vaepipe serve`, `prefect deployment run`.
+"""Scheduled retraining for real: a Prefect server, `vaepipe serve`, `prefect deployment run`.
 
-One project copy (git + DVC, a local DVC remote), one Prefect server and one served deployment
-for the module. Three triggered runs build on each other, so one test makes them in turn: a good
+One project copy (git + DVC, a local DVC remote) and one served deployment for the module, on the
+session's Prefect server (the harness's: a real API server on 127.0.0.1, as `prefect server start`
+runs it, so the module starts no server of its own). Three triggered runs build on each other, so one test makes them in turn: a good
 table makes version 1 the champion, a small table registers version 2 and the gate keeps version 1,
 a drifted table fails validation naming its drifted columns and registers nothing.
 """
@@ -27,7 +28,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.io.sources import synthetic_table
-from tests.pipeline.servers import free_port, server, server_env
+from tests.pipeline.servers import server, server_env
 
 pytestmark = pytest.mark.slow  # starts a Prefect server and a runner (runs in `make test`)
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,21 +99,17 @@ def _copy_project(repo: Path, remote: Path, env: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterator[Project]:
     root = tmp_path_factory.mktemp("scheduled").resolve()
     repo, remote = root / "repo", root / "dvc-remote"
     repo.mkdir()
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
     base = server_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
     _copy_project(repo, remote, base)
-    server_args = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
-    with server(server_args, f"{api}/health", root / "server.log", {**base, "PREFECT_HOME": str(root / "server")}, root):
-        env = {**base, "PREFECT_API_URL": api, "PREFECT_HOME": str(root / "client"), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-               "PREFECT_LOGGING_LEVEL": "INFO"}
-        serve_args = [sys.executable, "-m", "pipeline", "serve", "--cron", "0 3 * * *"]
-        with server(serve_args, f"{api}/deployments/name/vaepipe-train/retrain", root / "serve.log", env, repo):
-            yield Project(repo, api, env, root / "serve.log")
+    env = {**base, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(root / "client"),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+    serve_args = [sys.executable, "-m", "pipeline", "serve", "--cron", "0 3 * * *"]
+    with server(serve_args, f"{prefect_api}/deployments/name/vaepipe-train/retrain", root / "serve.log", env, repo):
+        yield Project(repo, prefect_api, env, root / "serve.log")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
