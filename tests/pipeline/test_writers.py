@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -35,15 +36,19 @@ def test_a_second_claim_of_a_folder_is_refused_while_the_first_holds_it(tmp_path
 def test_two_trainings_into_one_out_one_is_refused_at_once_the_other_untouched(tmp_path, table_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipeline", "train", str(table_path), "--out", str(out), *FAST_ARGS,
-           "--set", "train.epochs=200", "--set", "train.early_stopping_patience=1000"]
+    cmd = [sys.executable, "-m", "pipeline", "train", str(table_path), "--out", str(out), *FAST_ARGS]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (out / TRAIN_LOCK).exists():
+    while "pid" not in _text(out / TRAIN_LOCK):  # its holder's pid: written once the lock is held
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
-    started = time.monotonic()
-    second = subprocess.run([*cmd, "--set", "model.latent_dim=3"], env=env, capture_output=True, text=True, timeout=120)
+    first.send_signal(signal.SIGSTOP)  # paused holding the lock: the second run meets it however fast the first trains
+    try:
+        started = time.monotonic()
+        second = subprocess.run([*cmd, "--set", "model.latent_dim=3"], env=env, capture_output=True, text=True,
+                                timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stderr
     assert "is being written by another `vaepipe train`" in second.stderr
     assert time.monotonic() - started < 30  # at once: its start-up, not the first run's training
@@ -52,6 +57,13 @@ def test_two_trainings_into_one_out_one_is_refused_at_once_the_other_untouched(t
     run = json.loads((out / "run.json").read_text())
     assert manifest["model"]["latent_dim"] == run["params"]["model"]["latent_dim"] == 2  # the first run's alone
     assert not (out / TRAIN_LOCK).exists()
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
 
 
 def _modes(root: Path) -> dict[str, int]:
