@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
+from filelock import FileLock  # a dependency of torch
 
 import vae
 
@@ -50,16 +53,32 @@ def _fit_ppca(standardize: bool, scales: torch.Tensor | None = None, lr: float =
     return PPCAFit(model, train, test, PPCA_K, standardize)
 
 
+def _once(tmp_path_factory: pytest.TempPathFactory, name: str, fit: Callable[[], PPCAFit]) -> PPCAFit:
+    """fit() once per test session, pytest-xdist's workers included (test_ppca.py and
+    test_inference.py may run on two): the first worker to need it fits and saves it, another loads
+    that file. The fit is deterministic (seeds, one thread): whichever worker makes it, it is the same."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return fit()
+    torch.set_num_threads(1)  # as fit() leaves this process, whichever worker fits
+    path = tmp_path_factory.getbasetemp().parent / f"{name}.pt"  # the session's folder, shared by its workers
+    with FileLock(f"{path}.lock"):
+        if path.exists():
+            return torch.load(path, weights_only=False)
+        made = fit()
+        torch.save(made, path)
+        return made
+
+
 @pytest.fixture(scope="session")
-def ppca_plain() -> PPCAFit:
+def ppca_plain(tmp_path_factory: pytest.TempPathFactory) -> PPCAFit:
     """Affine shared-variance VAE on a pPCA table of moderate scale, no standardization."""
-    return _fit_ppca(standardize=False)
+    return _once(tmp_path_factory, "ppca_plain", lambda: _fit_ppca(standardize=False))
 
 
 @pytest.fixture(scope="session")
-def ppca_scaled() -> PPCAFit:
+def ppca_scaled(tmp_path_factory: pytest.TempPathFactory) -> PPCAFit:
     """The same model on columns whose units differ by orders of magnitude, standardized."""
-    return _fit_ppca(standardize=True)
+    return _once(tmp_path_factory, "ppca_scaled", lambda: _fit_ppca(standardize=True))
 
 
 @pytest.fixture(scope="session")
