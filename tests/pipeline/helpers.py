@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,15 +53,33 @@ def clean_table(n: int = 300, d: int = 5, seed: int = 0) -> pd.DataFrame:
     return df
 
 
+_EMPTY_STORE: list[Path] = []  # this process's empty store, made once
+
+
+def new_store(root: Path) -> str:
+    """The URI of a new, empty MLflow sqlite store, ROOT/mlflow.db: a copy of one that MLflow created
+    in this process (its schema migrations cost seconds a store; the copy is that same empty store)."""
+    from mlflow import MlflowClient
+
+    if not _EMPTY_STORE:
+        db = Path(tempfile.mkdtemp(prefix="vaepipe-empty-store-")) / "mlflow.db"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(db.parent)  # the Default experiment's artifacts: beside it, not in the cwd
+            MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # creates and migrates it
+        _EMPTY_STORE.append(db)
+    shutil.copyfile(_EMPTY_STORE[0], root / "mlflow.db")
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
 @contextlib.contextmanager
 def own_store(root: Path) -> Iterator[Path]:
-    """A module's own MLflow sqlite store in ROOT, with ROOT as the working folder; afterwards the
-    session's store again (mlflow keeps the tracking URI in a global as well as the variable)."""
+    """A module's own MLflow sqlite store in ROOT (new_store), with ROOT as the working folder;
+    afterwards the session's store again (mlflow keeps the tracking URI in a global as well as the variable)."""
     import mlflow
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("MLFLOW_TRACKING_URI", new_store(root))
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the registry follows the tracking URI
         yield root
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

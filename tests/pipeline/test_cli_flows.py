@@ -8,14 +8,14 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.pipeline.helpers import FAST_ARGS, IDS, clean_table, run
+from tests.pipeline.helpers import FAST_ARGS, IDS, clean_table, new_store, run
 from tests.pipeline.servers import free_port
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     yield tmp_path
     mlflow.set_tracking_uri(uri.replace(str(tmp_path / "mlflow.db"), str(tmp_path / "gone.db")))

@@ -7,13 +7,13 @@ from mlflow import MlflowClient
 
 from pipeline.errors import ValidationFailed
 from pipeline.orchestration.flows import training_flow
-from tests.pipeline.helpers import FAST
+from tests.pipeline.helpers import FAST, new_store
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_store(tmp_path))
     return tmp_path
 
 
