@@ -35,6 +35,11 @@ def pytest_configure(config):
     if importlib.util.find_spec("torch") is None:
         pytest.exit("torch is not installed in this Python: run `make test` (it installs .venv), or "
                     "`.venv/bin/python -m pytest` (for the GPU tests: `.venv/bin/python -m pytest -m gpu`)", returncode=4)
+    # pytest-xdist's --dist loadfile hands out files in the order collected (below: slow files first)
+    # only without its default reorder, which puts the files with the most tests first: the slow
+    # files, a few tests each, then started last and one worker ran them alone at the end
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
