@@ -172,15 +172,26 @@ def nsf_fit(train: np.ndarray, test: np.ndarray, seed: int, threads: int = 1, de
     -sum log sd like the mixture's. Seeded (split, weights, batches): a rerun gives the same figure.
     Returns (held-out nats/row in original units, seconds, epochs)."""
     import torch
-    import zuko
 
     t0 = time.perf_counter()
+    flow, mean, std, epoch = nsf_train(train, seed, threads, device, max_epochs)
+    held = torch.tensor((test - mean) / std, dtype=torch.float32, device=device)
+    nats = _flow_mean_log_prob(flow, held) - float(np.log(std).sum())
+    return nats, round(time.perf_counter() - t0, 1), epoch
+
+
+def nsf_train(train: np.ndarray, seed: int, threads: int = 1, device: str = "cpu",
+              max_epochs: int = 2000) -> tuple[object, np.ndarray, np.ndarray, int]:
+    """The flow of `nsf_fit`, fitted on standardized train: (flow, mean, std, epochs); a row x
+    scores flow().log_prob((x - mean) / std) - sum log std in original units."""
+    import torch
+    import zuko
+
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     mean, std = train.mean(0), train.std(0)
     rows = torch.tensor((train - mean) / std, dtype=torch.float32, device=device)
-    held = torch.tensor((test - mean) / std, dtype=torch.float32, device=device)
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).to(device)
     n_val = max(1, len(rows) // 10)
     fit, val = rows[perm[n_val:]], rows[perm[:n_val]]
@@ -205,8 +216,7 @@ def nsf_fit(train: np.ndarray, test: np.ndarray, seed: int, threads: int = 1, de
                 break
     if best_state is not None:
         flow.load_state_dict(best_state)
-    nats = _flow_mean_log_prob(flow, held) - float(np.log(std).sum())
-    return nats, round(time.perf_counter() - t0, 1), epoch
+    return flow, mean, std, epoch
 
 
 def _flow_mean_log_prob(flow: object, x: object) -> float:
