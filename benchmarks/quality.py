@@ -150,17 +150,28 @@ def dequantize(df: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     return out
 
 
-def gmm_bic(train: np.ndarray, test: np.ndarray, max_k: int, seed: int) -> tuple[int, float, float]:
-    """GaussianMixture(full) with k in 1..max_k by BIC: (k, held-out nats/row in original units, seconds)."""
+def gmm_select(train: np.ndarray, max_k: int, seed: int) -> tuple[object, np.ndarray, np.ndarray]:
+    """GaussianMixture(full) with k in 1..max_k by BIC on the standardized columns: (fit, mean, std)."""
     from sklearn.mixture import GaussianMixture
 
-    t0 = time.perf_counter()
     mean, std = train.mean(0), train.std(0)
-    a, b = (train - mean) / std, (test - mean) / std
+    a = (train - mean) / std
     fits = [GaussianMixture(k, covariance_type="full", random_state=seed, n_init=2).fit(a)
             for k in range(1, max_k + 1) if k * (a.shape[1] + 1) < a.shape[0]]
-    best = min(fits, key=lambda g: g.bic(a))
-    return best.n_components, float(best.score(b) - np.log(std).sum()), round(time.perf_counter() - t0, 1)
+    return min(fits, key=lambda g: g.bic(a)), mean, std
+
+
+def gmm_log_prob(fit: object, mean: np.ndarray, std: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Per-row log-densities of rows x under gmm_select's fit, nats in original units."""
+    return fit.score_samples((x - mean) / std) - np.log(std).sum()  # type: ignore[attr-defined]
+
+
+def gmm_bic(train: np.ndarray, test: np.ndarray, max_k: int, seed: int) -> tuple[int, float, float]:
+    """gmm_select's mixture: (k, held-out nats/row in original units, seconds)."""
+    t0 = time.perf_counter()
+    fit, mean, std = gmm_select(train, max_k, seed)
+    nats = float(gmm_log_prob(fit, mean, std, test).mean())
+    return fit.n_components, nats, round(time.perf_counter() - t0, 1)  # type: ignore[attr-defined]
 
 
 def nsf_fit(train: np.ndarray, test: np.ndarray, seed: int, threads: int = 1, device: str = "cpu",
@@ -219,14 +230,17 @@ def nsf_train(train: np.ndarray, seed: int, threads: int = 1, device: str = "cpu
     return flow, mean, std, epoch
 
 
-def _flow_mean_log_prob(flow: object, x: object) -> float:
-    """Mean log-density of rows x under the flow, in batches (no graph kept)."""
+def flow_log_prob(flow: object, x: object) -> object:
+    """Per-row log-densities (float64 tensor) of rows x under the flow, in batches (no graph kept)."""
     import torch
 
     flow.eval()  # type: ignore[attr-defined]
     with torch.no_grad():
-        total = sum(float(flow().log_prob(chunk).sum()) for chunk in x.split(4096))  # type: ignore[attr-defined,operator]
-    return total / len(x)  # type: ignore[arg-type]
+        return torch.cat([flow().log_prob(c).double() for c in x.split(4096)])  # type: ignore[attr-defined,operator]
+
+
+def _flow_mean_log_prob(flow: object, x: object) -> float:
+    return float(flow_log_prob(flow, x).mean())  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,14 @@ from scipy.special import logsumexp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.quality import _flow_device, nsf_train, split_table  # noqa: E402
+from benchmarks.quality import (  # noqa: E402
+    _flow_device,
+    flow_log_prob,
+    gmm_log_prob,
+    gmm_select,
+    nsf_train,
+    split_table,
+)
 from pipeline.config import load_params  # noqa: E402
 from pipeline.contract.model import load_model_dir  # noqa: E402
 from pipeline.stages.train import train_model  # noqa: E402
@@ -85,25 +92,18 @@ def vae_log_p(train: pd.DataFrame, scored: list[pd.DataFrame], overrides: list[s
         baselines = load_baselines(model.directory)
         assert baselines is not None, "the full Gaussian needs more complete rows than columns"
         out = []
+        ev = params.evaluate
         for df in scored:
             y = model.features(df, "scored rows")
-            ev = params.evaluate
             vae = score_rows(model.vae, y, ev.iw_samples, ev.seed, ev.batch_rows).log_likelihood
             out.append(np.stack([vae.numpy(), baselines.log_prob(y)["full_gauss"].numpy()], axis=1))
     return out
 
 
 def gmm_log_p(train: np.ndarray, scored: list[np.ndarray], max_k: int, seed: int) -> tuple[int, list[np.ndarray]]:
-    """quality.py's gmm_bic (full covariances, k in 1..max_k by BIC, on standardized columns), per row:
-    (k, per scored table the (N,) log-densities in original units)."""
-    from sklearn.mixture import GaussianMixture
-
-    mean, std = train.mean(0), train.std(0)
-    a = (train - mean) / std
-    fits = [GaussianMixture(k, covariance_type="full", random_state=seed, n_init=2).fit(a)
-            for k in range(1, max_k + 1) if k * (a.shape[1] + 1) < a.shape[0]]
-    best = min(fits, key=lambda g: g.bic(a))
-    return best.n_components, [best.score_samples((x - mean) / std) - np.log(std).sum() for x in scored]
+    """quality.py's BIC mixture fitted on train: (k, per scored table the (N,) log-densities)."""
+    fit, mean, std = gmm_select(train, max_k, seed)
+    return fit.n_components, [gmm_log_prob(fit, mean, std, x) for x in scored]  # type: ignore[attr-defined]
 
 
 def nsf_log_p(train: np.ndarray, scored: list[np.ndarray], seed: int, overrides: list[str]) -> list[np.ndarray]:
@@ -113,14 +113,8 @@ def nsf_log_p(train: np.ndarray, scored: list[np.ndarray], seed: int, overrides:
     params = load_params(None, overrides)
     device = _flow_device(params)
     flow, mean, std, _ = nsf_train(train, seed, params.train.num_threads, device)
-    flow.eval()  # type: ignore[attr-defined]
-    out = []
-    with torch.no_grad():
-        for x in scored:
-            rows = torch.tensor((x - mean) / std, dtype=torch.float32, device=device)
-            lp = torch.cat([flow().log_prob(c) for c in rows.split(4096)])  # type: ignore[operator]
-            out.append(lp.double().cpu().numpy() - float(np.log(std).sum()))
-    return out
+    return [flow_log_prob(flow, torch.tensor((x - mean) / std, dtype=torch.float32, device=device))
+            .cpu().numpy() - float(np.log(std).sum()) for x in scored]  # type: ignore[attr-defined]
 
 
 def fit_components(train: Rows, scored: list[Rows], overrides: list[str], seed: int, max_k: int,

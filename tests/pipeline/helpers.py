@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -53,21 +54,22 @@ def clean_table(n: int = 300, d: int = 5, seed: int = 0) -> pd.DataFrame:
     return df
 
 
-_EMPTY_STORE: list[Path] = []  # this process's empty store, made once
+@functools.cache
+def _empty_store() -> Path:
+    """An empty MLflow sqlite store that MLflow created and migrated, once a process."""
+    from mlflow import MlflowClient
+
+    db = Path(tempfile.mkdtemp(prefix="vaepipe-empty-store-")) / "mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(db.parent)  # the Default experiment's artifacts: beside it, not in the cwd
+        MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # creates and migrates it
+    return db
 
 
 def new_store(root: Path) -> str:
-    """The URI of a new, empty MLflow sqlite store, ROOT/mlflow.db: a copy of one that MLflow created
-    in this process (its schema migrations cost seconds a store; the copy is that same empty store)."""
-    from mlflow import MlflowClient
-
-    if not _EMPTY_STORE:
-        db = Path(tempfile.mkdtemp(prefix="vaepipe-empty-store-")) / "mlflow.db"
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(db.parent)  # the Default experiment's artifacts: beside it, not in the cwd
-            MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # creates and migrates it
-        _EMPTY_STORE.append(db)
-    shutil.copyfile(_EMPTY_STORE[0], root / "mlflow.db")
+    """The URI of a new, empty MLflow sqlite store, ROOT/mlflow.db: a copy of _empty_store (its
+    schema migrations cost seconds a store; the copy is that same empty store)."""
+    shutil.copyfile(_empty_store(), root / "mlflow.db")
     return f"sqlite:///{root / 'mlflow.db'}"
 
 

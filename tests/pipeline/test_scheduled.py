@@ -2,9 +2,10 @@
 
 One project copy (git + DVC, a local DVC remote) and one served deployment for the module, on the
 session's Prefect server (the harness's: a real API server on 127.0.0.1, as `prefect server start`
-runs it, so the module starts no server of its own). Three triggered runs build on each other, so one test makes them in turn: a good
-table makes version 1 the champion, a small table registers version 2 and the gate keeps version 1,
-a drifted table fails validation naming its drifted columns and registers nothing.
+runs it, so the module starts no server of its own). Three triggered runs build on each other, so
+one test makes them in turn: a good table makes version 1 the champion, a small table registers
+version 2 and the gate keeps version 1, a drifted table fails validation naming its drifted columns
+and registers nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from mlflow import MlflowClient
 from pipeline.io.sources import synthetic_table
 from tests.pipeline.servers import server, server_env
 
-pytestmark = pytest.mark.slow  # starts a Prefect server and a runner (runs in `make test`)
+pytestmark = pytest.mark.slow  # a runner (`vaepipe serve`) and three flow runs (runs in `make test`)
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "measurement-vae"
 COLS = 8
