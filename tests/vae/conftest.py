@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from filelock import FileLock  # a dependency of torch
+from filelock import FileLock
 
 import vae
 
