@@ -19,6 +19,7 @@ from pipeline.cli import main
 from pipeline.orchestration.progress import TrainingProgress, epoch_line
 from pipeline.registry import plots, register
 from tests.pipeline.helpers import FAST_ARGS, clean_table
+from vae.adam import FlatAdam
 from vae.step import SUMMED, StepRunner
 from vae.terms import SPLITS, TERMS, column, history_columns, split_values
 
@@ -64,7 +65,7 @@ def test_the_steps_sums_hold_each_summed_term_by_name_then_the_finite_check() ->
     model = vae.VAE(vae.describe_table(x), vae.ModelConfig(latent_dim=2, hidden_dims=[4]), seed=0)
     with torch.no_grad():
         before = vae.loss_terms(model, x, None, 1, None, eps=eps)  # the step's terms, before Adam moves
-    runner = StepRunner(model, torch.optim.Adam(model.parameters()), vae.TrainConfig(batch_size=8, mc_samples=1),
+    runner = StepRunner(model, FlatAdam(list(model.parameters()), 1e-3), vae.TrainConfig(batch_size=8, mc_samples=1),
                         torch.device("cpu"), "fp32")
     runner.step(x, None, eps, beta=1.0)
     assert runner.sums.shape == (len(SUMMED) + 1,) and torch.isfinite(runner.sums).all()

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from vae.adam import FlatAdam
 from vae.config import CudaGraph, TrainConfig
 from vae.elbo import LossTerms, loss_terms
 from vae.model import VAE
@@ -23,7 +24,6 @@ from vae.precision import Resolved, autocast
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS handles, lazy state)
-ADAM_VARIANT = ("fused", "foreach", "capturable", "differentiable")  # how Adam runs, not what it holds
 SUMMED = tuple(f.name for f in fields(LossTerms))  # the terms `sums` adds up, in its order (the ELBO is their difference)
 
 
@@ -46,56 +46,21 @@ def resolve_cuda_graph(setting: CudaGraph, device: torch.device, world_size: int
     return True
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device,
-                   capturable: bool = False) -> torch.optim.Adam:
-    """Adam: fused (one kernel for all tensors) on CUDA, capturable when steps replay from a CUDA
-    graph. On the CPU the foreach variant: bit for bit the default's numbers, a third less time
-    per step (measured 1.07 vs 1.6 ms for the 64-128-128-8 VAE, one thread). Fused is faster still
-    there (0.42 ms) but rounds differently, which moves training trajectories off the default's."""
-    if device.type == "cuda":
-        return torch.optim.Adam(params, lr=cfg.effective_lr, fused=True, capturable=capturable)
-    return torch.optim.Adam(params, lr=cfg.effective_lr, foreach=True)
-
-
-def load_optimizer_state(opt: torch.optim.Adam, saved: dict[str, Any]) -> None:
-    """opt.load_state_dict(saved), keeping opt's own variant.
-
-    load_state_dict takes fused, foreach and capturable from saved's param groups: a checkpoint
-    written on another device or with another train.cuda_graph would switch Adam's kernels (other
-    roundings than the run's) or make graph capture fail. The moments and step counts are
-    restored; each step count goes where this variant keeps it (the device for fused or capturable).
-    """
-    own = [{key: group[key] for key in ADAM_VARIANT if key in group} for group in opt.param_groups]
-    opt.load_state_dict(saved)
-    for group, variant in zip(opt.param_groups, own, strict=True):
-        group.update(variant)
-        on_device = bool(variant.get("fused") or variant.get("capturable"))
-        for p in group["params"]:
-            state = opt.state.get(p)
-            if state and torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
-
-
-def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_'s math without a host read: scale by min(1, max_norm / (norm + 1e-6)).
-
-    Returns the norm (NaN or inf when a gradient is). A factor of exactly 1 leaves a gradient as
-    it was, bit for bit: below max_norm nothing changes, as with a host-side test.
-    """
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
-    return norm
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> FlatAdam:
+    """Adam over the model's trainable parameters, rewired as views of one flat buffer (vae.adam):
+    one round of kernels a step on the CPU and on CUDA, replayable from a graph as it is."""
+    return FlatAdam([p for p in params if p.requires_grad], cfg.effective_lr)
 
 
 class StepRunner:
     """Optimizer steps of one fit() call; `sums` (len(SUMMED) + 1,): each SUMMED term's sum over the
     rows, then the sum of (grad norm + loss), finite unless a step's loss or gradient was not."""
 
-    def __init__(self, model: VAE, opt: torch.optim.Adam, cfg: TrainConfig, device: torch.device, precision: Resolved,
+    def __init__(self, model: VAE, opt: FlatAdam, cfg: TrainConfig, device: torch.device, precision: Resolved,
                  graph: bool = False):
-        """graph: replay full-size steps from a CUDA graph (resolve_cuda_graph; opt capturable)."""
+        """graph: replay full-size steps from a CUDA graph (resolve_cuda_graph)."""
         self.model, self.opt, self.cfg, self.device, self.precision = model, opt, cfg, device, precision
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = opt.params
         self.sums = torch.zeros(len(SUMMED) + 1, dtype=torch.float64, device=device)
         self.use_graph = device.type == "cuda" and graph
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -108,12 +73,10 @@ class StepRunner:
         self.reduce, self.use_graph = reduce, False
         self.drop_graph()
 
-    def step(self, x: torch.Tensor, mask: torch.Tensor | None, eps: torch.Tensor, beta: float,
-             eager: bool = False) -> None:
-        """x (B, D), mask (B, D) or None, eps (B, K) or (M, B, K) on the device; beta the KL weight;
-        eager: no graph (the lr warm-up changes the lr every step)."""
-        if eager or not self.use_graph or x.shape[0] != self.cfg.batch_size:  # the last, shorter batch runs eagerly
-            self.opt.zero_grad(set_to_none=True)
+    def step(self, x: torch.Tensor, mask: torch.Tensor | None, eps: torch.Tensor, beta: float) -> None:
+        """x (B, D), mask (B, D) or None, eps (B, K) or (M, B, K) on the device; beta the KL weight.
+        The lr is the optimizer's tensor: a change (warm-up, fall) needs no new graph."""
+        if not self.use_graph or x.shape[0] != self.cfg.batch_size:  # the last, shorter batch runs eagerly
             self._compute(x, mask, eps, beta, cache=True)
             return
         if self.graph is None:
@@ -127,19 +90,19 @@ class StepRunner:
         self.graph.replay()
 
     def drop_graph(self) -> None:
-        """After the optimizer's state tensors were replaced (rollback): capture again."""
+        """Capture again at the next full-size step."""
         self.graph, self.static = None, ()
 
     def _compute(self, x: torch.Tensor, mask: torch.Tensor | None, eps: torch.Tensor, beta: float | torch.Tensor,
                  cache: bool) -> None:
+        self.opt.zero_grad()
         with autocast(self.device, self.precision, cache):
             t = loss_terms(self.model, x, mask, self.cfg.mc_samples, None, eps=eps)
         loss = -(t.recon - beta * t.kl).mean()
         loss.backward()
         if self.reduce is not None:
             loss = self.reduce(self.params, loss)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = clip_grad_norm(grads, self.cfg.grad_clip)
+        norm = self.opt.clip_grad_norm(self.cfg.grad_clip)
         self.opt.step()
         # a non-finite loss or gradient norm makes the third sum non-finite: the epoch's finite check
         self.sums += torch.stack([*(getattr(t, name).detach().sum() for name in SUMMED), norm + loss.detach()])
@@ -149,26 +112,18 @@ class StepRunner:
         beta_t = torch.full((), beta, device=self.device)
         self.static = (x.clone(), eps.clone(), beta_t, *(() if mask is None else (mask.clone(),)))
         static_mask = self.static[3] if mask is not None else None
-        saved = (copy.deepcopy(self.model.state_dict()), self.sums.clone())
-        fresh = {p for p in self.params if not self.opt.state.get(p)}
-        old_state = {p: {k: v.clone() for k, v in self.opt.state[p].items()} for p in self.params if p not in fresh}
+        saved = (copy.deepcopy(self.model.state_dict()), self.sums.clone(),
+                 {k: v.clone() for k, v in self.opt.state_dict().items()})
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                self.opt.zero_grad(set_to_none=True)
                 self._compute(self.static[0], static_mask, self.static[1], self.static[2], cache=False)
         torch.cuda.current_stream(self.device).wait_stream(side)
         with torch.no_grad():  # in place: the graph keeps these addresses
             self.model.load_state_dict(saved[0])
             self.sums.copy_(saved[1])
-            for p in self.params:
-                for key, value in self.opt.state[p].items():
-                    if p in fresh:
-                        value.zero_()  # Adam's initial state (step, moments) is all zeros
-                    else:
-                        value.copy_(old_state[p][key])
-        self.opt.zero_grad(set_to_none=True)
+            self.opt.load_state_dict(saved[2])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._compute(self.static[0], static_mask, self.static[1], self.static[2], cache=False)

@@ -19,7 +19,7 @@ from vae.errors import ConfigError, DataError, TrainingDivergedError
 from vae.init import has_linear_start, init_linear_gaussian
 from vae.model import VAE
 from vae.precision import resolve_precision
-from vae.step import SUMMED, StepRunner, load_optimizer_state, make_optimizer, resolve_cuda_graph
+from vae.step import SUMMED, StepRunner, make_optimizer, resolve_cuda_graph
 from vae.table import check_values
 from vae.terms import split_values
 
@@ -153,17 +153,16 @@ class _Trainer:
         self.model, self.cfg, self.device, self.state = model, cfg, device, state
         self.params = list(model.parameters())
         graph = resolve_cuda_graph(cfg.cuda_graph, device, data_parallel.current().world_size)
-        self.opt = make_optimizer(self.params, cfg, device, capturable=graph)
+        self.opt = make_optimizer(self.params, cfg)  # the parameters become views of its flat buffer
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.precision = resolve_precision(cfg.precision, device)
         if state.model:
             model.load_state_dict(state.model)
-            load_optimizer_state(self.opt, state.optimizer)
+            self.opt.load_state_dict(state.optimizer)
             self._restore_generator(_tensor(state.generator))
         else:  # a fresh stage: the selection at train.lr, a refit from the selected weights at the lr it ended at
             state.lr = state.lr or cfg.effective_lr
-        for group in self.opt.param_groups:
-            group["lr"] = state.lr
+        self.opt.set_lr(state.lr)
         self.runner = StepRunner(model, self.opt, cfg, device, self.precision, graph)
 
     def _restore_generator(self, saved: torch.Tensor) -> None:
@@ -182,21 +181,14 @@ class _Trainer:
     def rollback(self) -> None:
         s = self.state
         self.model.load_state_dict(s.model)
-        load_optimizer_state(self.opt, s.optimizer)
-        self.runner.drop_graph()  # Adam's state tensors are new ones
+        self.opt.load_state_dict(s.optimizer)  # in place: a captured graph stays valid
         self.gen.set_state(_tensor(s.generator))
         self.set_lr(s.lr * self.cfg.lr_backoff)
 
     def set_lr(self, lr: float) -> None:
-        """A new learning rate from the next step on (a CUDA graph holds the old one: captured again)."""
+        """A new learning rate from the next step on (written into Adam's lr tensor: a CUDA graph reads it)."""
         self.state.lr = lr
-        self._group_lr(lr)
-
-    def _group_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            if group["lr"] != lr:
-                group["lr"] = lr
-                self.runner.drop_graph()
+        self.opt.set_lr(lr)
 
     def run_epoch(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, float] | None:
         """One pass over a fresh permutation; None if a loss or gradient was non-finite.
@@ -217,9 +209,9 @@ class _Trainer:
             xb = xs[a : a + cfg.batch_size]
             shape = (xb.shape[0], k) if cfg.mc_samples == 1 else (cfg.mc_samples, xb.shape[0], k)
             eps = torch.randn(shape, generator=gen, device=device)  # (B, K) or (M, B, K)
-            if warmup and step + i <= warmup:  # the stage's first steps: lr ramps up (eager steps: the lr changes)
-                self._group_lr(self.state.lr * min(1.0, (step + i + 1) / warmup))
-            step_fn(xb, None if ms is None else ms[a : a + cfg.batch_size], eps, beta, eager=step + i < warmup)
+            if warmup and step + i <= warmup:  # the stage's first steps: lr ramps up
+                self.opt.set_lr(self.state.lr * min(1.0, (step + i + 1) / warmup))
+            step_fn(xb, None if ms is None else ms[a : a + cfg.batch_size], eps, beta)
         *sums, check = self.runner.sums.tolist()  # the epoch's one read: the SUMMED terms, then the check
         if not math.isfinite(check):
             log.warning("non-finite loss or gradient in epoch %d (lr %.3g)", self.state.epoch + 1, self.state.lr)
@@ -330,6 +322,7 @@ def _run_stage(
         if val is not None:  # training never ends below the start on validation
             _start_candidate(trainer, x, mask, val)
     _loop(trainer, x, mask, val, _stage_epochs(state, cfg), on_epoch, on_checkpoint)
+    trainer.opt.release()  # the parameters keep no gradient views once the stage is over
 
 
 def will_refit(model: VAE, cfg: TrainConfig, validation_rows: bool) -> bool:

@@ -1,9 +1,10 @@
-"""Device choices checked on the CPU: train.cuda_graph, Adam's variant across a checkpoint, the
+"""Device choices checked on the CPU: train.cuda_graph, Adam's state across a checkpoint, the
 noise generator of a resumed run, and draws from a generator on another device than the model."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch
 import vae
 from tests.vae.helpers import curved_rows
 from vae.draws import standard_normal, uniform
-from vae.step import load_optimizer_state, resolve_cuda_graph
+from vae.adam import FlatAdam
+from vae.step import resolve_cuda_graph
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device name: no GPU is touched
 
@@ -43,36 +45,62 @@ def test_forcing_a_graph_under_data_parallel_says_it_runs_eagerly(caplog):
     assert len(caplog.records) == 1 and "eagerly with 4 processes" in caplog.records[0].getMessage()
 
 
-def _adam(params: list[torch.nn.Parameter], **variant) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=1e-2, **variant)
+def _quadratic_steps(step: Callable[[], None], zero: Callable[[], None], params: list[torch.nn.Parameter],
+                     start: int, n: int) -> None:
+    for i in range(start, start + n):
+        zero()
+        sum((p.pow(2) * (i + 1) + p.pow(3)).sum() for p in params).backward()
+        step()
 
 
-def _two_steps(opt: torch.optim.Adam, p: torch.nn.Parameter, start: int) -> None:
-    for i in range(start, start + 2):
-        opt.zero_grad()
-        (p.pow(2).sum() * (i + 1)).backward()
-        opt.step()
+def _pair(seed: int = 0) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    gen = torch.Generator().manual_seed(seed)
+    ours = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((4, 3), (3,), (2, 2))]
+    return ours, [torch.nn.Parameter(p.detach().clone()) for p in ours]
 
 
-def test_a_checkpoint_of_another_adam_variant_keeps_the_runs_own():
-    """load_state_dict alone would take fused/capturable from the checkpoint (a run resumed on
-    another device or graph setting would switch kernels, or fail to capture its graph)."""
-    torch.manual_seed(0)
-    p0 = torch.nn.Parameter(torch.randn(5))
-    writer = torch.nn.Parameter(p0.detach().clone())
-    fused = _adam([writer], fused=True)  # fused keeps its step count as a float32 tensor
-    _two_steps(fused, writer, 0)
-    reader = torch.nn.Parameter(writer.detach().clone())
-    opt = _adam([reader], foreach=True)
-    load_optimizer_state(opt, fused.state_dict())
-    group = opt.param_groups[0]
-    assert (group["foreach"], group["fused"], group["capturable"]) == (True, None, False)
-    step = opt.state[reader]["step"]
-    assert step.device.type == "cpu" and step.dtype == torch.float32 and float(step) == 2.0
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert torch.equal(opt.state[reader][key], fused.state[writer][key]), key
-    _two_steps(opt, reader, 2)  # the foreach kernels carry on from the fused run's moments
-    assert float(opt.state[reader]["step"]) == 4.0 and torch.isfinite(reader).all()
+def test_flat_adam_takes_torch_adams_steps_on_views_of_one_buffer():
+    """The same update as torch.optim.Adam (to float32 rounding: its step size is a float32 tensor); the parameters and
+    their gradients are views of the optimizer's two flat buffers, which backward fills in place."""
+    ours, theirs = _pair()
+    opt, ref = FlatAdam(ours, 1e-2), torch.optim.Adam(theirs, lr=1e-2)
+    assert all(p.data_ptr() == opt.data[o:].data_ptr() and p.grad.data_ptr() == opt.grad[o:].data_ptr()
+               for p, o in zip(ours, (0, 12, 15), strict=True))
+    _quadratic_steps(opt.step, opt.zero_grad, ours, 0, 30)
+    _quadratic_steps(ref.step, ref.zero_grad, theirs, 0, 30)
+    assert float(opt.step_count) == 30.0
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
+        assert p.grad.data_ptr() >= opt.grad.data_ptr()  # still a view: accumulated in place
+
+
+@pytest.mark.parametrize("variant", [{"foreach": True}, {"fused": True}])
+def test_a_checkpoint_of_torch_adam_resumes_in_flat_adam(variant):
+    """Checkpoints written before FlatAdam hold torch.optim.Adam's per-parameter state (fused keeps
+    its step count as a float32 tensor): resumed, the run goes on as torch's Adam would."""
+    ours, theirs = _pair(1)
+    ref = torch.optim.Adam(theirs, lr=1e-2, **variant)
+    _quadratic_steps(ref.step, ref.zero_grad, theirs, 0, 3)
+    with torch.no_grad():
+        for p, q in zip(ours, theirs, strict=True):
+            p.copy_(q)
+    opt = FlatAdam(ours, 1e-2)
+    opt.load_state_dict(ref.state_dict())
+    assert float(opt.step_count) == 3.0
+    assert torch.equal(opt.exp_avg, torch.cat([ref.state[q]["exp_avg"].reshape(-1) for q in theirs]))
+    _quadratic_steps(opt.step, opt.zero_grad, ours, 3, 5)
+    _quadratic_steps(ref.step, ref.zero_grad, theirs, 3, 5)
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_an_optimizer_state_of_another_model_is_refused():
+    opt = FlatAdam(_pair()[0], 1e-2)
+    other = FlatAdam([torch.nn.Parameter(torch.zeros(5))], 1e-2)
+    with pytest.raises(ValueError, match="another model"):
+        opt.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match="holds 1 parameters, this model 3"):
+        opt.load_state_dict(torch.optim.Adam([torch.nn.Parameter(torch.zeros(5))]).state_dict())
 
 
 def test_a_checkpoint_from_another_device_kind_is_refused_by_name(tmp_path):

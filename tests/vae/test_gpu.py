@@ -157,8 +157,7 @@ def test_cuda_runs_repeat_and_resume_within_tolerance(tmp_path, graph):
 
 
 def test_resume_with_the_other_graph_setting_keeps_its_own_adam(tmp_path):
-    """A checkpoint written by eager steps (Adam not capturable) resumes with graph replay: the
-    optimizer keeps its own variant (capture would refuse a non-capturable Adam), and vice versa."""
+    """A checkpoint written by eager steps resumes with graph replay, and vice versa."""
     y = _rows()
     for first, then in ((False, True), (True, False)):
         def save_then_die(state: TrainState) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vae
+from vae.adam import FlatAdam
 from tests.vae.helpers import curved_rows as _rows
 from tests.vae.helpers import inject_nan
 
@@ -232,11 +233,12 @@ def test_validation_table_of_the_wrong_width_is_refused():
 def test_gradient_clipping_matches_clip_grad_norm(scale):
     y = _rows()
     model, reference = _model(y), _model(y)
+    opt = FlatAdam(list(model.parameters()), 1e-3)  # the gradients are views of opt.grad
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * scale
+        p.grad.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * scale)
         q.grad = p.grad.clone()
     before = [p.grad.clone() for p in model.parameters()]
-    norm = vae.step.clip_grad_norm([p.grad for p in model.parameters()], 1.0)
+    norm = opt.clip_grad_norm(1.0)
     expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
     torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
     assert (float(norm) > 1.0) == (scale > 1)
@@ -245,7 +247,7 @@ def test_gradient_clipping_matches_clip_grad_norm(scale):
         if scale < 1:  # below the limit: untouched, bit for bit (the old host-side test skipped the multiply)
             assert torch.equal(p.grad, b)
     next(model.parameters()).grad[0] = float("nan")
-    assert not torch.isfinite(vae.step.clip_grad_norm([p.grad for p in model.parameters()], 1.0))
+    assert not torch.isfinite(opt.clip_grad_norm(1.0))
 
 
 def test_an_epoch_reads_the_device_once(monkeypatch):
@@ -259,9 +261,7 @@ def test_an_epoch_reads_the_device_once(monkeypatch):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _name=name, _original=original, **kwargs):
-            # CPU Adam (foreach, not capturable) reads its step counters, host tensors; CUDA's fused does not
-            if not any(self is s["step"] for s in trainer.opt.state.values()):
-                reads.append(_name)
+            reads.append(_name)
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
@@ -340,26 +340,25 @@ def test_the_refit_replays_the_selections_lr_falls(tmp_path):
 
 
 def test_the_lr_warms_up_over_the_first_steps_of_each_stage(monkeypatch):
-    """train.lr_warmup_steps: the k-th step of a stage (k = 1..W) runs at lr * k / W, eagerly (no CUDA
-    graph holds an lr that changes each step); the refit starts its own ramp."""
+    """train.lr_warmup_steps: the k-th step of a stage (k = 1..W) runs at lr * k / W, written into
+    Adam's lr tensor (a CUDA graph reads it: no new capture); the refit starts its own ramp."""
     from vae.step import StepRunner
 
-    seen: list[tuple[float, bool]] = []
+    seen: list[float] = []
     step = StepRunner.step
 
-    def spy(self, x, mask, eps, beta, eager=False):
-        seen.append((self.opt.param_groups[0]["lr"], eager))
-        return step(self, x, mask, eps, beta, eager=eager)
+    def spy(self, x, mask, eps, beta):
+        seen.append(float(self.opt.lr))
+        return step(self, x, mask, eps, beta)
 
     monkeypatch.setattr(StepRunner, "step", spy)
     y, w = _rows(), 6  # 240 training rows, batches of 64: 4 steps an epoch
     result = vae.fit(_model(y), y, _cfg(lr_warmup_steps=w, refit=True, kl_warmup_steps=0))
     select = seen[:24]  # six epochs
-    assert [lr for lr, _ in select] == pytest.approx([3e-3 * k / w for k in range(1, w + 1)] + [3e-3] * (24 - w))
-    assert [eager for _, eager in select] == [True] * w + [False] * (24 - w)
+    assert select == pytest.approx([3e-3 * k / w for k in range(1, w + 1)] + [3e-3] * (24 - w))
     refit = seen[24:]
     assert result.best_epoch >= 2 and len(refit) == 5 * result.best_epoch  # 300 rows: 5 steps an epoch
-    assert [lr for lr, _ in refit[:w]] == pytest.approx([3e-3 * k / w for k in range(1, w + 1)])
+    assert refit[:w] == pytest.approx([3e-3 * k / w for k in range(1, w + 1)])
     assert all(h.lr == 3e-3 for h in result.history)  # history records the stage's lr, not the ramp
 
 
