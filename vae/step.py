@@ -12,7 +12,6 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
 
 import torch
 

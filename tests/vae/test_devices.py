@@ -11,8 +11,8 @@ import torch
 
 import vae
 from tests.vae.helpers import curved_rows
-from vae.draws import standard_normal, uniform
 from vae.adam import FlatAdam
+from vae.draws import standard_normal, uniform
 from vae.step import resolve_cuda_graph
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device name: no GPU is touched

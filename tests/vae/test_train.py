@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import vae
-from vae.adam import FlatAdam
 from tests.vae.helpers import curved_rows as _rows
 from tests.vae.helpers import inject_nan
+from vae.adam import FlatAdam
 
 
 @pytest.fixture(autouse=True)
