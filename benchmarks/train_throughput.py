@@ -3,13 +3,13 @@
 Both train the same VAE (encoder D-128-128-(2x8), decoder 8-128-128-D, ReLU, per-feature learned
 decoder sigma = softplus(raw) + min_sigma, analytic KL, one reparameterized sample, Adam, batch 256)
 on the same standardized synthetic table. The plain loop gathers one permutation per epoch and
-slices contiguous batches (the fastest loop in notes/speed.md). fit does more per step: gradient
+slices contiguous batches (the fastest plain loop measured). fit does more per step: gradient
 clipping, a finite check with rollback, KL warm-up, progress statistics and a resumable snapshot
 per epoch. Runs are alternated in one process and the median rows/s of each is reported.
 
     python benchmarks/train_throughput.py                      # CPU, 1 thread
     python benchmarks/train_throughput.py --device cuda --bf16 # both loops under bf16 autocast
-    python benchmarks/train_throughput.py --plain-adam fused   # the plain loop with fit's fused Adam
+    python benchmarks/train_throughput.py --plain-adam fused   # the plain loop with torch's fused Adam
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class PlainVAE(nn.Module):
 def plain_fit(x: torch.Tensor, epochs: int, batch: int, lr: float, bf16: bool, fused: bool = False) -> None:
     """The same math as vae.fit on already standardized rows x (N, D), nothing else.
 
-    fused: Adam(fused=True), as vae.fit uses; False is torch's default, what a user writes.
+    fused: Adam(fused=True) (one kernel a step, as vae.fit's flat Adam); False is torch's default, what a user writes.
     """
     device = x.device
     model = PlainVAE(x.shape[1]).to(device)
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="both loops under bf16 autocast (CPU too); "
                         "otherwise both in fp32")
     parser.add_argument("--plain-adam", choices=["default", "fused"], default="default",
-                        help="the plain loop's Adam: torch's default (what a user writes) or fused (as fit)")
+                        help="the plain loop's Adam: torch's default (what a user writes) or fused (few kernels, as fit's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
