@@ -20,6 +20,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 LrScaling = Literal["none", "sqrt", "linear"]
 Init = Literal["linear_gaussian", "random"]
 RefitStart = Literal["selected", "init"]
+Refit = Literal["auto", True, False]
 CudaGraph = Literal["auto", True, False]
 T = TypeVar("T")
 
@@ -128,6 +129,12 @@ class TrainConfig:
     val_fraction: float = setting(
         0.1, "rows of the training table held out for early stopping (without --val) and, without "
         "calibration rows, for the anomaly threshold")
+    # randhie (16,152 rows): validation 1,000 and calibration 2,000 rows without a refit scored -1.29 /
+    # -0.98 / -1.02 nats/row in 52-66 s (3 seeds), against -0.74 in 203 s with 10 % + 20 % and the
+    # refit (docs/benchmarks.md)
+    val_max_rows: int = setting(
+        1000, "at most this many validation rows, whatever val_fraction gives (a large table needs no "
+        "more to compare epochs; the rest trains); 0: no limit")
     # breast_cancer, quantile 0.01: 1.5 % of test rows flagged on 0.2's 82 rows, 3.7 % on the 46
     # validation rows. Without a refit no model trains on them (six tuning tables: the selection on
     # 90 % of the rows scored up to 4.9 nats/row more)
@@ -135,6 +142,9 @@ class TrainConfig:
         0.2, "rows of the training table kept from the selection's training and early stopping, on which "
         "the anomaly threshold is placed; only a refit trains on them (0: none, the threshold goes on the "
         "validation rows)")
+    calibration_max_rows: int = setting(
+        2000, "at most this many calibration rows, whatever calibration_fraction gives (20 rows below "
+        "the anomaly threshold at embed.anomaly_quantile 0.01); 0: no limit")
     early_stopping_patience: int = setting(
         10, "epochs without a better validation ELBO before the lr falls or a stage ends")
     # 1e-3 (after a warm-up), patience 10, two falls by 0.3, against the constant 3e-4 with patience
@@ -164,10 +174,15 @@ class TrainConfig:
         "linear_gaussian", "where training starts; linear_gaussian: the closed-form linear-Gaussian fit of the "
         "training rows (exact posterior, p(y) the baseline's), so no model scores below it on validation; random: as "
         "torch initializes")
-    refit: bool = setting(
-        True, "after early stopping chose the weights on the validation split, train on all rows (training, "
+    # the refit's gain, refit=false against the default (docs/benchmarks.md): +0.02 to +3.6 nats/row on
+    # the small tables (one seed of diabetes -0.88), +0.33 on randhie and +0.13 on diamonds for 1.8 and
+    # 2.4 times the time
+    refit: Refit = setting(
+        "auto", "after early stopping chose the weights on the validation split, train on all rows (training, "
         "validation and calibration): the held-out rows are not lost to the final model (only with init "
-        "linear_gaussian and val_fraction); with calibration rows it is what gives them back to it")
+        "linear_gaussian and val_fraction); with calibration rows it is what gives them back to it; auto: on "
+        "tables of fewer than 10,000 rows (above, val_max_rows and calibration_max_rows hold out a small "
+        "share, and the refit would double the time)")
     # selected: 30-45 % fewer epochs, but 0.1 to 1.8 nats/row lower on each of the six tuning tables
     # (10 epochs; 30: 0.1 to 1.1), docs/benchmarks.md
     refit_start: RefitStart = setting(
@@ -200,6 +215,8 @@ class TrainConfig:
         return self.lr * (self.batch_size / self.lr_base_batch) ** power
 
     def __post_init__(self) -> None:
+        _check_positive("train", "val_max_rows", self.val_max_rows, allow_zero=True)
+        _check_positive("train", "calibration_max_rows", self.calibration_max_rows, allow_zero=True)
         for key in ("epochs", "batch_size", "mc_samples", "lr_base_batch", "refit_epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} is {getattr(self, key)!r}; it must be >= 1")
@@ -224,6 +241,7 @@ class TrainConfig:
         check_choice("train", "device", self.device, DeviceName)
         check_choice("train", "init", self.init, Init)
         check_choice("train", "refit_start", self.refit_start, RefitStart)
+        check_choice("train", "refit", self.refit, Refit)
         check_choice("train", "precision", self.precision, Precision)
         check_choice("train", "lr_scaling", self.lr_scaling, LrScaling)
         check_choice("train", "cuda_graph", self.cuda_graph, CudaGraph)

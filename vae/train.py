@@ -25,6 +25,7 @@ from vae.terms import split_values
 
 log = logging.getLogger(__name__)
 CALIBRATION_SEED_OFFSET = 7919  # calibration_split's generator: train.seed + this
+REFIT_AUTO_ROWS = 10_000  # train.refit auto: a refit on tables of fewer rows (all rows: fit's y_all)
 
 
 def resolve_device(name: DeviceName, key: str = "train.device") -> torch.device:
@@ -98,8 +99,25 @@ class FitResult:
     state: TrainState
 
 
+def _capped(n: int, fraction: float, most: int) -> int:
+    """round(n * fraction) rows, at most `most` (0: no limit)."""
+    rows = round(n * fraction)
+    return min(rows, most) if most else rows
+
+
+def validation_count(n: int, cfg: TrainConfig) -> int:
+    """Rows of n that fit() holds out for early stopping without a y_val: train.val_fraction, at
+    most train.val_max_rows."""
+    return _capped(n, cfg.val_fraction, cfg.val_max_rows)
+
+
+def calibration_count(n: int, cfg: TrainConfig) -> int:
+    """Rows of n kept for calibration: train.calibration_fraction, at most train.calibration_max_rows."""
+    return _capped(n, cfg.calibration_fraction, cfg.calibration_max_rows)
+
+
 def _split(n: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    n_val = round(n * cfg.val_fraction)
+    n_val = validation_count(n, cfg)
     if cfg.val_fraction > 0 and (n_val < 1 or n - n_val < 1):
         raise DataError(f"train.val_fraction {cfg.val_fraction} of {n} rows leaves an empty split")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
@@ -246,9 +264,10 @@ def fit(
     train on them.
     """
     check_values(y, model.spec.names, model.spec.missing)
+    rows = sum(t.shape[0] for t in (y, y_val, y_refit_extra) if t is not None)  # all of them: the refit's
     if y_refit_extra is not None:
         check_values(y_refit_extra, model.spec.names, model.spec.missing)
-        if not will_refit(model, cfg, y_val is not None or cfg.val_fraction > 0):
+        if not will_refit(model, cfg, y_val is not None or cfg.val_fraction > 0, rows):
             raise ConfigError("fit() was given rows for the refit only (y_refit_extra), but no refit will run "
                               "(train.refit, train.init linear_gaussian with a linear start, validation rows)")
     if cfg.num_threads:
@@ -268,7 +287,7 @@ def fit(
     if cfg.init == "linear_gaussian" and not linear_start:
         log.warning("train.init linear_gaussian needs an affine model or model.linear_path: starting "
                     "from torch's random weights (and without train.refit)")
-    refit = will_refit(model, cfg, y_val is not None)
+    refit = will_refit(model, cfg, y_val is not None, rows)
     cfg = data_parallel.per_rank(cfg)  # under torchrun: batch_size / world_size rows a step on each rank
     val = None if y_val is None else model.standardize(y_val.to(device, torch.float32))  # all of them
 
@@ -325,19 +344,20 @@ def _run_stage(
     trainer.opt.release()  # the parameters keep no gradient views once the stage is over
 
 
-def will_refit(model: VAE, cfg: TrainConfig, validation_rows: bool) -> bool:
-    """Whether fit() retrains on all rows after the selection: train.refit, a closed-form linear
-    start (train.init linear_gaussian on a model that has one) and validation rows (a y_val, or
-    train.val_fraction > 0)."""
-    return cfg.refit and cfg.init == "linear_gaussian" and has_linear_start(model) and validation_rows
+def will_refit(model: VAE, cfg: TrainConfig, validation_rows: bool, rows: int) -> bool:
+    """Whether fit() retrains on all rows after the selection: train.refit (auto: on tables of
+    fewer than REFIT_AUTO_ROWS rows, `rows` counting all of them: training, validation and
+    calibration), a closed-form linear start (train.init linear_gaussian on a model that has one)
+    and validation rows (a y_val, or train.val_fraction > 0)."""
+    wanted = rows < REFIT_AUTO_ROWS if cfg.refit == "auto" else cfg.refit
+    return bool(wanted) and cfg.init == "linear_gaussian" and has_linear_start(model) and validation_rows
 
 
 def calibration_split(n: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rest, calibration): indices of n rows, train.calibration_fraction of them (rounded) for
-    calibration, drawn from train.seed by their own generator (seed + CALIBRATION_SEED_OFFSET), so
+    """(rest, calibration): indices of n rows, calibration_count of them for calibration, drawn from train.seed by their own generator (seed + CALIBRATION_SEED_OFFSET), so
     the same rows on every rank, on --resume, and apart from fit()'s validation split, which is
     taken from the rest."""
-    n_cal = round(n * cfg.calibration_fraction)
+    n_cal = calibration_count(n, cfg)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + CALIBRATION_SEED_OFFSET))
     return perm[n_cal:].sort().values, perm[:n_cal].sort().values
 

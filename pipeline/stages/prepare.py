@@ -17,15 +17,17 @@ SPLITS = ("train", "val", "test")
 
 
 def split_rows(
-    n_rows: int, test_fraction: float, val_fraction: float, seed: int
+    n_rows: int, test_fraction: float, val_fraction: float, seed: int, val_max_rows: int = 0
 ) -> dict[str, np.ndarray]:
     """Row positions per split, drawn at random but each kept in the table's own order.
 
     Keeping the order lets the i.i.d. checks of validate still see a trend along the rows.
+    val_max_rows: at most this many validation rows (train.val_max_rows; 0: no limit).
     """
     perm = np.random.default_rng(seed).permutation(n_rows)
     n_test = int(np.rint(n_rows * test_fraction))
     n_val = int(np.rint((n_rows - n_test) * val_fraction))
+    n_val = min(n_val, val_max_rows) if val_max_rows else n_val
     parts = {
         "test": perm[:n_test],
         "val": perm[n_test : n_test + n_val],
@@ -61,7 +63,8 @@ def check_tracked(source: str, tables: Path) -> None:
         f"data.source: {Path(tables) / name}), then version it with `dvc add {Path(tables) / name}`")
 
 
-def prepare(data: DataParams, val_fraction: float, out_dir: Path, tables: Path | None = None) -> dict[str, Path]:
+def prepare(data: DataParams, val_fraction: float, out_dir: Path, tables: Path | None = None,
+            val_max_rows: int = 0) -> dict[str, Path]:
     """Write out_dir/{train,val,test}.parquet; the same params give byte-identical files.
 
     A split that would overwrite the source table itself is refused before it is read; with
@@ -74,7 +77,7 @@ def prepare(data: DataParams, val_fraction: float, out_dir: Path, tables: Path |
     for name in SPLITS:
         check_output(out_dir / f"{name}.parquet", sources)
     df = load_source(source, seed=data.seed)
-    rows = split_rows(len(df), data.test_fraction, val_fraction, data.seed)
+    rows = split_rows(len(df), data.test_fraction, val_fraction, data.seed, val_max_rows)
     paths = {}
     for name in SPLITS:
         part = df.iloc[rows[name]].reset_index(drop=True)
@@ -84,4 +87,5 @@ def prepare(data: DataParams, val_fraction: float, out_dir: Path, tables: Path |
 
 def run(params: Params, tables: Path | None = None) -> dict[str, Path]:
     """`vaepipe prepare`: the splits of data.source in data.prepared_dir (prepare)."""
-    return prepare(params.data, params.train.val_fraction, Path(params.data.prepared_dir), tables)
+    return prepare(params.data, params.train.val_fraction, Path(params.data.prepared_dir), tables,
+                   params.train.val_max_rows)

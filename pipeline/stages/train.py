@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -44,7 +45,15 @@ from vae.inference import tail_rows
 from vae.precision import resolve_precision
 from vae.probe import precision_gap
 from vae.store import CHECKPOINT, MANIFEST, write_atomic
-from vae.train import FitResult, calibration_split, held_out_rows, selection_model, will_refit
+from vae.train import (
+    FitResult,
+    calibration_count,
+    calibration_split,
+    held_out_rows,
+    selection_model,
+    validation_count,
+    will_refit,
+)
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"  # what a resumed run must match: params and data
@@ -130,6 +139,9 @@ def _check_resume(out: Path, record: dict[str, Any]) -> None:
     changed = _first_difference(saved.get("params"), record["params"])
     if changed is not None:
         key, then, now = changed
+        if then is None and isinstance(saved.get("params"), dict):  # a key this version added
+            raise PipelineError(f"--resume into {out}: the interrupted run was started by an older vaepipe, "
+                                f"which had no {key} (now {now!r}); delete {out} and train again")
         raise PipelineError(f"--resume into {out}: {key} is {now!r}, the interrupted run had {then!r}; "
                             "resume with the same params")
     for key, what in (("data", "the training table"), ("val", "the --val table")):
@@ -202,9 +214,13 @@ def _train_claimed(data_path: Path, out: Path, params: Params, resume: bool, val
     try:
         if ranks.is_main:
             write_atomic(out / RUN_FILE, json.dumps(record, indent=2).encode())
+        # train.refit auto decided on all of DATA's rows (and --val's), calibration rows included, which fit()
+        # sees only when it refits: fit() is told the decision
+        refits = will_refit(vae, params.train, y_val is not None or params.train.val_fraction > 0,
+                            y.shape[0] + (0 if y_val is None else y_val.shape[0]))
         result = fit(
-            vae, y_fit, params.train, y_val=y_val, resume=state,
-            y_refit_extra=y_cal if will_refit(vae, params.train, y_val is not None or params.train.val_fraction > 0) else None,
+            vae, y_fit, dataclasses.replace(params.train, refit=refits), y_val=y_val, resume=state,
+            y_refit_extra=y_cal if refits else None,
             on_epoch=on_epoch if ranks.is_main else None,
             on_checkpoint=(lambda state: save_checkpoint(out, state)) if ranks.is_main else None,
         )
@@ -234,8 +250,8 @@ def _train_claimed(data_path: Path, out: Path, params: Params, resume: bool, val
         "train_processes": ranks.world_size,
         "precision": precision,
     }
-    # the baselines see the rows the final model was fitted on (the validation table and the
-    # calibration rows too after a refit; without one no calibration rows are carved)
+    # the baselines see DATA's rows (and the validation table's after a refit): the rows the final
+    # model was fitted on after a refit; without one, more than it (its validation and calibration rows)
     rows = y if y_val is None or result.state.phase != "refit" else torch.cat([y, y_val])
     save_model(out, vae, params.train, result.history, metadata, fit_baselines(rows, spec, params.model.latent_dim))
     data_parallel.barrier()  # the other ranks return once the model directory is complete
@@ -280,9 +296,9 @@ def _carve_calibration(vae: VAE, y: torch.Tensor, val_table: bool,
     otherwise none, and the threshold goes on the validation rows."""
     t = params.train
     record: dict[str, Any] = {"fraction": t.calibration_fraction, "rows": 0}
-    n_cal = round(y.shape[0] * t.calibration_fraction)
+    n_cal = calibration_count(y.shape[0], t)
     rest = y.shape[0] - n_cal
-    fit_rows = rest if val_table else rest - round(rest * t.val_fraction)
+    fit_rows = rest if val_table else rest - validation_count(rest, t)
     need = MIN_ROWS_PER_COLUMN * (y.shape[1] + 1)
     why = ("train.calibration_fraction is 0" if t.calibration_fraction == 0
            else "embed.score_samples is 0" if params.embed.score_samples == 0

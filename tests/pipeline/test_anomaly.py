@@ -176,6 +176,35 @@ def test_without_a_refit_the_calibration_rows_are_trained_on_by_no_model(tmp_pat
         score_rows(model.vae, cal, 5, 0, common_eps=True).log_likelihood, 0.01), rel=1e-5)
 
 
+@pytest.mark.parametrize("limit", [178, 179])
+def test_a_large_table_holds_out_capped_rows_and_refits_below_the_auto_limit(tmp_path, wine_csv, monkeypatch, limit):
+    """train.val_max_rows and train.calibration_max_rows cap the held-out rows; train.refit auto
+    refits tables of fewer than vae.train.REFIT_AUTO_ROWS rows (10,000; here wine's 178 rows are
+    the limit, or one below it), counting the calibration rows that only a refit trains on."""
+    import vae.train
+    from pipeline.stages import train
+
+    calls = []
+    real_fit = train.fit
+
+    def spy(model, y, cfg, **kw):
+        calls.append((y.shape[0], cfg.refit, kw["y_refit_extra"]))
+        return real_fit(model, y, cfg, **kw)
+
+    monkeypatch.setattr(train, "fit", spy)
+    monkeypatch.setattr(vae.train, "REFIT_AUTO_ROWS", limit)
+    params = load_params(None, [*SMALL, "train.refit=auto", "train.calibration_max_rows=10", "train.val_max_rows=7"])
+    train_model(wine_csv, tmp_path / "model", params)
+    (fit_rows, refit, extra), = calls
+    assert fit_rows == 168 and refit is (limit > 178) and (extra is None) is (limit == 178)
+    assert held_out_rows(torch.zeros(fit_rows, 13), params.train).shape[0] == 7  # not 0.2 x 168
+    model = load_model_dir(tmp_path / "model")
+    record = model.metadata["anomaly"]
+    assert record["calibration"] == {"fraction": 0.2, "rows": 10} and record["rows"] == 10
+    assert record["scored_by"] == ("selected model (before train.refit)" if refit else "final model")
+    assert any(h["phase"] == "refit" for h in load_checkpoint(tmp_path / "model").history) is refit
+
+
 def test_without_held_out_rows_the_threshold_is_placed_on_training_rows_with_a_warning(tmp_path, caplog):
     sets = ["data.source=sklearn:wine", "train.val_fraction=0", "train.calibration_fraction=0", "train.epochs=3",
             "model.hidden_dims=[8]",

@@ -209,6 +209,13 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
 
 
+def _older_version(path: Path) -> None:
+    """The run record of a vaepipe that had no train.val_max_rows (the checkpoint stays whole)."""
+    record = json.loads((path.parent / "run.json").read_text())
+    del record["params"]["train"]["val_max_rows"]
+    (path.parent / "run.json").write_text(json.dumps(record))
+
+
 def _foreign(path: Path) -> None:
     torch.save({"state": torch.zeros(3)}, path)
 
@@ -327,6 +334,7 @@ CASES: dict[str, Case] = {
     "train-int64-near-2-62-fails-validation-by-precision": lambda w: (["train", str(_table(w, "big.parquet", _int64_near_2_62)), "--out", str(w.path("m")), *ARGS], 1, "float32_precision column 'big': holds integers near 4.61e+18"),
     "train-int64-near-2-62-prevalidated": lambda w: (["train", str(_table(w, "big.parquet", _int64_near_2_62)), "--out", str(w.path("m")), "--prevalidated", *ARGS], 2, "column 'big' holds integers near 4.61e+18 that differ by at most 119"),
     "resume-with-other-params-names-the-key": lambda w: (["train", str(w.table), "--out", str(_interrupted_run(w, lambda p: None)), "--resume", *ARGS, "--set", "train.epochs=3"], 2, "train.epochs is 3, the interrupted run had 2"),
+    "resume-of-an-older-versions-run": lambda w: (["train", str(w.table), "--out", str(_interrupted_run(w, _older_version)), "--resume", *ARGS], 2, "started by an older vaepipe, which had no train.val_max_rows (now 1000)"),
     "resume-with-another-table": lambda w: (["train", str(_table(w, "other.parquet")), "--out", str(_interrupted_run(w, lambda p: None)), "--resume", *ARGS], 2, "the training table differs"),
     # ---- issue 21: broken stores and odd tables
     "damaged-store-truncated-register": lambda w: (["register", str(w.model)], 2, _damaged_store(w, lambda db: db.write_bytes(_SQLITE[:100]))),

@@ -67,3 +67,10 @@ def test_split_rows_is_a_sorted_partition() -> None:
     assert all((np.diff(r) > 0).all() for r in rows.values())
     assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(101))
     assert len(rows["test"]) == 30 and len(rows["val"]) == 14
+
+
+def test_the_validation_split_holds_at_most_val_max_rows() -> None:
+    """train.val_max_rows caps prepare's val split as it caps fit()'s own: the rest trains."""
+    rows = split_rows(50_000, 0.2, 0.1, seed=0, val_max_rows=1000)
+    assert (len(rows["test"]), len(rows["val"]), len(rows["train"])) == (10_000, 1000, 39_000)
+    assert len(split_rows(500, 0.2, 0.1, seed=0, val_max_rows=1000)["val"]) == 40  # below the cap: the fraction

@@ -250,6 +250,27 @@ def test_gradient_clipping_matches_clip_grad_norm(scale):
     assert not torch.isfinite(opt.clip_grad_norm(1.0))
 
 
+def test_the_held_out_rows_are_capped_and_auto_refits_below_ten_thousand_rows():
+    from vae.train import REFIT_AUTO_ROWS, calibration_count, validation_count, will_refit
+
+    cfg = vae.TrainConfig()  # val_fraction 0.1 (at most 1,000 rows), calibration_fraction 0.2 (at most 2,000)
+    assert [validation_count(n, cfg) for n in (300, 10_000, 100_000)] == [30, 1000, 1000]
+    assert [calibration_count(n, cfg) for n in (300, 10_000, 100_000)] == [60, 2000, 2000]
+    free = vae.TrainConfig(val_max_rows=0, calibration_max_rows=0)
+    assert (validation_count(100_000, free), calibration_count(100_000, free)) == (10_000, 20_000)
+    y = _rows()
+    model = _model(y)
+    assert REFIT_AUTO_ROWS == 10_000 and cfg.refit == "auto"
+    assert will_refit(model, cfg, True, 9_999) and not will_refit(model, cfg, True, 10_000)
+    assert will_refit(model, vae.TrainConfig(refit=True), True, 10**6)
+    assert not will_refit(model, vae.TrainConfig(refit=False), True, 10)
+    assert not will_refit(model, cfg, False, 10)  # no validation rows: nothing to choose the epochs on
+    with pytest.raises(vae.ConfigError, match=r"train\.refit is 'yes'; choose one of auto, true, false"):
+        vae.TrainConfig(refit="yes")  # type: ignore[arg-type]
+    with pytest.raises(vae.ConfigError, match=r"train\.val_max_rows is -1"):
+        vae.TrainConfig(val_max_rows=-1)
+
+
 def test_an_epoch_reads_the_device_once(monkeypatch):
     """Clipping, the finite check and the epoch's sums stay tensors: one host read per epoch."""
     y = _rows()
