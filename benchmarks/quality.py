@@ -116,6 +116,9 @@ TUNING: dict[str, tuple[Callable[[], pd.DataFrame], str]] = {
     "pima": (lambda: _rdata("MASS", "Pima.tr"), "MASS Pima.tr: 200 x 7"),
     "faithful": (lambda: _rdata("datasets", "faithful"), "datasets faithful: 272 eruptions x 2, bimodal"),
     "boston": (lambda: _rdata("MASS", "Boston"), "MASS Boston: 506 x 14"),
+    # mid-size, between the small tables and randhie: where train.refit auto's 10,000 rows was checked
+    "computers": (lambda: _rdata("Ecdat", "Computers"), "Ecdat Computers: 6,259 PC prices x 7 numeric"),
+    "spam7": (lambda: _rdata("DAAG", "spam7"), "DAAG spam7: 4,601 e-mails x 6 counts and shares"),
 }
 
 
