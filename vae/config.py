@@ -175,8 +175,9 @@ class TrainConfig:
         "training rows (exact posterior, p(y) the baseline's), so no model scores below it on validation; random: as "
         "torch initializes")
     # the refit's gain, refit=false against the default (docs/benchmarks.md): +0.02 to +3.6 nats/row on
-    # the small tables (one seed of diabetes -0.88), +0.33 on randhie and +0.13 on diamonds for 1.8 and
-    # 2.4 times the time
+    # the small tables (one seed of diabetes -0.88), +0.2 to +0.6 on Computers and spam7 (4,601-6,259
+    # rows), +0.33 on randhie and +0.13 on diamonds, for 1.8 to 2.4 times the time: auto trades that
+    # for half the time where a run takes minutes
     refit: Refit = setting(
         "auto", "after early stopping chose the weights on the validation split, train on all rows (training, "
         "validation and calibration): the held-out rows are not lost to the final model (only with init "
