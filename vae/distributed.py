@@ -101,19 +101,13 @@ def attach(trainer: Any, seed: int, step: int) -> None:
     trainer.runner.reduce_with(_average_gradients)
 
 
-def _average_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-    """One all-reduce of every gradient and the loss; a non-finite value on any rank reaches all."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+def _average_gradients(grad: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """One all-reduce of the flat gradient (FlatAdam's, every parameter's) and the loss, averaged in
+    place; a non-finite value on any rank reaches all. Returns the averaged loss."""
+    flat = torch.cat([grad, loss.detach().reshape(1).to(grad.dtype)])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        if p.grad is None:
-            p.grad = g
-        p.grad.copy_(flat[offset : offset + n].view_as(p))
-        offset += n
+    grad.copy_(flat[:-1])
     return flat[-1]
 
 

@@ -59,15 +59,14 @@ class StepRunner:
                  graph: bool = False):
         """graph: replay full-size steps from a CUDA graph (resolve_cuda_graph)."""
         self.model, self.opt, self.cfg, self.device, self.precision = model, opt, cfg, device, precision
-        self.params = opt.params
         self.sums = torch.zeros(len(SUMMED) + 1, dtype=torch.float64, device=device)
         self.use_graph = device.type == "cuda" and graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, ...] = ()
-        # data parallel: averages every gradient (and the loss) over ranks before clipping
-        self.reduce: Callable[[list[torch.nn.Parameter], torch.Tensor], torch.Tensor] | None = None
+        # data parallel: averages the flat gradient (opt.grad, in place) and the loss over ranks before clipping
+        self.reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
-    def reduce_with(self, reduce: Callable[[list[torch.nn.Parameter], torch.Tensor], torch.Tensor]) -> None:
+    def reduce_with(self, reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         """Average gradients over ranks each step; steps run eagerly (no CUDA graph holds a collective)."""
         self.reduce, self.use_graph = reduce, False
         self.drop_graph()
@@ -100,7 +99,7 @@ class StepRunner:
         loss = -(t.recon - beta * t.kl).mean()
         loss.backward()
         if self.reduce is not None:
-            loss = self.reduce(self.params, loss)
+            loss = self.reduce(self.opt.grad, loss)
         norm = self.opt.clip_grad_norm(self.cfg.grad_clip)
         self.opt.step()
         # a non-finite loss or gradient norm makes the third sum non-finite: the epoch's finite check

@@ -99,8 +99,9 @@ class FitResult:
     state: TrainState
 
 
-def _capped(n: int, fraction: float, most: int) -> int:
-    """round(n * fraction) rows, at most `most` (0: no limit)."""
+def capped_rows(n: int, fraction: float, most: int) -> int:
+    """round(n * fraction) rows (half to even), at most `most` (0: no limit): the validation and
+    calibration rows of fit() and of the prepare stage's val split."""
     rows = round(n * fraction)
     return min(rows, most) if most else rows
 
@@ -108,12 +109,12 @@ def _capped(n: int, fraction: float, most: int) -> int:
 def validation_count(n: int, cfg: TrainConfig) -> int:
     """Rows of n that fit() holds out for early stopping without a y_val: train.val_fraction, at
     most train.val_max_rows."""
-    return _capped(n, cfg.val_fraction, cfg.val_max_rows)
+    return capped_rows(n, cfg.val_fraction, cfg.val_max_rows)
 
 
 def calibration_count(n: int, cfg: TrainConfig) -> int:
     """Rows of n kept for calibration: train.calibration_fraction, at most train.calibration_max_rows."""
-    return _capped(n, cfg.calibration_fraction, cfg.calibration_max_rows)
+    return capped_rows(n, cfg.calibration_fraction, cfg.calibration_max_rows)
 
 
 def _split(n: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,9 +170,8 @@ class _Trainer:
 
     def __init__(self, model: VAE, cfg: TrainConfig, device: torch.device, state: TrainState):
         self.model, self.cfg, self.device, self.state = model, cfg, device, state
-        self.params = list(model.parameters())
         graph = resolve_cuda_graph(cfg.cuda_graph, device, data_parallel.current().world_size)
-        self.opt = make_optimizer(self.params, cfg)  # the parameters become views of its flat buffer
+        self.opt = make_optimizer(list(model.parameters()), cfg)  # the parameters become views of its flat buffer
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.precision = resolve_precision(cfg.precision, device)
         if state.model:
@@ -354,9 +354,9 @@ def will_refit(model: VAE, cfg: TrainConfig, validation_rows: bool, rows: int) -
 
 
 def calibration_split(n: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rest, calibration): indices of n rows, calibration_count of them for calibration, drawn from train.seed by their own generator (seed + CALIBRATION_SEED_OFFSET), so
-    the same rows on every rank, on --resume, and apart from fit()'s validation split, which is
-    taken from the rest."""
+    """(rest, calibration): indices of n rows, calibration_count of them for calibration, drawn
+    from train.seed by their own generator (seed + CALIBRATION_SEED_OFFSET), so the same rows on
+    every rank, on --resume, and apart from fit()'s validation split, which is taken from the rest."""
     n_cal = calibration_count(n, cfg)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + CALIBRATION_SEED_OFFSET))
     return perm[n_cal:].sort().values, perm[:n_cal].sort().values

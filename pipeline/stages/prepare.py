@@ -12,6 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.io.outputs import check_output
 from pipeline.io.sources import load_source, resolve_source
 from pipeline.io.tables import write_table_atomic
+from vae.train import capped_rows
 
 SPLITS = ("train", "val", "test")
 
@@ -26,8 +27,7 @@ def split_rows(
     """
     perm = np.random.default_rng(seed).permutation(n_rows)
     n_test = int(np.rint(n_rows * test_fraction))
-    n_val = int(np.rint((n_rows - n_test) * val_fraction))
-    n_val = min(n_val, val_max_rows) if val_max_rows else n_val
+    n_val = capped_rows(n_rows - n_test, val_fraction, val_max_rows)  # fit()'s own cap
     parts = {
         "test": perm[:n_test],
         "val": perm[n_test : n_test + n_val],

@@ -193,11 +193,21 @@ def test_a_large_table_holds_out_capped_rows_and_refits_below_the_auto_limit(tmp
 
     monkeypatch.setattr(train, "fit", spy)
     monkeypatch.setattr(vae.train, "REFIT_AUTO_ROWS", limit)
+    splits: list[int] = []
+    real_split = vae.train._split
+
+    def split_spy(n, cfg):
+        fitted, held = real_split(n, cfg)
+        splits.append(len(held))
+        return fitted, held
+
+    monkeypatch.setattr(vae.train, "_split", split_spy)
     params = load_params(None, [*SMALL, "train.refit=auto", "train.calibration_max_rows=10", "train.val_max_rows=7"])
     train_model(wine_csv, tmp_path / "model", params)
     (fit_rows, refit, extra), = calls
     assert fit_rows == 168 and refit is (limit > 178) and (extra is None) is (limit == 178)
     assert held_out_rows(torch.zeros(fit_rows, 13), params.train).shape[0] == 7  # not 0.2 x 168
+    assert splits[0] == 7  # what fit() held out for early stopping
     model = load_model_dir(tmp_path / "model")
     record = model.metadata["anomaly"]
     assert record["calibration"] == {"fraction": 0.2, "rows": 10} and record["rows"] == 10
