@@ -10,10 +10,18 @@ The step count and the learning rate are 0-d tensors on the parameters' device: 
 replays the update as it is captured, and a new lr (the warm-up, a fall, a rollback) is written
 into the tensor, so the graph stays valid. The math is torch.optim.Adam's (betas 0.9, 0.999,
 eps 1e-8, no weight decay; the bias corrections of its capturable form).
+
+With `average_steps` W > 0 it also keeps a running average of the weights (Polyak averaging in its
+exponential form): after step n, ema <- ema + max(1/W, 1/n) (data - ema), the plain mean of the
+steps so far until the window fills. `averaged()` lends the model those weights (to validate, to
+keep). Adam's iterates jitter around the optimum at the scale of the lr; their average sits nearer,
+and the epoch early stopping picks no longer depends on which side of it the last step landed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,6 +29,7 @@ from torch import nn
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+_MOMENTS_AND_AVERAGE = (*_MOMENTS, "ema")
 
 
 class FlatAdam:
@@ -28,7 +37,7 @@ class FlatAdam:
     `data` and each `p.grad` a view of `grad` (backward accumulates into it in place; zero_grad
     zeroes it). Rewire again after moving the module: `.to()` replaces the views."""
 
-    def __init__(self, params: list[nn.Parameter], lr: float):
+    def __init__(self, params: list[nn.Parameter], lr: float, average_steps: int = 0):
         if not params:
             raise ValueError("FlatAdam got no parameters")
         device = params[0].device
@@ -51,6 +60,10 @@ class FlatAdam:
         self.exp_avg_sq = torch.zeros_like(self.data)
         self.step_count = torch.zeros((), dtype=torch.float32, device=device)
         self.lr = torch.full((), lr, dtype=torch.float32, device=device)
+        if average_steps < 0:
+            raise ValueError(f"average_steps must be >= 0, got {average_steps}")
+        self.ema = self.data.clone() if average_steps else None
+        self.ema_floor = 1.0 / average_steps if average_steps else 0.0
 
     def set_lr(self, lr: float) -> None:
         """From the next step on; no host sync, and a captured graph reads the new value."""
@@ -75,6 +88,22 @@ class FlatAdam:
         neg = step_size.neg()
         denom = (self.exp_avg_sq.sqrt() / ((1 - torch.pow(BETA2, self.step_count)).sqrt() * neg)).add_(EPS / neg)
         self.data.addcdiv_(self.exp_avg, denom)
+        if self.ema is not None:  # the weight a device tensor: a graph replays it as it is
+            self.ema.lerp_(self.data, self.step_count.reciprocal().clamp_(min=self.ema_floor))
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The parameters hold the averaged weights inside the block (the live ones without an
+        average), the live ones again after it."""
+        if self.ema is None:
+            yield
+            return
+        live = self.data.clone()
+        self.data.copy_(self.ema)
+        try:
+            yield
+        finally:
+            self.data.copy_(live)
 
     def release(self) -> None:
         """Drop the gradients' views (a trained model carries no gradient buffer)."""
@@ -82,8 +111,12 @@ class FlatAdam:
             p.grad = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The live tensors (copy them to keep a snapshot): step, exp_avg, exp_avg_sq."""
-        return {"step": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        """The live tensors (copy them to keep a snapshot): step, exp_avg, exp_avg_sq (and ema, the
+        averaged weights, with average_steps)."""
+        state = {"step": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        if self.ema is not None:
+            state["ema"] = self.ema
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -91,10 +124,15 @@ class FlatAdam:
 
         Takes state_dict()'s form, or torch.optim.Adam's (checkpoints written before this class:
         per-parameter moments in the order of `params`, concatenated; a parameter without state
-        has zero moments)."""
+        has zero moments). A state without averaged weights (written without average_steps)
+        starts the average at the current weights: load the model's weights first."""
         if "state" in saved:  # torch.optim.Adam's: {"state": {index: {...}}, "param_groups": [...]}
             saved = _from_torch_adam(saved, self.params)
-        for key, target in (("step", self.step_count), *((m, getattr(self, m)) for m in _MOMENTS)):
+        if self.ema is not None and "ema" not in saved:
+            saved = {**saved, "ema": self.data}
+        for key, target in (("step", self.step_count), *((m, getattr(self, m)) for m in _MOMENTS_AND_AVERAGE)):
+            if target is None:  # the state's average, where this optimizer keeps none
+                continue
             value = torch.as_tensor(saved[key])
             if value.shape != target.shape:
                 raise ValueError(f"optimizer state {key!r} has shape {tuple(value.shape)}, this model's "

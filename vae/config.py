@@ -204,6 +204,10 @@ class TrainConfig:
         "none", "the lr of large batches: lr * (batch_size / lr_base_batch)^p with p = 1/2 (sqrt, the rule for Adam: "
         "Malladi et al. 2022) or 1 (linear); none keeps train.lr whatever the batch")
     lr_base_batch: int = setting(128, "the batch size lr is given for (lr_scaling)")
+    ema_steps: int = setting(
+        0, "validate and keep a running average of the weights over about this many steps (an exponential "
+        "one: each step moves it 1/ema_steps of the way to the live weights) instead of the last step's; "
+        "0: the live weights")
     # on a GPU an epoch takes milliseconds, and writing the run's state every epoch cost most of its time
     checkpoint_every_s: float = setting(
         10.0, "a checkpoint for --resume after the first epoch, then once this many seconds have passed "
@@ -229,6 +233,7 @@ class TrainConfig:
         _check_positive("train", "grad_clip", self.grad_clip)
         _check_positive("train", "checkpoint_every_s", self.checkpoint_every_s, allow_zero=True)
         _check_positive("train", "max_rollbacks", self.max_rollbacks, allow_zero=True)
+        _check_positive("train", "ema_steps", self.ema_steps, allow_zero=True)
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"train.val_fraction is {self.val_fraction!r}; it must be in [0, 1)")
         if not 0 <= self.calibration_fraction < 1:

@@ -47,8 +47,9 @@ def resolve_cuda_graph(setting: CudaGraph, device: torch.device, world_size: int
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> FlatAdam:
     """Adam over the model's trainable parameters, rewired as views of one flat buffer (vae.adam):
-    one round of kernels a step on the CPU and on CUDA, replayable from a graph as it is."""
-    return FlatAdam([p for p in params if p.requires_grad], cfg.effective_lr)
+    one round of kernels a step on the CPU and on CUDA, replayable from a graph as it is; with
+    train.ema_steps it keeps the weights' running average too."""
+    return FlatAdam([p for p in params if p.requires_grad], cfg.effective_lr, cfg.ema_steps)
 
 
 class StepRunner:

@@ -488,16 +488,19 @@ def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None]
     training rows; count patience once the warm-up is over. Returns the validation terms and
     whether patience ran out (a plateau: what follows is _schedule's to decide)."""
     state, cfg, model = trainer.state, trainer.cfg, trainer.model
-    model.eval()
-    v = _mean_terms(model, val[0], val[1], cfg, cfg.seed + 1)  # same eps every epoch
-    model.train()
-    collapsed = _collapsed(train_elbo, state.start_train_elbo)
+    with trainer.opt.averaged():  # train.ema_steps: the running average is what is validated and kept
+        model.eval()
+        v = _mean_terms(model, val[0], val[1], cfg, cfg.seed + 1)  # same eps every epoch
+        model.train()
+        collapsed = _collapsed(train_elbo, state.start_train_elbo)
+        better = not collapsed and float(v.elbo) > state.best_val
+        if better:
+            state.best_model = _clone(model.state_dict(), state.best_model)
     if collapsed:
         log.info("epoch %d: training ELBO %.4g nats/row collapsed below the start's %.4g; its weights are "
                  "not kept", state.epoch, train_elbo, state.start_train_elbo)
-    if not collapsed and float(v.elbo) > state.best_val:
+    if better:
         state.best_val, state.best_epoch, state.bad_epochs = float(v.elbo), state.epoch, 0
-        state.best_model = _clone(model.state_dict(), state.best_model)
     elif warm:
         state.bad_epochs += 1
     return v, warm and state.bad_epochs >= cfg.early_stopping_patience
@@ -545,9 +548,12 @@ def _finish_epoch(
     train = LossTerms(**dict(zip(SUMMED, means.cpu().double(), strict=True)))
     v: LossTerms | None = None
     plateau = False
-    if val is None:  # nothing held out: the last epoch's weights are the result
+    if val is None:  # nothing held out: the last epoch's weights (their average, train.ema_steps) are the result
         if state.phase == "select":
             state.best_epoch = state.epoch
+        if cfg.ema_steps:
+            with trainer.opt.averaged():
+                state.best_model = _clone(trainer.model.state_dict(), state.best_model)
     else:  # the refit tracks its best epoch but never stops early: it runs the chosen count
         v, plateau = _track_best(trainer, val, warm=state.phase == "select" and state.step >= cfg.kl_warmup_steps,
                                  train_elbo=float(train.elbo))

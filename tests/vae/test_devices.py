@@ -74,6 +74,45 @@ def test_flat_adam_takes_torch_adams_steps_on_views_of_one_buffer():
         assert p.grad.data_ptr() >= opt.grad.data_ptr()  # still a view: accumulated in place
 
 
+@pytest.mark.parametrize("window", [1, 4, 50])
+def test_flat_adam_keeps_the_running_average_of_its_weights(window):
+    """After step n the average moves max(1/W, 1/n) of the way to the weights: the plain mean of the
+    iterates while n <= W, an exponential average after (recurrence in float64 beside it); averaged()
+    lends it to the parameters and puts the live weights back bit for bit."""
+    ours, theirs = _pair(2)
+    opt, plain = FlatAdam(ours, 1e-2, average_steps=window), FlatAdam(theirs, 1e-2)
+    expected, iterates = opt.data.double().clone(), []
+    for n in range(1, 13):
+        _quadratic_steps(opt.step, opt.zero_grad, ours, n - 1, 1)
+        _quadratic_steps(plain.step, plain.zero_grad, theirs, n - 1, 1)
+        iterates.append(opt.data.double().clone())
+        expected += max(1 / window, 1 / n) * (iterates[-1] - expected)
+        torch.testing.assert_close(opt.ema.double(), expected, rtol=1e-5, atol=1e-6)
+        if n <= window:
+            torch.testing.assert_close(opt.ema.double(), torch.stack(iterates).mean(0), rtol=1e-5, atol=1e-6)
+    assert torch.equal(opt.data, plain.data)  # the average never feeds back into the steps
+    live = opt.data.clone()
+    with opt.averaged():
+        assert torch.equal(torch.cat([p.detach().reshape(-1) for p in ours]), opt.ema)
+    assert torch.equal(opt.data, live) and torch.equal(ours[0].detach().reshape(-1), live[:12])
+    assert torch.equal(opt.state_dict()["ema"], opt.ema)
+
+
+def test_a_state_without_an_average_starts_it_at_the_weights():
+    """A checkpoint written without train.ema_steps (or before it) resumes with the average at the
+    current weights; an optimizer without one ignores a saved average."""
+    ours, _ = _pair(3)
+    plain = FlatAdam(ours, 1e-2)
+    _quadratic_steps(plain.step, plain.zero_grad, ours, 0, 3)
+    averaging = FlatAdam(ours, 1e-2, average_steps=10)
+    averaging.ema.zero_()
+    averaging.load_state_dict(plain.state_dict())
+    assert torch.equal(averaging.ema, averaging.data) and float(averaging.step_count) == 3.0
+    FlatAdam(ours, 1e-2).load_state_dict(averaging.state_dict())
+    with pytest.raises(ValueError, match="average_steps must be >= 0"):
+        FlatAdam(ours, 1e-2, average_steps=-1)
+
+
 @pytest.mark.parametrize("variant", [{"foreach": True}, {"fused": True}])
 def test_a_checkpoint_of_torch_adam_resumes_in_flat_adam(variant):
     """Checkpoints written before FlatAdam hold torch.optim.Adam's per-parameter state (fused keeps

@@ -46,9 +46,10 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize(("phase", "start"), [("select", "init"), ("refit", "init"), ("refit", "selected")])
-def test_resume_from_checkpoint_is_bit_identical(tmp_path, phase, start):
-    y, cfg = _rows(), _cfg(refit=True, refit_start=start)
+@pytest.mark.parametrize(("phase", "start", "ema"), [("select", "init", 0), ("refit", "init", 0),
+                                                    ("refit", "selected", 0), ("refit", "init", 3)])
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, phase, start, ema):
+    y, cfg = _rows(), _cfg(refit=True, refit_start=start, ema_steps=ema)
     whole = _model(y)
     full = vae.fit(whole, y, cfg)
     refit_epochs = full.best_epoch if start == "init" else cfg.refit_epochs
@@ -71,6 +72,30 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, phase, start):
     assert _without_seconds(full.history) == _without_seconds(rest.history)
     assert (rest.best_epoch, rest.stopped_early) == (full.best_epoch, full.stopped_early)
     assert vae.evaluate(whole, y, iw_samples=10) == vae.evaluate(resumed, y, iw_samples=10)
+
+
+def test_the_running_average_of_the_weights_is_what_is_validated_and_kept():
+    """train.ema_steps: each epoch validates the averaged weights and keeps them when they are the best;
+    without validation rows the last epoch's average is the result. The live weights train on."""
+    from vae.train import _mean_terms
+
+    y = _rows()
+    for val_fraction in (0.2, 0.0):
+        cfg = _cfg(epochs=5, kl_warmup_steps=0, val_fraction=val_fraction, ema_steps=4)
+        model = _model(y)
+        result = vae.fit(model, y, cfg)
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        average = result.state.optimizer["ema"]
+        live = torch.cat([result.state.model[n].reshape(-1) for n in trained])
+        assert not torch.equal(average, live)
+        if val_fraction == 0:  # the result is the last epoch's average
+            assert torch.equal(torch.cat([model.state_dict()[n].reshape(-1) for n in trained]), average)
+            continue
+        assert result.best_epoch == cfg.epochs  # these rows improve every epoch: the last average is kept
+        assert torch.equal(torch.cat([model.state_dict()[n].reshape(-1) for n in trained]), average)
+        val = model.standardize(vae.train.held_out_rows(y, cfg))
+        elbo = float(_mean_terms(model.eval(), val[0], val[1], cfg, cfg.seed + 1).elbo)
+        assert elbo == pytest.approx(result.history[-1].val_elbo, rel=1e-6)  # what was validated
 
 
 @pytest.mark.parametrize("every_s", [0.0, 3600.0])
