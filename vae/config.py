@@ -211,7 +211,7 @@ class TrainConfig:
     # on a GPU an epoch takes milliseconds, and writing the run's state every epoch cost most of its time
     checkpoint_every_s: float = setting(
         10.0, "a checkpoint for --resume after the first epoch, then once this many seconds have passed "
-        "since the last (and at the end of each stage); 0 writes one every epoch")
+        "since the last (and at the refit's start and the run's end); 0 writes one every epoch")
 
     @property
     def effective_lr(self) -> float:

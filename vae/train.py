@@ -142,8 +142,8 @@ def _clone(tree: Any, into: Any = None) -> Any:
     if isinstance(tree, dict):
         old = into if isinstance(into, dict) else {}
         out = type(tree)((k, _clone(v, old.get(k))) for k, v in tree.items())
-        if hasattr(tree, "_metadata"):  # a module's state dict: its version record
-            out._metadata = copy.deepcopy(tree._metadata)  # type: ignore[attr-defined]
+        if hasattr(tree, "_metadata"):  # a module's state dict: its version record, built anew by each state_dict()
+            out._metadata = tree._metadata  # type: ignore[attr-defined]
         return out
     if isinstance(tree, list | tuple):
         olds: list[Any] = list(into) if isinstance(into, list | tuple) and len(into) == len(tree) else [None] * len(tree)
@@ -182,6 +182,28 @@ class _Trainer:
             state.lr = state.lr or cfg.effective_lr
         self.opt.set_lr(state.lr)
         self.runner = StepRunner(model, self.opt, cfg, device, self.precision, graph)
+        self._modules = list(model.modules())
+        # the model's weights and buffers: views that stay valid for the trainer's life (FlatAdam's
+        # views; loads, the noise gate and rollbacks write in place)
+        self._live = model.state_dict()
+
+    def set_training(self, training: bool) -> None:
+        """model.train(training) without its recursion and nn.Module's __setattr__ (a third of a
+        millisecond, twice an epoch)."""
+        for m in self._modules:
+            m.__dict__["training"] = training
+
+    def copy_weights(self, into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's state dict copied into `into`, an earlier copy, in place where it matches
+        (no state_dict() walk, no allocation: this runs once or twice an epoch)."""
+        if into.keys() != self._live.keys():
+            return _clone(self._live)
+        for key, value in self._live.items():
+            target = into[key]
+            if target.shape != value.shape or target.dtype != value.dtype or target.device != value.device:
+                return _clone(self._live)
+            target.copy_(value)
+        return into
 
     def _restore_generator(self, saved: torch.Tensor) -> None:
         """The noise stream of the checkpoint; a CPU and a CUDA generator keep states of other sizes."""
@@ -192,7 +214,7 @@ class _Trainer:
 
     def snapshot(self) -> None:
         s = self.state
-        s.model = _clone(self.model.state_dict(), s.model)
+        s.model = self.copy_weights(s.model)
         s.optimizer = _clone(self.opt.state_dict(), s.optimizer)
         s.generator = self.gen.get_state()
 
@@ -292,21 +314,21 @@ def fit(
     val = None if y_val is None else model.standardize(y_val.to(device, torch.float32))  # all of them
 
     state = resume if resume is not None else TrainState()
+    save = _Checkpoints(on_checkpoint, cfg.checkpoint_every_s)
     if state.phase == "select":  # early stopping on the validation rows chooses the weights
         # the closed-form start from all training rows: the same start however many ranks
         start = (lambda m: init_linear_gaussian(m, y)) if linear_start else None
-        _run_stage(model, cfg, device, state, y, val, start, on_epoch, on_checkpoint)
+        _run_stage(model, cfg, device, state, y, val, start, on_epoch, save, last_stage=not refit)
         state.stopped_early, state.selected_epoch = state.finished, state.best_epoch
         if refit:
             state = _start_refit(state, cfg)
-            if on_checkpoint is not None:
-                on_checkpoint(state)
+            save(state, force=True)  # the selection's outcome
     if state.phase == "refit":  # all rows, as _start_refit planned it
         assert val is not None, "a refit has validation rows"
         selected = state.selected_model
         start = ((lambda m: m.load_state_dict(selected)) if state.refit_start == "selected"
                  else (lambda m: init_linear_gaussian(m, y_all)))
-        _run_stage(model, cfg, device, state, y_all, val, start, on_epoch, on_checkpoint)
+        _run_stage(model, cfg, device, state, y_all, val, start, on_epoch, save, last_stage=True)
         _keep_selection_unless_refit_holds(state)
     state.finished = True
     model.load_state_dict(state.best_model or state.model)
@@ -325,11 +347,13 @@ def _run_stage(
     val: tuple[torch.Tensor, torch.Tensor | None] | None,
     start: Callable[[VAE], Any] | None,
     on_epoch: Callable[[EpochStats], None] | None,
-    on_checkpoint: Callable[[TrainState], None] | None,
+    save: _Checkpoints,
+    last_stage: bool,
 ) -> None:
     """One stage (the selection or the refit) on rows (N, D, original units), from its start or
     from where a checkpoint left it: `start` puts the stage's first weights in the model (None:
-    the model's own, e.g. torch's random ones); that start is the first candidate on validation."""
+    the model's own, e.g. torch's random ones); that start is the first candidate on validation.
+    last_stage: the run's last, whose end is always checkpointed (a refit's start is, instead)."""
     fresh = not state.model
     if fresh and start is not None:
         start(model)
@@ -340,8 +364,22 @@ def _run_stage(
         trainer.snapshot()
         if val is not None:  # training never ends below the start on validation
             _start_candidate(trainer, x, mask, val)
-    _loop(trainer, x, mask, val, _stage_epochs(state, cfg), on_epoch, on_checkpoint)
+    _loop(trainer, x, mask, val, _stage_epochs(state, cfg), on_epoch, save, last_stage)
     trainer.opt.release()  # the parameters keep no gradient views once the stage is over
+
+
+class _Checkpoints:
+    """When fit() hands its state to on_checkpoint: after the run's first epoch (a run is resumable
+    at once), then once train.checkpoint_every_s has passed since the last, and (force) at the
+    refit's start and the run's end; the selection's end is the refit's start, written once."""
+
+    def __init__(self, on_checkpoint: Callable[[TrainState], None] | None, every_s: float):
+        self.on_checkpoint, self.every_s, self.last = on_checkpoint, every_s, -math.inf
+
+    def __call__(self, state: TrainState, force: bool = False) -> None:
+        if self.on_checkpoint is not None and (force or time.monotonic() - self.last >= self.every_s):
+            self.on_checkpoint(state)
+            self.last = time.monotonic()
 
 
 def will_refit(model: VAE, cfg: TrainConfig, validation_rows: bool, rows: int) -> bool:
@@ -422,14 +460,15 @@ def _loop(
     val: tuple[torch.Tensor, torch.Tensor | None] | None,
     epochs: int,
     on_epoch: Callable[[EpochStats], None] | None,
-    on_checkpoint: Callable[[TrainState], None] | None,
+    save: _Checkpoints,
+    last_stage: bool,
 ) -> None:
     """Epochs until `epochs` or early stopping; a non-finite epoch rolls back and lowers the lr.
 
     An epoch still non-finite after train.max_rollbacks ends the stage where a validated candidate
     exists (its best weights are kept, as early stopping would); without validation rows it raises."""
     state, cfg = trainer.state, trainer.cfg
-    rollbacks, saved = 0, -math.inf  # the first epoch is checkpointed: a run is resumable at once
+    rollbacks = 0
     while state.epoch < epochs and not state.finished:
         t0 = time.perf_counter()
         out = trainer.run_epoch(x, mask)
@@ -447,8 +486,7 @@ def _loop(
                             "%.3g): this stage ends with its best weights on validation (epoch %d)",
                             state.epoch + 1, cfg.max_rollbacks, state.lr, state.best_epoch)
                 state.finished = True
-                if on_checkpoint is not None:
-                    on_checkpoint(state)
+                save(state, force=last_stage)
                 break
             trainer.rollback()
             log.warning("rolled back to the end of epoch %d; lr lowered to %.3g", state.epoch, state.lr)
@@ -459,17 +497,14 @@ def _loop(
         state.finished = data_parallel.agree(state.finished)  # rank 0's early stop on every rank
         if on_epoch is not None:
             on_epoch(stats)
-        last = state.finished or state.epoch >= epochs
-        if on_checkpoint is not None and (last or time.monotonic() - saved >= cfg.checkpoint_every_s):
-            on_checkpoint(state)
-            saved = time.monotonic()
+        save(state, force=last_stage and (state.finished or state.epoch >= epochs))
 
 
 def _start_candidate(trainer: _Trainer, x: torch.Tensor, mask: torch.Tensor | None,
                      val: tuple[torch.Tensor, torch.Tensor | None]) -> None:
     """The stage's start: the first candidate on validation, and its ELBO on the training rows,
     against which a collapsed epoch is told (_collapsed)."""
-    trainer.model.eval()
+    trainer.set_training(False)
     trainer.state.start_train_elbo = float(_mean_terms(trainer.model, x, mask, trainer.cfg, trainer.cfg.seed + 2).elbo)
     _track_best(trainer, val, warm=False)  # the start is no plateau
 
@@ -489,13 +524,13 @@ def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None]
     whether patience ran out (a plateau: what follows is _schedule's to decide)."""
     state, cfg, model = trainer.state, trainer.cfg, trainer.model
     with trainer.opt.averaged():  # train.ema_steps: the running average is what is validated and kept
-        model.eval()
+        trainer.set_training(False)
         v = _mean_terms(model, val[0], val[1], cfg, cfg.seed + 1)  # same eps every epoch
-        model.train()
+        trainer.set_training(True)
         collapsed = _collapsed(train_elbo, state.start_train_elbo)
         better = not collapsed and float(v.elbo) > state.best_val
         if better:
-            state.best_model = _clone(model.state_dict(), state.best_model)
+            state.best_model = trainer.copy_weights(state.best_model)
     if collapsed:
         log.info("epoch %d: training ELBO %.4g nats/row collapsed below the start's %.4g; its weights are "
                  "not kept", state.epoch, train_elbo, state.start_train_elbo)
@@ -553,7 +588,7 @@ def _finish_epoch(
             state.best_epoch = state.epoch
         if cfg.ema_steps:
             with trainer.opt.averaged():
-                state.best_model = _clone(trainer.model.state_dict(), state.best_model)
+                state.best_model = trainer.copy_weights(state.best_model)
     else:  # the refit tracks its best epoch but never stops early: it runs the chosen count
         v, plateau = _track_best(trainer, val, warm=state.phase == "select" and state.step >= cfg.kl_warmup_steps,
                                  train_elbo=float(train.elbo))
