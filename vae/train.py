@@ -82,6 +82,7 @@ class TrainState:
     decay_epochs: list[int] = field(default_factory=list)  # the selection's epochs after which lr decayed
     refit_start: str = ""  # the refit's train.refit_start (selected | init); "" in the selection
     start_train_elbo: float = float("-inf")  # the stage's start on its training rows: see _collapsed
+    best_live_val: float = float("-inf")  # train.patience_on live: the last step's weights' best validation ELBO
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -520,14 +521,25 @@ def _collapsed(train_elbo: float | None, start: float) -> bool:
 def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None], warm: bool,
                 train_elbo: float | None = None) -> tuple[LossTerms, bool]:
     """Keep the weights with the best validation ELBO among epochs that did not collapse on their
-    training rows; count patience once the warm-up is over. Returns the validation terms and
-    whether patience ran out (a plateau: what follows is _schedule's to decide)."""
+    training rows (with train.ema_steps, the averaged weights); count patience once the warm-up is
+    over, on the kept candidates' ELBO, or with train.patience_on live on the last step's weights'.
+    Returns the validation terms (the candidate's) and whether patience ran out (a plateau: what
+    follows is _schedule's to decide)."""
     state, cfg, model = trainer.state, trainer.cfg, trainer.model
+    collapsed = _collapsed(train_elbo, state.start_train_elbo)
+    live_better: bool | None = None  # None: patience counts on the candidates
+    if trainer.opt.ema is not None and cfg.patience_on == "live" and state.phase == "select":  # the refit never stops early
+        # the schedule of a run without the average, to the epoch: a collapsed epoch is no improvement
+        trainer.set_training(False)
+        live = float(_mean_terms(model, val[0], val[1], cfg, cfg.seed + 1).elbo)
+        trainer.set_training(True)
+        live_better = not collapsed and live > state.best_live_val
+        if live_better:
+            state.best_live_val = live
     with trainer.opt.averaged():  # train.ema_steps: the running average is what is validated and kept
         trainer.set_training(False)
         v = _mean_terms(model, val[0], val[1], cfg, cfg.seed + 1)  # same eps every epoch
         trainer.set_training(True)
-        collapsed = _collapsed(train_elbo, state.start_train_elbo)
         better = not collapsed and float(v.elbo) > state.best_val
         if better:
             state.best_model = trainer.copy_weights(state.best_model)
@@ -535,7 +547,9 @@ def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None]
         log.info("epoch %d: training ELBO %.4g nats/row collapsed below the start's %.4g; its weights are "
                  "not kept", state.epoch, train_elbo, state.start_train_elbo)
     if better:
-        state.best_val, state.best_epoch, state.bad_epochs = float(v.elbo), state.epoch, 0
+        state.best_val, state.best_epoch = float(v.elbo), state.epoch
+    if better if live_better is None else live_better:
+        state.bad_epochs = 0
     elif warm:
         state.bad_epochs += 1
     return v, warm and state.bad_epochs >= cfg.early_stopping_patience

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 
@@ -28,6 +29,7 @@ def _cfg(**kwargs) -> vae.TrainConfig:
     base = {"epochs": 6, "batch_size": 64, "lr": 3e-3, "mc_samples": 2, "kl_warmup_steps": 5,
             "val_fraction": 0.2, "early_stopping_patience": 100, "device": "cpu", "refit": False,
             "refit_start": "init", "refit_epochs": 4,  # the refit's tests say which they test
+            "ema_steps": 0,  # the kept candidate is the last step's weights, unless a test says otherwise
             "checkpoint_every_s": 0}  # resume tests stop at a given epoch's checkpoint
     return vae.TrainConfig(**{**base, **kwargs})
 
@@ -98,6 +100,25 @@ def test_the_running_average_of_the_weights_is_what_is_validated_and_kept():
         assert elbo == pytest.approx(result.history[-1].val_elbo, rel=1e-6)  # what was validated
 
 
+def test_patience_on_the_live_weights_stops_where_training_without_an_average_stops():
+    """The average never feeds back into the steps, so with train.patience_on live the selection runs
+    the same epochs and lr falls as without one, bit for bit on the live weights; only the kept
+    candidate differs. patience_on average counts on the averaged weights' ELBO instead."""
+    y, model = _overfit_setup()
+    base = _cfg(epochs=400, lr=1e-2, batch_size=16, mc_samples=1, kl_warmup_steps=0, val_fraction=0.5,
+                early_stopping_patience=5, init="random", lr_decays=1)
+    plain = vae.fit(copy.deepcopy(model), y, base)
+    live = vae.fit(copy.deepcopy(model), y, dataclasses.replace(base, ema_steps=8, patience_on="live"))
+    average = vae.fit(copy.deepcopy(model), y, dataclasses.replace(base, ema_steps=8, patience_on="average"))
+    assert plain.stopped_early and live.stopped_early and average.stopped_early
+    assert len(live.history) == len(plain.history) and live.state.decay_epochs == plain.state.decay_epochs
+    assert [h.train_elbo for h in live.history] == [h.train_elbo for h in plain.history]
+    _assert_same_weights(live.state.model, plain.state.model)
+    assert [h.val_elbo for h in live.history] != [h.val_elbo for h in plain.history]  # the averages'
+    assert max(h.val_elbo for h in live.history) > max(h.val_elbo for h in plain.history)
+    assert len(average.history) != len(plain.history)  # its own plateaus
+
+
 @pytest.mark.parametrize("every_s", [0.0, 3600.0])
 def test_checkpoints_come_after_the_first_epoch_then_by_elapsed_time(every_s):
     y, saved = _rows(), []
@@ -136,6 +157,11 @@ def test_an_epoch_whose_training_elbo_collapsed_is_never_kept(monkeypatch):
     assert guarded.best_epoch in (0, 1 + vals.index(max(vals[:3])))  # ... but the collapsed epoch is not the result
     assert guarded.state.best_val < vals[3]
     assert guarded.state.start_train_elbo > guarded.history[0].train_elbo - 5  # the start's ELBO on its rows
+    # with the average kept and patience on the live weights, the collapsed epoch counts as no improvement
+    # there too: patience stands where it stands without the average (the schedule stays the same)
+    averaged = vae.fit(_model(y), y, dataclasses.replace(cfg, ema_steps=4, patience_on="live"))
+    assert averaged.state.bad_epochs == guarded.state.bad_epochs >= 1
+    assert averaged.state.best_epoch != cfg.epochs
 
 
 def test_same_seed_same_numbers_and_the_seed_matters():
