@@ -158,6 +158,9 @@ class TrainConfig:
     lr_warmup_steps: int = setting(
         500, "the lr ramps linearly from lr / lr_warmup_steps to lr over each stage's first steps (0: full "
         "from the first): Adam's first full-size steps threw the closed-form start away on wide tables")
+    lr_warmup_epochs: int = setting(
+        60, "the ramp lasts at most this many epochs (0: no cap): on a small table 500 steps are hundreds of "
+        "epochs, most of the run at a reduced lr")
     seed: int = setting(0, "weights, batches, draws, splits")
     device: DeviceName = setting("auto", "where training runs; auto: CUDA when present, else the CPU")
     num_threads: int = setting(
@@ -248,6 +251,7 @@ class TrainConfig:
             raise ConfigError(f"train.calibration_fraction is {self.calibration_fraction!r}; it must be in [0, 1)")
         _check_positive("train", "lr_decays", self.lr_decays, allow_zero=True)
         _check_positive("train", "lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        _check_positive("train", "lr_warmup_epochs", self.lr_warmup_epochs, allow_zero=True)
         if not 0 < self.lr_decay < 1:
             raise ConfigError(f"train.lr_decay is {self.lr_decay!r}; it must be in (0, 1)")
         if not 0 < self.lr_backoff < 1:

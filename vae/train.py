@@ -244,7 +244,7 @@ class _Trainer:
         starts = range(0, n, cfg.batch_size)
         betas = [kl_weight(step + i, cfg.beta, cfg.kl_warmup_steps) for i in range(len(starts))]
         step_fn, gen, device = self.runner.step, self.gen, self.device
-        warmup = 0 if self.state.refit_start == "selected" else cfg.lr_warmup_steps  # trained weights: no ramp
+        warmup = 0 if self.state.refit_start == "selected" else warmup_steps(cfg, len(starts))  # trained weights: no ramp
         self.runner.sums.zero_()
         for i, (beta, a) in enumerate(zip(betas, starts, strict=True)):
             xb = xs[a : a + cfg.batch_size]
@@ -259,6 +259,16 @@ class _Trainer:
             return None
         self.state.step = step + len(starts)
         return torch.tensor(sums) / n, betas[-1]
+
+
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The steps of a stage's lr ramp: train.lr_warmup_steps, at most train.lr_warmup_epochs epochs of
+    steps_per_epoch (0: no cap). 500 steps protect the closed-form start of wide tables from Adam's
+    first full-size steps (cells, leaf: 9 steps an epoch); on a table of a few hundred rows they are
+    hundreds of epochs, the run's whole selection at a fraction of the lr."""
+    if cfg.lr_warmup_epochs:
+        return min(cfg.lr_warmup_steps, cfg.lr_warmup_epochs * steps_per_epoch)
+    return cfg.lr_warmup_steps
 
 
 def fit(

@@ -436,6 +436,12 @@ def test_the_lr_warms_up_over_the_first_steps_of_each_stage(monkeypatch):
     assert refit[:w] == pytest.approx([3e-3 * k / w for k in range(1, w + 1)])
     assert all(h.lr == 3e-3 for h in result.history)  # history records the stage's lr, not the ramp
 
+    # train.lr_warmup_epochs caps the ramp at that many epochs of the stage's own steps
+    seen.clear()
+    result = vae.fit(_model(y), y, _cfg(lr_warmup_steps=100, lr_warmup_epochs=1, refit=True, kl_warmup_steps=0))
+    assert seen[:5] == pytest.approx([3e-3 * k / 4 for k in range(1, 5)] + [3e-3])  # 4 steps an epoch
+    assert seen[24:30] == pytest.approx([3e-3 * k / 5 for k in range(1, 6)] + [3e-3])  # the refit's 5
+
 
 def test_the_refit_from_the_selected_weights_goes_on_at_the_selections_last_lr(monkeypatch):
     """train.refit_start selected: the refit starts from the weights early stopping chose (their
