@@ -1,6 +1,7 @@
 """Held-out log-likelihood of the default model beside the classical baselines, on real tables.
 
     python benchmarks/quality.py [--tables wine,cells] [--no-nsf] [--out results.json]
+    python benchmarks/quality.py --tables wine,diabetes --no-nsf --max-k 0 --train-seeds 0,1,2   # the seed spread
 
 For each table: a seeded 80/20 split; the default model (built-in params plus
 `--set`-style overrides) is trained with the pipeline's own train step on the 80 % and scored
@@ -290,19 +291,37 @@ def load_split(folder: Path) -> Split:
     return Split(**frames, binary=json.loads((folder / "binary.json").read_text()))
 
 
-def run_table(name: str, split: Split, overrides: list[str], seed: int, max_k: int,
-              nsf: bool = True) -> dict[str, object]:
-    train, test = split.train, split.test
+def _train_vae(split: Split, overrides: list[str]) -> tuple[object, dict, float, object]:
+    """(training summary, metrics dict of the test rows, train seconds, the model) of one VAE."""
     params = load_params(None, overrides)  # ./params.yaml when run from the repo root, else built-ins
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        train.to_parquet(tmp_path / "train.parquet", index=False)
-        test.to_parquet(tmp_path / "test.parquet", index=False)
+        split.train.to_parquet(tmp_path / "train.parquet", index=False)
+        split.test.to_parquet(tmp_path / "test.parquet", index=False)
         t0 = time.perf_counter()
         summary = train_model(tmp_path / "train.parquet", tmp_path / "model", params)
         seconds = time.perf_counter() - t0
         model = load_model_dir(tmp_path / "model")
         metrics = metrics_dict(model, tmp_path / "test.parquet", params.evaluate)
+    return summary, metrics, seconds, model
+
+
+def seed_summary(values: list[float]) -> tuple[float, float]:
+    """(mean, max - min) of one figure over training seeds: the spread the defaults are held to."""
+    return sum(values) / len(values), max(values) - min(values)
+
+
+def run_table(name: str, split: Split, overrides: list[str], seed: int, max_k: int,
+              nsf: bool = True, train_seeds: list[int] | None = None) -> dict[str, object]:
+    """train_seeds: one VAE per train.seed on the same split; its figure, epochs and seconds are their
+    means, vae_range the spread of its figure (the mixture and the flow run once, with `seed`)."""
+    train, test = split.train, split.test
+    params = load_params(None, overrides)
+    runs = [_train_vae(split, [*overrides, f"train.seed={s}"] if train_seeds is not None else overrides)
+            for s in (train_seeds if train_seeds is not None else [params.train.seed])]
+    summary, metrics, seconds, model = runs[0]
+    figures = [r[1]["log_likelihood"] for r in runs]
+    vae, vae_range = seed_summary(figures)
     k, gmm, gmm_seconds = (None, None, None) if max_k < 1 else gmm_bic(
         split.gmm_train.to_numpy(), split.gmm_test.to_numpy(), max_k, seed)
     flow, flow_seconds, flow_epochs = (None, None, None) if not nsf else nsf_fit(
@@ -310,9 +329,13 @@ def run_table(name: str, split: Split, overrides: list[str], seed: int, max_k: i
     base = metrics["baselines"] or {}
     return {
         "table": name, "rows": len(train) + len(test), "train_rows": len(train), "columns": train.shape[1],
-        "binary": split.binary, "latent_dim": model.vae.latent_dim, "epochs": summary.epochs + summary.refit_epochs,
-        "best_epoch": summary.best_epoch, "train_seconds": round(seconds, 1),
-        "vae": metrics["log_likelihood"], "vae_stderr": metrics["log_likelihood_stderr"],
+        "binary": split.binary, "latent_dim": model.vae.latent_dim,  # type: ignore[attr-defined]
+        "epochs": round(sum(r[0].epochs + r[0].refit_epochs for r in runs) / len(runs)),  # type: ignore[attr-defined]
+        "best_epoch": summary.best_epoch,  # type: ignore[attr-defined]
+        "train_seconds": round(sum(r[2] for r in runs) / len(runs), 1),
+        "vae": vae, "vae_stderr": metrics["log_likelihood_stderr"],
+        "vae_seeds": figures, "vae_range": vae_range if len(runs) > 1 else None,
+        "train_seeds": train_seeds, "train_seconds_seeds": [round(r[2], 1) for r in runs],
         "diag_gauss": base.get("diag_gauss"), "full_gauss": base.get("full_gauss"), "ppca": base.get("ppca"),
         "gmm": gmm, "gmm_k": k, "gmm_seconds": gmm_seconds,
         "nsf": flow, "nsf_epochs": flow_epochs, "nsf_seconds": flow_seconds,
@@ -342,7 +365,9 @@ def main() -> None:
     ap.add_argument("--tables", default=",".join(TABLES), help="comma-separated, from: " + ", ".join(TABLES)
                     + "; tables to tune defaults on (never the ones above): " + ", ".join(TUNING))
     ap.add_argument("--set", action="append", default=["train.num_threads=1"], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the split's, the mixture's and the flow's seed")
+    ap.add_argument("--train-seeds", metavar="S,S,...", help="train the VAE once per train.seed on the same split: "
+                    "vae, epochs and train_seconds are their means, vae_range the spread of vae (max - min)")
     ap.add_argument("--max-k", type=int, default=10, help="largest mixture size tried (0: no mixture)")
     ap.add_argument("--no-nsf", dest="nsf", action="store_false", help="skip the neural spline flow "
                     "(minutes per table on a small CPU: quick runs stay quick)")
@@ -361,7 +386,8 @@ def main() -> None:
         print(f"wrote the splits of {', '.join(names)} to {args.export}")
         return
     cols = ["table", "rows", "columns", "binary", "latent_dim", "diag_gauss", "ppca", "full_gauss", "gmm", "gmm_k",
-            "nsf", "vae", "vae_stderr", "best_epoch", "epochs", "train_seconds", "gmm_seconds", "nsf_seconds"]
+            "nsf", "vae", "vae_stderr", "vae_range", "best_epoch", "epochs", "train_seconds", "gmm_seconds", "nsf_seconds"]
+    train_seeds = None if not args.train_seeds else [int(v) for v in args.train_seeds.split(",")]
     print("nats/row on the held-out 20 %, original units (higher is better)" + (", tables as recorded" if args.raw else ""))
     gaps = [("full_gauss",), ("gmm",), ("nsf",), ("full_gauss", "gmm", "nsf")]
     print("| " + " | ".join(cols) + " | vae - full_gauss | vae - gmm | vae - nsf | vae - best of the three |")
@@ -369,7 +395,7 @@ def main() -> None:
     rows = []
     for name in names:
         split = load_split(args.source / name) if args.source else split_table(name, args.seed, args.raw)
-        r = run_table(name, split, args.set, args.seed, args.max_k, args.nsf)
+        r = run_table(name, split, args.set, args.seed, args.max_k, args.nsf, train_seeds)
         rows.append(r)
         print("| " + " | ".join([_fmt(r[c]) for c in cols] + [f"{_gap(r, *g):+.2f}" for g in gaps]) + " |", flush=True)
     if args.out:

@@ -85,7 +85,11 @@ def test_the_running_average_of_the_weights_is_what_is_validated_and_kept():
     for val_fraction in (0.2, 0.0):
         cfg = _cfg(epochs=5, kl_warmup_steps=0, val_fraction=val_fraction, ema_steps=4)
         model, averages = _model(y), {}
-        result = vae.fit(model, y, cfg, on_checkpoint=lambda s: averages.update({s.epoch: s.optimizer["ema"].clone()}))
+
+        def keep_average(state: vae.TrainState, into: dict = averages) -> None:
+            into[state.epoch] = state.optimizer["ema"].clone()
+
+        result = vae.fit(model, y, cfg, on_checkpoint=keep_average)
         trained = [n for n, p in model.named_parameters() if p.requires_grad]
         kept = torch.cat([model.state_dict()[n].reshape(-1) for n in trained])
         live = torch.cat([result.state.model[n].reshape(-1) for n in trained])
