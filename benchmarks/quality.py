@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_params  # noqa: E402
 from pipeline.contract.model import load_model_dir  # noqa: E402
 from pipeline.stages.evaluate import metrics_dict  # noqa: E402
-from pipeline.stages.train import train_model  # noqa: E402
+from pipeline.stages.train import TrainSummary, train_model  # noqa: E402
 
 
 def _rdata(package: str, item: str) -> pd.DataFrame:
@@ -291,8 +292,15 @@ def load_split(folder: Path) -> Split:
     return Split(**frames, binary=json.loads((folder / "binary.json").read_text()))
 
 
-def _train_vae(split: Split, overrides: list[str]) -> tuple[object, dict, float, object]:
-    """(training summary, metrics dict of the test rows, train seconds, the model) of one VAE."""
+class VaeRun(NamedTuple):
+    summary: TrainSummary
+    metrics: dict[str, Any]  # metrics_dict of the test rows
+    seconds: float  # training
+    latent_dim: int
+
+
+def _train_vae(split: Split, overrides: list[str]) -> VaeRun:
+    """One VAE trained on the split's training rows and scored on its test rows."""
     params = load_params(None, overrides)  # ./params.yaml when run from the repo root, else built-ins
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -303,7 +311,7 @@ def _train_vae(split: Split, overrides: list[str]) -> tuple[object, dict, float,
         seconds = time.perf_counter() - t0
         model = load_model_dir(tmp_path / "model")
         metrics = metrics_dict(model, tmp_path / "test.parquet", params.evaluate)
-    return summary, metrics, seconds, model
+    return VaeRun(summary, metrics, seconds, model.vae.latent_dim)
 
 
 def seed_summary(values: list[float]) -> tuple[float, float]:
@@ -316,26 +324,26 @@ def run_table(name: str, split: Split, overrides: list[str], seed: int, max_k: i
     """train_seeds: one VAE per train.seed on the same split; its figure, epochs and seconds are their
     means, vae_range the spread of its figure (the mixture and the flow run once, with `seed`)."""
     train, test = split.train, split.test
-    params = load_params(None, overrides)
-    runs = [_train_vae(split, [*overrides, f"train.seed={s}"] if train_seeds is not None else overrides)
-            for s in (train_seeds if train_seeds is not None else [params.train.seed])]
-    summary, metrics, seconds, model = runs[0]
-    figures = [r[1]["log_likelihood"] for r in runs]
+    runs = [_train_vae(split, overrides if s is None else [*overrides, f"train.seed={s}"])
+            for s in (train_seeds or [None])]
+    first = runs[0]
+    figures = [r.metrics["log_likelihood"] for r in runs]
     vae, vae_range = seed_summary(figures)
+    params = load_params(None, overrides)  # the flow's device and threads
     k, gmm, gmm_seconds = (None, None, None) if max_k < 1 else gmm_bic(
         split.gmm_train.to_numpy(), split.gmm_test.to_numpy(), max_k, seed)
     flow, flow_seconds, flow_epochs = (None, None, None) if not nsf else nsf_fit(
         split.gmm_train.to_numpy(), split.gmm_test.to_numpy(), seed, params.train.num_threads, _flow_device(params))
-    base = metrics["baselines"] or {}
+    base = first.metrics["baselines"] or {}
     return {
         "table": name, "rows": len(train) + len(test), "train_rows": len(train), "columns": train.shape[1],
-        "binary": split.binary, "latent_dim": model.vae.latent_dim,  # type: ignore[attr-defined]
-        "epochs": round(sum(r[0].epochs + r[0].refit_epochs for r in runs) / len(runs)),  # type: ignore[attr-defined]
-        "best_epoch": summary.best_epoch,  # type: ignore[attr-defined]
-        "train_seconds": round(sum(r[2] for r in runs) / len(runs), 1),
-        "vae": vae, "vae_stderr": metrics["log_likelihood_stderr"],
+        "binary": split.binary, "latent_dim": first.latent_dim,
+        "epochs": round(sum(r.summary.epochs + r.summary.refit_epochs for r in runs) / len(runs)),
+        "best_epoch": first.summary.best_epoch,
+        "train_seconds": round(sum(r.seconds for r in runs) / len(runs), 1),
+        "vae": vae, "vae_stderr": first.metrics["log_likelihood_stderr"],
         "vae_seeds": figures, "vae_range": vae_range if len(runs) > 1 else None,
-        "train_seeds": train_seeds, "train_seconds_seeds": [round(r[2], 1) for r in runs],
+        "train_seeds": train_seeds, "train_seconds_seeds": [round(r.seconds, 1) for r in runs],
         "diag_gauss": base.get("diag_gauss"), "full_gauss": base.get("full_gauss"), "ppca": base.get("ppca"),
         "gmm": gmm, "gmm_k": k, "gmm_seconds": gmm_seconds,
         "nsf": flow, "nsf_epochs": flow_epochs, "nsf_seconds": flow_seconds,

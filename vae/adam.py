@@ -63,6 +63,7 @@ class FlatAdam:
         if average_steps < 0:
             raise ValueError(f"average_steps must be >= 0, got {average_steps}")
         self.ema = self.data.clone() if average_steps else None
+        self._live = torch.empty_like(self.data) if average_steps else None  # averaged()'s copy of the weights
         self.ema_floor = 1.0 / average_steps if average_steps else 0.0
 
     def set_lr(self, lr: float) -> None:
@@ -95,15 +96,15 @@ class FlatAdam:
     def averaged(self) -> Iterator[None]:
         """The parameters hold the averaged weights inside the block (the live ones without an
         average), the live ones again after it."""
-        if self.ema is None:
+        if self.ema is None or self._live is None:
             yield
             return
-        live = self.data.clone()
+        self._live.copy_(self.data)
         self.data.copy_(self.ema)
         try:
             yield
         finally:
-            self.data.copy_(live)
+            self.data.copy_(self._live)
 
     def release(self) -> None:
         """Drop the gradients' views (a trained model carries no gradient buffer)."""

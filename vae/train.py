@@ -196,15 +196,16 @@ class _Trainer:
 
     def copy_weights(self, into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's state dict copied into `into`, an earlier copy, in place where it matches
-        (no state_dict() walk, no allocation: this runs once or twice an epoch)."""
-        if into.keys() != self._live.keys():
-            return _clone(self._live)
-        for key, value in self._live.items():
-            target = into[key]
-            if target.shape != value.shape or target.dtype != value.dtype or target.device != value.device:
-                return _clone(self._live)
-            target.copy_(value)
-        return into
+        (_clone), without a state_dict() walk: this runs once or twice an epoch."""
+        return _clone(self._live, into)
+
+    def validate(self, val: tuple[torch.Tensor, torch.Tensor | None]) -> LossTerms:
+        """The validation terms of the weights the parameters hold now, in eval mode; the same eps
+        every epoch (seed + 1)."""
+        self.set_training(False)
+        terms = _mean_terms(self.model, val[0], val[1], self.cfg, self.cfg.seed + 1)
+        self.set_training(True)
+        return terms
 
     def _restore_generator(self, saved: torch.Tensor) -> None:
         """The noise stream of the checkpoint; a CPU and a CUDA generator keep states of other sizes."""
@@ -535,21 +536,17 @@ def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None]
     over, on the kept candidates' ELBO, or with train.patience_on live on the last step's weights'.
     Returns the validation terms (the candidate's) and whether patience ran out (a plateau: what
     follows is _schedule's to decide)."""
-    state, cfg, model = trainer.state, trainer.cfg, trainer.model
+    state, cfg = trainer.state, trainer.cfg
     collapsed = _collapsed(train_elbo, state.start_train_elbo)
     live_better: bool | None = None  # None: patience counts on the candidates
     if trainer.opt.ema is not None and cfg.patience_on == "live" and state.phase == "select":  # the refit never stops early
         # the schedule of a run without the average, to the epoch: a collapsed epoch is no improvement
-        trainer.set_training(False)
-        live = float(_mean_terms(model, val[0], val[1], cfg, cfg.seed + 1).elbo)
-        trainer.set_training(True)
+        live = float(trainer.validate(val).elbo)
         live_better = not collapsed and live > state.best_live_val
         if live_better:
             state.best_live_val = live
     with trainer.opt.averaged():  # train.ema_steps: the running average is what is validated and kept
-        trainer.set_training(False)
-        v = _mean_terms(model, val[0], val[1], cfg, cfg.seed + 1)  # same eps every epoch
-        trainer.set_training(True)
+        v = trainer.validate(val)
         better = not collapsed and float(v.elbo) > state.best_val
         if better:
             state.best_model = trainer.copy_weights(state.best_model)
@@ -610,7 +607,7 @@ def _finish_epoch(
     if val is None:  # nothing held out: the last epoch's weights (their average, train.ema_steps) are the result
         if state.phase == "select":
             state.best_epoch = state.epoch
-        if cfg.ema_steps:
+        if trainer.opt.ema is not None:
             with trainer.opt.averaged():
                 state.best_model = trainer.copy_weights(state.best_model)
     else:  # the refit tracks its best epoch but never stops early: it runs the chosen count
