@@ -10,6 +10,7 @@ per epoch. Runs are alternated in one process and the median rows/s of each is r
     python benchmarks/train_throughput.py                      # CPU, 1 thread
     python benchmarks/train_throughput.py --device cuda --bf16 # both loops under bf16 autocast
     python benchmarks/train_throughput.py --plain-adam fused   # the plain loop with torch's fused Adam
+    python benchmarks/train_throughput.py --compile false      # fit's eager steps (train.compile false)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import vae
+from vae.step import resolve_compile
 
 LATENT, HIDDEN, MIN_SIGMA = 8, (128, 128), 1e-3
 
@@ -115,6 +117,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true", help="both loops under bf16 autocast (CPU too); "
                         "otherwise both in fp32")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                        help="fit's train.compile (auto: on here at 64 or more full batches an epoch); the plain "
+                        "loop runs eagerly: false measures what fit's loop adds to the same eager math")
     parser.add_argument("--plain-adam", choices=["default", "fused"], default="default",
                         help="the plain loop's Adam: torch's default (what a user writes) or fused (few kernels, as fit's)")
     args = parser.parse_args()
@@ -132,7 +137,8 @@ def main() -> None:
     bf16 = args.bf16
     cfg = vae.TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr, mc_samples=1,
                           val_fraction=0.0, device=args.device, num_threads=args.threads, init="random",
-                          refit=False, precision="bf16" if bf16 else "fp32")
+                          refit=False, precision="bf16" if bf16 else "fp32",
+                          compile={"auto": "auto", "true": True, "false": False}[args.compile])
     rows = args.rows * args.epochs
 
     def plain() -> None:
@@ -144,7 +150,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}  device {name}  threads {torch.get_num_threads()}  "
           f"table {args.rows}x{args.features}  batch {args.batch}  epochs/run {args.epochs}  "
-          f"rounds {args.rounds}  bf16 {bf16}  plain Adam {args.plain_adam}")
+          f"rounds {args.rounds}  bf16 {bf16}  plain Adam {args.plain_adam}  fit compiled "
+          f"{resolve_compile(cfg.compile, device, args.rows, args.batch)}")
     rows_per_second(plain, rows, device)  # warm-up: allocator, kernels, caches
     rows_per_second(library, rows, device)
     results: dict[str, list[tuple[float, float]]] = {"plain": [], "fit": []}

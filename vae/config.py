@@ -22,6 +22,7 @@ Init = Literal["linear_gaussian", "random"]
 RefitStart = Literal["selected", "init"]
 Refit = Literal["auto", True, False]
 CudaGraph = Literal["auto", True, False]
+Compile = Literal["auto", True, False]
 PatienceOn = Literal["live", "average"]
 T = TypeVar("T")
 
@@ -207,6 +208,13 @@ class TrainConfig:
         "auto", "replay each full-size training step from a CUDA graph (CUDA only), one launch instead of "
         "hundreds; auto: on CUDA wherever a graph is correct (one process), off on the CPU; true / false "
         "force it (CPU: off)")
+    # randhie, diamonds (1 thread, 2 vCPUs): about 1.3-1.8x an epoch for one 4-20 s compilation a
+    # process (docs/benchmarks.md); a stage of fewer steps would not earn its compilation back
+    compile: Compile = setting(
+        "auto", "on the CPU, run each full-size step's forward and backward as code torch.compile generated "
+        "(one fused kernel where eager torch runs dozens; needs a C++ compiler, else steps run eagerly with "
+        "a warning); auto: on a stage of at least 64 full batches an epoch (8,192 rows at batch 128: the "
+        "selection of randhie and diamonds), where the compilation pays; true / false force it (CUDA: off, graphs replay steps)")
     lr_scaling: LrScaling = setting(
         "none", "the lr of large batches: lr * (batch_size / lr_base_batch)^p with p = 1/2 (sqrt, the rule for Adam: "
         "Malladi et al. 2022) or 1 (linear); none keeps train.lr whatever the batch")
@@ -267,6 +275,7 @@ class TrainConfig:
         check_choice("train", "precision", self.precision, Precision)
         check_choice("train", "lr_scaling", self.lr_scaling, LrScaling)
         check_choice("train", "cuda_graph", self.cuda_graph, CudaGraph)
+        check_choice("train", "compile", self.compile, Compile)
 
 
 _KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}

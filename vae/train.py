@@ -19,7 +19,7 @@ from vae.errors import ConfigError, DataError, TrainingDivergedError
 from vae.init import has_linear_start, init_linear_gaussian
 from vae.model import VAE
 from vae.precision import resolve_precision
-from vae.step import SUMMED, StepRunner, make_optimizer, resolve_cuda_graph
+from vae.step import SUMMED, StepRunner, make_optimizer, resolve_compile, resolve_cuda_graph
 from vae.table import check_values
 from vae.terms import split_values
 
@@ -169,7 +169,9 @@ def _mean_terms(model: VAE, x: torch.Tensor, mask: torch.Tensor | None, cfg: Tra
 class _Trainer:
     """Holds the run's mutable pieces; one instance per fit() call."""
 
-    def __init__(self, model: VAE, cfg: TrainConfig, device: torch.device, state: TrainState):
+    def __init__(self, model: VAE, cfg: TrainConfig, device: torch.device, state: TrainState,
+                 compiled: bool = False):
+        """compiled: full-size steps run torch.compile's code (vae.step.resolve_compile)."""
         self.model, self.cfg, self.device, self.state = model, cfg, device, state
         graph = resolve_cuda_graph(cfg.cuda_graph, device, data_parallel.current().world_size)
         self.opt = make_optimizer(list(model.parameters()), cfg)  # the parameters become views of its flat buffer
@@ -182,7 +184,7 @@ class _Trainer:
         else:  # a fresh stage: the selection at train.lr, a refit from the selected weights at the lr it ended at
             state.lr = state.lr or cfg.effective_lr
         self.opt.set_lr(state.lr)
-        self.runner = StepRunner(model, self.opt, cfg, device, self.precision, graph)
+        self.runner = StepRunner(model, self.opt, cfg, device, self.precision, graph, compiled)
         self._modules = list(model.modules())
         # the model's weights and buffers: views that stay valid for the trainer's life (FlatAdam's
         # views; loads, the noise gate and rollbacks write in place)
@@ -370,7 +372,7 @@ def _run_stage(
     if fresh and start is not None:
         start(model)
     x, mask = model.standardize(data_parallel.shard(rows).to(device, torch.float32))  # this rank's rows
-    trainer = _Trainer(model, cfg, device, state)
+    trainer = _Trainer(model, cfg, device, state, resolve_compile(cfg.compile, device, x.shape[0], cfg.batch_size))
     data_parallel.attach(trainer, cfg.seed, state.step)  # rank 0's weights; gradients averaged each step
     if fresh:
         trainer.snapshot()

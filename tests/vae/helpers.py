@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -32,3 +32,18 @@ def inject_nan(monkeypatch: pytest.MonkeyPatch, model: vae.VAE, fails: Callable[
         return out
 
     monkeypatch.setattr(model.decoder, "forward", flaky)
+
+
+class Interrupt(Exception):
+    """Raised from on_checkpoint to stop a run at a checkpoint, as a killed process would."""
+
+
+def without_seconds(history) -> list[dict]:
+    """A run's history without its wall-clock column: what two runs of the same math share."""
+    return [{k: v for k, v in asdict(h).items() if k != "seconds"} for h in history]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

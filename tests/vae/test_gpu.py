@@ -3,14 +3,13 @@ replay, bf16 resume, precision, pinned transfers (skipped without CUDA)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
 import vae
-from tests.vae.helpers import curved_rows, inject_nan
+from tests.vae.helpers import Interrupt, curved_rows, inject_nan, without_seconds
 from vae.init import linear_gaussian_fit
 from vae.train import TrainState, _Trainer
 
@@ -85,10 +84,6 @@ def test_the_default_model_trains_evaluates_embeds_and_samples_on_cuda():
     torch.testing.assert_close(rows, on_cpu, rtol=1e-3, atol=1e-3)  # the same draws whatever the device
 
 
-def _without_seconds(history) -> list[dict]:
-    return [{k: v for k, v in dataclasses.asdict(h).items() if k != "seconds"} for h in history]
-
-
 @pytest.mark.parametrize("graph", [False, True])
 def test_steps_never_synchronize_inside_an_epoch(graph):
     y = _rows()
@@ -123,10 +118,6 @@ def test_graph_replay_trains_like_eager_steps(variance):
         torch.testing.assert_close(v, w, rtol=1e-3, atol=1e-4, msg=k)
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("graph", [False, True])
 def test_cuda_runs_repeat_and_resume_within_tolerance(tmp_path, graph):
     """Same seed, same device: a repeated run within the nondeterminism of CUDA reductions; a resumed
@@ -149,7 +140,7 @@ def test_cuda_runs_repeat_and_resume_within_tolerance(tmp_path, graph):
         vae.fit(_model(y), y, cfg, on_checkpoint=save_then_die)
     resumed = _model(y)
     rest = vae.fit(resumed, y, cfg, resume=vae.load_checkpoint(tmp_path)).history
-    assert _without_seconds(rest) == _without_seconds(full)
+    assert without_seconds(rest) == without_seconds(full)
     for (k, v), w in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
     for a, c in zip(full, again, strict=True):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import vae
+from tests.vae.helpers import Interrupt, assert_same_weights, inject_nan, without_seconds
 from tests.vae.helpers import curved_rows as _rows
-from tests.vae.helpers import inject_nan
 from vae.adam import FlatAdam
 
 
@@ -32,20 +32,6 @@ def _cfg(**kwargs) -> vae.TrainConfig:
             "ema_steps": 0,  # the kept candidate is the last step's weights, unless a test says otherwise
             "checkpoint_every_s": 0}  # resume tests stop at a given epoch's checkpoint
     return vae.TrainConfig(**{**base, **kwargs})
-
-
-def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def _without_seconds(history) -> list[dict]:
-    return [{k: v for k, v in dataclasses.asdict(h).items() if k != "seconds"} for h in history]
-
-
-class Interrupt(Exception):
-    pass
 
 
 @pytest.mark.parametrize(("phase", "start", "ema"), [("select", "init", 0), ("refit", "init", 0),
@@ -70,8 +56,8 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, phase, start, ema):
     assert state.epoch == 3 and len(state.history) == done
     resumed = _model(y, init_seed=123)  # other initial weights: everything must come from the state
     rest = vae.fit(resumed, y, cfg, resume=state)
-    _assert_same_weights(whole.state_dict(), resumed.state_dict())
-    assert _without_seconds(full.history) == _without_seconds(rest.history)
+    assert_same_weights(whole.state_dict(), resumed.state_dict())
+    assert without_seconds(full.history) == without_seconds(rest.history)
     assert (rest.best_epoch, rest.stopped_early) == (full.best_epoch, full.stopped_early)
     assert vae.evaluate(whole, y, iw_samples=10) == vae.evaluate(resumed, y, iw_samples=10)
 
@@ -117,7 +103,7 @@ def test_patience_on_the_live_weights_stops_where_training_without_an_average_st
     assert plain.stopped_early and live.stopped_early and average.stopped_early
     assert len(live.history) == len(plain.history) and live.state.decay_epochs == plain.state.decay_epochs
     assert [h.train_elbo for h in live.history] == [h.train_elbo for h in plain.history]
-    _assert_same_weights(live.state.model, plain.state.model)
+    assert_same_weights(live.state.model, plain.state.model)
     assert [h.val_elbo for h in live.history] != [h.val_elbo for h in plain.history]  # the averages'
     assert len(average.history) != len(plain.history)  # its own plateaus
 
@@ -173,10 +159,10 @@ def test_same_seed_same_numbers_and_the_seed_matters():
     ha = vae.fit(a, y, _cfg(epochs=3)).history
     hb = vae.fit(b, y, _cfg(epochs=3)).history
     rc = vae.fit(c, y, _cfg(epochs=3, seed=1))
-    _assert_same_weights(a.state_dict(), b.state_dict())
-    assert _without_seconds(ha) == _without_seconds(hb)
+    assert_same_weights(a.state_dict(), b.state_dict())
+    assert without_seconds(ha) == without_seconds(hb)
     assert vae.evaluate(a, y, iw_samples=20, seed=3) == vae.evaluate(b, y, iw_samples=20, seed=3)
-    assert _without_seconds(ha) != _without_seconds(rc.history)
+    assert without_seconds(ha) != without_seconds(rc.history)
     assert not torch.equal(rc.state.model["decoder.net.0.weight"], a.state_dict()["decoder.net.0.weight"])
 
 
@@ -210,7 +196,7 @@ def test_early_stopping_restores_the_best_weights():
     assert len(result.history) == result.best_epoch + cfg.early_stopping_patience
     vals = [h.val_elbo for h in result.history]
     assert max(vals) == vals[result.best_epoch - 1]
-    _assert_same_weights(model.state_dict(), result.state.best_model)
+    assert_same_weights(model.state_dict(), result.state.best_model)
 
 
 def test_early_stopping_waits_for_the_end_of_warmup():
@@ -259,7 +245,7 @@ def test_persistent_non_finite_raises_and_leaves_the_last_good_weights(monkeypat
     with pytest.raises(vae.TrainingDivergedError, match=r"non-finite.*epoch 3.*2 rollbacks.*train\.lr"):
         vae.fit(model, y, cfg)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    _assert_same_weights(model.state_dict(), good.state_dict())
+    assert_same_weights(model.state_dict(), good.state_dict())
 
 
 def test_persistent_non_finite_with_validation_rows_ends_the_stage_with_its_best_weights(monkeypatch, caplog):
@@ -277,7 +263,7 @@ def test_persistent_non_finite_with_validation_rows_ends_the_stage_with_its_best
     assert len(result.history) == 2 and result.state.finished
     assert result.best_epoch == first.best_epoch and result.state.best_val == first.state.best_val
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    _assert_same_weights(model.state_dict(), good.state_dict())  # fit() leaves a model at its best weights
+    assert_same_weights(model.state_dict(), good.state_dict())  # fit() leaves a model at its best weights
 
 
 def test_validation_table_of_the_wrong_width_is_refused():
@@ -374,8 +360,8 @@ def test_bf16_resume_of_the_default_model_is_bit_identical(tmp_path):
         vae.fit(default_model(), y, cfg, on_checkpoint=save_then_die)
     resumed = default_model()
     rest = vae.fit(resumed, y, cfg, resume=vae.load_checkpoint(tmp_path))
-    assert _without_seconds(full.history) == _without_seconds(rest.history)
-    _assert_same_weights(whole.state_dict(), resumed.state_dict())
+    assert without_seconds(full.history) == without_seconds(rest.history)
+    assert_same_weights(whole.state_dict(), resumed.state_dict())
     assert vae.fit(default_model(), y, dataclasses.replace(cfg, epochs=2)).state.noise_open_epoch == 1
 
 
@@ -414,7 +400,7 @@ def test_the_refit_replays_the_selections_lr_falls(tmp_path):
     with pytest.raises(Interrupt):
         vae.fit(_model(y), y, dataclasses.replace(cfg, checkpoint_every_s=0), on_checkpoint=save_then_die)
     rest = vae.fit(_model(y, init_seed=5), y, cfg, resume=vae.load_checkpoint(tmp_path))
-    assert _without_seconds(rest.history) == _without_seconds(result.history)
+    assert without_seconds(rest.history) == without_seconds(result.history)
 
 
 def test_the_lr_warms_up_over_the_first_steps_of_each_stage(monkeypatch):
@@ -459,8 +445,8 @@ def test_the_refit_from_the_selected_weights_goes_on_at_the_selections_last_lr(m
     starts: list[dict[str, torch.Tensor]] = []
     init = _Trainer.__init__
 
-    def spy(self, model, cfg, device, state):
-        init(self, model, cfg, device, state)
+    def spy(self, model, cfg, device, state, compiled=False):
+        init(self, model, cfg, device, state, compiled)
         if state.phase == "refit":
             starts.append({k: v.clone() for k, v in model.state_dict().items()})
 
@@ -470,7 +456,7 @@ def test_the_refit_from_the_selected_weights_goes_on_at_the_selections_last_lr(m
     refit = [h for h in result.history if h.phase == "refit"]
     assert len(result.state.decay_epochs) == 0 and len(refit) == 3 and refit[-1].stage_over
     assert [h.lr for h in refit] == [1e-2 * 0.3**2] * 3 == [select[-1].lr] * 3  # the selection's last lr
-    _assert_same_weights(starts[0], result.state.selected_model)  # started from the chosen weights
+    assert_same_weights(starts[0], result.state.selected_model)  # started from the chosen weights
     assert result.state.best_val >= result.state.selected_val  # never ends below them on validation
 
 
@@ -493,4 +479,4 @@ def test_a_refit_from_the_selected_weights_that_does_not_beat_them_keeps_them(mo
     model = _model(y)
     result = vae.fit(model, y, cfg)
     assert result.state.best_epoch == 0 and result.state.best_val == result.state.selected_val
-    _assert_same_weights(model.state_dict(), result.state.selected_model)
+    assert_same_weights(model.state_dict(), result.state.selected_model)
