@@ -208,8 +208,9 @@ class TrainConfig:
         "auto", "replay each full-size training step from a CUDA graph (CUDA only), one launch instead of "
         "hundreds; auto: on CUDA wherever a graph is correct (one process), off on the CPU; true / false "
         "force it (CPU: off)")
-    # randhie, diamonds (1 thread, 2 vCPUs): about 1.3-1.8x an epoch for one 4-20 s compilation a
-    # process (docs/benchmarks.md); a stage of fewer steps would not earn its compilation back
+    # randhie, diamonds (1 thread, 2 vCPUs): 1.3-1.5x less an epoch, for 20-23 s of compilation the
+    # first time on a machine and 3 s a process after it (docs/benchmarks.md); a stage of fewer
+    # steps would not earn that back
     compile: Compile = setting(
         "auto", "on the CPU, run each full-size step's forward and backward as code torch.compile generated "
         "(one fused kernel where eager torch runs dozens; needs a C++ compiler, else steps run eagerly with "

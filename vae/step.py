@@ -51,9 +51,9 @@ def resolve_cuda_graph(setting: CudaGraph, device: torch.device, world_size: int
 def resolve_compile(setting: Compile, device: torch.device, rows: int, batch_size: int) -> bool:
     """Whether a stage's full-size steps run torch.compile's code (train.compile): on the CPU only
     (on CUDA a graph replays the step). auto: where an epoch holds COMPILE_AUTO_BATCHES full batches
-    of the stage's `rows` (this process's): compiling takes seconds (4 with a warm cache, up to 20 on
-    a cold one on 2 vCPUs) and saves about a millisecond a step, which a stage of few steps would
-    not earn back."""
+    of the stage's `rows` (this process's): compiling takes seconds (20-23 the first time on a
+    2-vCPU machine, 3 once inductor's cache holds the code) and saves one to two milliseconds a
+    step, which a stage of few steps would not earn back."""
     if setting is False:
         return False
     if device.type != "cpu":

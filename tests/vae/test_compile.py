@@ -88,6 +88,7 @@ def test_a_resumed_compiled_run_continues_bit_for_bit(tmp_path):
     assert_same_weights(whole.state_dict(), resumed.state_dict())
 
 
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_without_a_working_compiler_training_goes_on_eagerly(monkeypatch, caplog):
     """No C++ compiler (a name that is no program), no cached code to fall back on: the first
     compiled step fails inside inductor, the run says so once and takes the eager run's steps."""
