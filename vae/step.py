@@ -96,6 +96,9 @@ class StepRunner:
         # so a second stage on the same model compiles nothing again.
         self.compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = (
             torch.compile(loss_and_sums, dynamic=False) if compiled and device.type == "cpu" else None)
+        if self.compiled is not None:
+            log.info("train.compile: full-size steps run torch.compile's code (the first step compiles: "
+                     "about 3 s, 20 s or more the first time on a machine)")
         self.compiled_ran = False  # a compiled step has run: a later error is the step's, not the compiler's
         self.beta = torch.zeros((), device=device)  # the KL weight of a compiled step, written in place
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -53,12 +53,15 @@ def test_forcing_compilation_on_cuda_says_steps_run_eagerly(caplog):
     assert len(caplog.records) == 1 and "eagerly" in caplog.records[0].getMessage()
 
 
-def test_a_compiled_run_takes_the_eager_runs_steps_and_compiles_once():
+def test_a_compiled_run_takes_the_eager_runs_steps_and_compiles_once(caplog):
     y = curved_rows(300, 5)
     eager_model, compiled_model = _model(y), _model(y)
-    eager = vae.fit(eager_model, y, _cfg(compile=False))
-    counters.clear()
-    compiled = vae.fit(compiled_model, y, _cfg())
+    with caplog.at_level(logging.INFO, logger="vae.step"):
+        eager = vae.fit(eager_model, y, _cfg(compile=False))
+        assert not [r for r in caplog.records if r.name == "vae.step"]
+        counters.clear()
+        compiled = vae.fit(compiled_model, y, _cfg())
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.name == "vae.step"] == ["train.compile"]  # once
     # forward and backward compiled once for the run: the KL warm-up's changing weight, the lr
     # ramp, the averaged weights' swaps and the noise gate are tensors written in place
     assert counters["stats"]["unique_graphs"] == 1
@@ -102,6 +105,6 @@ def test_without_a_working_compiler_training_goes_on_eagerly(monkeypatch, caplog
     with caplog.at_level(logging.WARNING, logger="vae.step"):
         fallen = vae.fit(_model(y), y, _cfg())
     torch._dynamo.reset()
-    warnings = [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "vae.step" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "training goes on eagerly" in warnings[0]
     assert without_seconds(fallen.history) == without_seconds(eager.history)
