@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS handles, lazy state)
 SUMMED = tuple(f.name for f in fields(LossTerms))  # the terms `sums` adds up, in its order (the ELBO is their difference)
 COMPILE_AUTO_BATCHES = 64  # train.compile auto: stages of at least this many full batches an epoch
+COMPILED_SHAPES = 256  # models of distinct shapes (and options) one process compiles steps for
 
 
 def resolve_cuda_graph(setting: CudaGraph, device: torch.device, world_size: int = 1) -> bool:
@@ -164,7 +165,9 @@ class StepRunner:
         if self.compiled_ran:
             return self._gradient(self.compiled, x, mask, eps, self.beta)
         try:
-            with warnings.catch_warnings():  # inductor's own deprecation notices, nothing of the run's
+            # a process that trains models of many shapes (a notebook, a long-lived server) compiles
+            # once per shape: past dynamo's default of 8 it would fall back to eager steps
+            with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
                 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
                 out = self._gradient(self.compiled, x, mask, eps, self.beta)
         except Exception as err:  # noqa: BLE001 - any compiler failure; the eager step below re-raises a step's own
