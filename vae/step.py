@@ -96,7 +96,7 @@ class StepRunner:
         # batch of an epoch runs eagerly: one shape, one compilation). Its cache is loss_and_sums's,
         # so a second stage on the same model compiles nothing again.
         self.compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = (
-            torch.compile(loss_and_sums, dynamic=False) if compiled and device.type == "cpu" else None)
+            torch.compile(loss_and_sums, dynamic=False) if compiled else None)
         if self.compiled is not None:
             log.info("train.compile: full-size steps run torch.compile's code (the first step compiles: "
                      "about 3 s, 20 s or more the first time on a machine)")

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 import vae
-from tests.vae.helpers import Interrupt, curved_rows, inject_nan, without_seconds
+from tests.vae.helpers import (
+    Interrupt,
+    assert_same_weights,
+    curved_rows,
+    inject_nan,
+    without_seconds,
+)
 from vae.init import linear_gaussian_fit
 from vae.train import TrainState, _Trainer
 
@@ -141,8 +147,7 @@ def test_cuda_runs_repeat_and_resume_within_tolerance(tmp_path, graph):
     resumed = _model(y)
     rest = vae.fit(resumed, y, cfg, resume=vae.load_checkpoint(tmp_path)).history
     assert without_seconds(rest) == without_seconds(full)
-    for (k, v), w in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(v, w), k
+    assert_same_weights(whole.state_dict(), resumed.state_dict())
     for a, c in zip(full, again, strict=True):
         assert c.val_elbo == pytest.approx(a.val_elbo, abs=1e-2)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vae
+from tests.vae.helpers import Interrupt, assert_same_weights
 
 
 @pytest.fixture(autouse=True)
@@ -67,9 +68,6 @@ def test_resume_across_the_opening_is_bit_identical(tmp_path):
     opened = whole.state.noise_open_epoch
     assert 0 < opened < 35
 
-    class Interrupt(Exception):
-        pass
-
     def save_then_die(state: vae.TrainState) -> None:
         vae.save_checkpoint(tmp_path, state)
         if state.phase == "select" and state.epoch == opened + 2:
@@ -80,8 +78,7 @@ def test_resume_across_the_opening_is_bit_identical(tmp_path):
         vae.fit(model, y, cfg, on_checkpoint=save_then_die)
     resumed = vae.fit(model, y, cfg, resume=vae.load_checkpoint(tmp_path))
     assert resumed.state.noise_open_epoch == opened
-    for key, value in whole.state.best_model.items():
-        assert torch.equal(value, resumed.state.best_model[key]), key
+    assert_same_weights(whole.state.best_model, resumed.state.best_model)
 
 
 def test_scales_by_z_beat_shared_noise_on_heteroscedastic_rows():
