@@ -155,14 +155,21 @@ def dequantize(df: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     return out
 
 
-def gmm_select(train: np.ndarray, max_k: int, seed: int) -> tuple[object, np.ndarray, np.ndarray]:
-    """GaussianMixture(full) with k in 1..max_k by BIC on the standardized columns: (fit, mean, std)."""
+def gmm_select(train: np.ndarray, max_k: int, seed: int, threads: int = 1) -> tuple[object, np.ndarray, np.ndarray]:
+    """GaussianMixture(full) with k in 1..max_k by BIC on the standardized columns: (fit, mean, std).
+
+    threads: BLAS and OpenMP threads of the fits (threadpoolctl; 0: the libraries' own count), the
+    VAE's train.num_threads, so that their seconds compare. Left to itself numpy's OpenBLAS used
+    both cores of the 2-vCPU machine and took twice the time of one thread on diamonds (43.1 s
+    against 21.8 s: the products of 7 columns are too small to share)."""
     from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_limits
 
     mean, std = train.mean(0), train.std(0)
     a = (train - mean) / std
-    fits = [GaussianMixture(k, covariance_type="full", random_state=seed, n_init=2).fit(a)
-            for k in range(1, max_k + 1) if k * (a.shape[1] + 1) < a.shape[0]]
+    with threadpool_limits(threads or None):
+        fits = [GaussianMixture(k, covariance_type="full", random_state=seed, n_init=2).fit(a)
+                for k in range(1, max_k + 1) if k * (a.shape[1] + 1) < a.shape[0]]
     return min(fits, key=lambda g: g.bic(a)), mean, std
 
 
@@ -171,10 +178,10 @@ def gmm_log_prob(fit: object, mean: np.ndarray, std: np.ndarray, x: np.ndarray) 
     return fit.score_samples((x - mean) / std) - np.log(std).sum()  # type: ignore[attr-defined]
 
 
-def gmm_bic(train: np.ndarray, test: np.ndarray, max_k: int, seed: int) -> tuple[int, float, float]:
+def gmm_bic(train: np.ndarray, test: np.ndarray, max_k: int, seed: int, threads: int = 1) -> tuple[int, float, float]:
     """gmm_select's mixture: (k, held-out nats/row in original units, seconds)."""
     t0 = time.perf_counter()
-    fit, mean, std = gmm_select(train, max_k, seed)
+    fit, mean, std = gmm_select(train, max_k, seed, threads)
     nats = float(gmm_log_prob(fit, mean, std, test).mean())
     return fit.n_components, nats, round(time.perf_counter() - t0, 1)  # type: ignore[attr-defined]
 
@@ -331,7 +338,7 @@ def run_table(name: str, split: Split, overrides: list[str], seed: int, max_k: i
     vae, vae_range = seed_summary(figures)
     params = load_params(None, overrides)  # the flow's device and threads
     k, gmm, gmm_seconds = (None, None, None) if max_k < 1 else gmm_bic(
-        split.gmm_train.to_numpy(), split.gmm_test.to_numpy(), max_k, seed)
+        split.gmm_train.to_numpy(), split.gmm_test.to_numpy(), max_k, seed, params.train.num_threads)
     flow, flow_seconds, flow_epochs = (None, None, None) if not nsf else nsf_fit(
         split.gmm_train.to_numpy(), split.gmm_test.to_numpy(), seed, params.train.num_threads, _flow_device(params))
     base = first.metrics["baselines"] or {}
@@ -396,7 +403,9 @@ def main() -> None:
     cols = ["table", "rows", "columns", "binary", "latent_dim", "diag_gauss", "ppca", "full_gauss", "gmm", "gmm_k",
             "nsf", "vae", "vae_stderr", "vae_range", "best_epoch", "epochs", "train_seconds", "gmm_seconds", "nsf_seconds"]
     train_seeds = None if not args.train_seeds else [int(v) for v in args.train_seeds.split(",")]
-    print("nats/row on the held-out 20 %, original units (higher is better)" + (", tables as recorded" if args.raw else ""))
+    threads = load_params(None, args.set).train.num_threads
+    print("nats/row on the held-out 20 %, original units (higher is better)" + (", tables as recorded" if args.raw else "")
+          + f"; the VAE, the mixture and the flow on {threads or 'all'} CPU thread(s) (train.num_threads)")
     gaps = [("full_gauss",), ("gmm",), ("nsf",), ("full_gauss", "gmm", "nsf")]
     print("| " + " | ".join(cols) + " | vae - full_gauss | vae - gmm | vae - nsf | vae - best of the three |")
     print("|" + "---|" * (len(cols) + len(gaps)))

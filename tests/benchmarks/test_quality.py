@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.quality import Split, dequantize, nsf_fit, run_table
+from benchmarks.quality import Split, dequantize, gmm_bic, nsf_fit, run_table
 
 MEAN = np.array([3.0, -40.0])
 COV = np.array([[4.0, 30.0], [30.0, 400.0]])  # sds 2 and 20, correlation 0.75
@@ -88,3 +88,24 @@ def test_train_seeds_train_one_vae_per_seed_on_the_same_split_and_report_their_s
     assert len(r["train_seconds_seeds"]) == 3 and r["gmm"] is None and r["nsf"] is None
     one = run_table("gauss", split, sets, seed=0, max_k=0, nsf=False)
     assert one["vae_range"] is None and one["vae"] == pytest.approx(figures[0])  # params' train.seed is 0
+
+
+def test_the_mixture_fits_on_the_vaes_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its seconds stand beside the VAE's: left alone numpy's BLAS took every core (twice one
+    thread's time on the 2-vCPU machine), so each fit runs under the thread limit it is given, and
+    the figure (k, nats/row) is the closed form's where one component is right."""
+    from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_info
+
+    seen: list[set[int]] = []
+    fit = GaussianMixture.fit
+
+    def counting(self: GaussianMixture, x: np.ndarray) -> GaussianMixture:
+        seen.append({pool["num_threads"] for pool in threadpool_info()})
+        return fit(self, x)
+
+    monkeypatch.setattr(GaussianMixture, "fit", counting)
+    train, test, truth = _gaussian_table(seed=2)
+    k, nats, _ = gmm_bic(train, test, max_k=3, seed=0, threads=1)
+    assert len(seen) == 3 and all(s == {1} for s in seen)
+    assert k == 1 and nats == pytest.approx(truth, abs=0.05)
