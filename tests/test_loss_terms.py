@@ -21,7 +21,7 @@ from pipeline.registry import plots, register
 from tests.pipeline.helpers import FAST_ARGS, clean_table
 from vae.adam import FlatAdam
 from vae.step import SUMMED, StepRunner
-from vae.terms import SPLITS, TERMS, column, history_columns, split_values
+from vae.terms import SPLITS, TERMS, VAL_LOG_LIKELIHOOD, column, history_columns, split_values
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [t.name for t in TERMS]
@@ -75,17 +75,20 @@ def test_the_steps_sums_hold_each_summed_term_by_name_then_the_finite_check() ->
 
 def test_epoch_stats_and_history_csv_have_a_column_per_term_and_split(trained) -> None:
     split_fields = [f.name for f in fields(vae.EpochStats) if f.name.startswith(tuple(f"{s}_" for s in SPLITS))]
-    assert split_fields == COLUMNS == list(history_columns())
+    assert split_fields == [*COLUMNS, VAL_LOG_LIKELIHOOD] and list(history_columns()) == COLUMNS
     history = pd.read_csv(trained[0] / "history.csv")
-    assert list(history.columns) == ["total_epoch", "epoch", "step", "beta", "lr", *COLUMNS, "phase"]
+    assert list(history.columns) == ["total_epoch", "epoch", "step", "beta", "lr", *COLUMNS, VAL_LOG_LIKELIHOOD,
+                                     "phase"]
+    # IWAE: at least the mean log weight of the same draws (Jensen), the ELBO the val columns report
+    assert (history[VAL_LOG_LIKELIHOOD] >= history["val_elbo"] - 1e-4).all()
     assert history["train_elbo"].tolist() == pytest.approx((history["train_recon"] - history["train_kl"]).tolist())
 
 
 def test_mlflow_curves_are_the_history_columns(trained) -> None:
-    assert (*COLUMNS, *register.SCHEDULES) == register.HISTORY_METRICS
+    assert (*COLUMNS, VAL_LOG_LIKELIHOOD, *register.SCHEDULES) == register.HISTORY_METRICS
     history = pd.read_csv(trained[0] / "history.csv")
     keys = {m.key.removeprefix("refit_") for m in register._history_metrics(history)}
-    assert set(COLUMNS) <= keys
+    assert {*COLUMNS, VAL_LOG_LIKELIHOOD} <= keys
 
 
 def test_the_metrics_json_has_each_terms_key_in_order(trained) -> None:

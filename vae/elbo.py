@@ -58,6 +58,31 @@ def loss_terms(
     importance weight, which has no Monte Carlo noise at all where q is the exact posterior
     (the linear-Gaussian start) and less near it: for comparing candidates on validation rows.
     """
+    post, eps, z, recon = _decoded_draws(model, x, mask, n_samples, generator, eps)
+    kl = _sampled_kl(post, eps, z) if sampled_kl else kl_per_dim(post).sum(-1)
+    if n_samples > 1:
+        recon = recon.mean(0)  # (M, B) -> (B,)
+        kl = kl.mean(0) if sampled_kl else kl
+    return LossTerms(recon=recon, kl=kl)
+
+
+def log_weights(model: VAE, x: torch.Tensor, mask: torch.Tensor | None, n_samples: int,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(y|z_m) and log q(z_m|y) - log p(z_m) at n_samples draws z_m ~ q(z|y) a row, (M, B)
+    each: the log importance weight log w_m is their difference. Their means over the draws are
+    loss_terms' with the KL sampled (the ELBO as the mean log weight); log (1/M) sum_m w_m is the
+    IWAE_M bound (Burda et al. 2016), which rises with M towards log p(y) and equals it at any M
+    where q is the exact posterior (the linear-Gaussian start)."""
+    post, eps, z, recon = _decoded_draws(model, x, mask, n_samples, generator, None)
+    kl = _sampled_kl(post, eps, z)
+    return (recon, kl) if n_samples > 1 else (recon.unsqueeze(0), kl.unsqueeze(0))
+
+
+def _decoded_draws(
+    model: VAE, x: torch.Tensor, mask: torch.Tensor | None, n_samples: int, generator: torch.Generator | None,
+    eps: torch.Tensor | None,
+) -> tuple[Posterior, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q(z|y), the draws eps and z = mu + sigma * eps, and log p(y|z) summed over the columns (fp32)."""
     post = model.encode(x, mask)
     if eps is None:
         shape = post.mu.shape if n_samples == 1 else (n_samples, *post.mu.shape)
@@ -70,14 +95,13 @@ def loss_terms(
             recon = model.log_px_z(x, out, mask).sum(-1)
     else:
         recon = model.log_px_z(x, out, mask).sum(-1)
-    if sampled_kl:  # log q - log p(z) = 1/2 sum_j (z_j^2 - eps_j^2 - logvar_j); the 2 pi terms cancel
-        kl = 0.5 * (z.float().pow(2) - eps.float().pow(2) - post.logvar.float()).sum(-1)
-    else:
-        kl = kl_per_dim(post).sum(-1)
-    if n_samples > 1:
-        recon = recon.mean(0)  # (M, B) -> (B,)
-        kl = kl.mean(0) if sampled_kl else kl
-    return LossTerms(recon=recon, kl=kl)
+    return post, eps, z, recon
+
+
+def _sampled_kl(post: Posterior, eps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """log q(z|y) - log p(z) at z = mu + sigma * eps: 1/2 sum_j (z_j^2 - eps_j^2 - logvar_j) (the 2 pi
+    terms cancel; from eps, so no cancellation in z - mu)."""
+    return 0.5 * (z.float().pow(2) - eps.float().pow(2) - post.logvar.float()).sum(-1)
 
 
 def kl_weight(step: int, beta: float, warmup_steps: int) -> float:

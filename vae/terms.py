@@ -29,6 +29,9 @@ TERMS = (
     Term("kl", "kl", "KL", "KL"),
 )
 SPLITS = ("train", "val")  # the rows the epoch trained on; the held-out rows early stopping watches
+# beside the terms: the validation rows' importance-weighted log-likelihood, the figure early stopping
+# compares (train.val_iw_samples draws a row); EpochStats' field, history.csv's column, an MLflow curve
+VAL_LOG_LIKELIHOOD = "val_log_likelihood"
 
 
 def column(split: str, term: Term) -> str:

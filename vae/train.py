@@ -14,7 +14,7 @@ import torch
 
 from vae import distributed as data_parallel
 from vae.config import DeviceName, TrainConfig
-from vae.elbo import LossTerms, kl_weight, loss_terms
+from vae.elbo import LossTerms, kl_weight, log_weights
 from vae.errors import ConfigError, DataError, TrainingDivergedError
 from vae.init import has_linear_start, init_linear_gaussian
 from vae.model import VAE
@@ -49,7 +49,10 @@ class EpochStats:
     val_elbo: float | None
     val_recon: float | None
     val_kl: float | None
-    seconds: float
+    # IWAE_K of the validation rows (train.val_iw_samples draws a row): what early stopping compares
+    # (a run checkpointed by older code has none)
+    val_log_likelihood: float | None = None
+    seconds: float = 0.0
     phase: str = "select"  # select: training rows, early stopping on validation; refit: all rows
     total_epoch: int = 0  # 1-based count over both stages: the x axis of the curves
     stage_epochs: int = 0  # the most epochs this stage runs: train.epochs, or the refit's chosen count
@@ -64,7 +67,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     lr: float = 0.0
-    best_val: float = float("-inf")
+    best_val: float = float("-inf")  # the best candidate's validation log-likelihood (Validated)
     best_epoch: int = 0
     bad_epochs: int = 0
     finished: bool = False  # the current stage is over before its count (patience after the last fall, or non-finite epochs); fit() ends with it set
@@ -76,13 +79,13 @@ class TrainState:
     phase: str = "select"  # "refit" once the selection is over and train.refit retrains on all rows
     selected_epoch: int = 0  # the epoch count early stopping chose (the refit's length)
     stopped_early: bool = False
-    selected_val: float = float("-inf")  # the selection's best validation ELBO and its weights: the
+    selected_val: float = float("-inf")  # the selection's best validation log-likelihood and its weights: the
     selected_model: dict[str, torch.Tensor] = field(default_factory=dict)  # refit must not end below them
     noise_open_epoch: int = 0  # model.noise_by_z: the epoch after which the selection opened the head
     decay_epochs: list[int] = field(default_factory=list)  # the selection's epochs after which lr decayed
     refit_start: str = ""  # the refit's train.refit_start (selected | init); "" in the selection
     start_train_elbo: float = float("-inf")  # the stage's start on its training rows: see _collapsed
-    best_live_val: float = float("-inf")  # train.patience_on live: the last step's weights' best validation ELBO
+    best_live_val: float = float("-inf")  # train.patience_on live: the last step's weights' best validation figure
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -152,18 +155,43 @@ def _clone(tree: Any, into: Any = None) -> Any:
     return copy.deepcopy(tree)
 
 
+VALIDATION_ROWS = 4096  # rows x draws scored at a time
+# rows x draws of one validation pass at most: train.val_iw_samples (25) on up to 163 validation rows,
+# 4 draws on 1,000 (train.val_max_rows), where 25 made randhie's epochs a third dearer for 0.04 nats/row
+VALIDATION_DRAWS = 4096
+
+
+@dataclass(frozen=True)
+class Validated:
+    """Rows scored at K draws of z a row (vae.elbo.log_weights): the ELBO's terms, means over the
+    rows and the draws, and the IWAE_K estimate of the rows' mean log-likelihood, a bound that is
+    at least the ELBO and rises with K towards log p(y)."""
+
+    terms: LossTerms
+    log_likelihood: float
+
+
+def validation_draws(cfg: TrainConfig, rows: int) -> int:
+    """Draws of z per validation row: train.val_iw_samples, at most VALIDATION_DRAWS / rows (>= 1)."""
+    return max(1, min(cfg.val_iw_samples, VALIDATION_DRAWS // max(rows, 1)))
+
+
 @torch.no_grad()
-def _mean_terms(model: VAE, x: torch.Tensor, mask: torch.Tensor | None, cfg: TrainConfig, seed: int) -> LossTerms:
-    """The validation ELBO as the mean log importance weight (sampled KL): at the linear start it
-    is exact, so the start, later epochs and the refit's start compare without Monte Carlo noise."""
+def _validated(model: VAE, x: torch.Tensor, mask: torch.Tensor | None, draws: int, seed: int) -> Validated:
+    """The validation figures with the KL sampled, at `draws` fixed draws a row (the seed's): at the
+    linear start q is the exact posterior, every log weight is log p(y) and both figures are exact,
+    so the start, later epochs and the refit's start compare without Monte Carlo noise where they
+    are closest; the same draws every epoch."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    recon, kl = [], []
-    for i in range(0, x.shape[0], 4096):
-        m = None if mask is None else mask[i : i + 4096]
-        t = loss_terms(model, x[i : i + 4096], m, cfg.mc_samples, gen, sampled_kl=True)
-        recon.append(t.recon)
-        kl.append(t.kl)
-    return LossTerms(torch.cat(recon).mean(), torch.cat(kl).mean())
+    recon, kl, ll = [], [], []
+    rows = max(1, VALIDATION_ROWS // draws)
+    for i in range(0, x.shape[0], rows):
+        m = None if mask is None else mask[i : i + rows]
+        r, k = log_weights(model, x[i : i + rows], m, draws, gen)  # (K, B) each
+        recon.append(r.mean(0))
+        kl.append(k.mean(0))
+        ll.append(torch.logsumexp((r - k).double(), 0) - math.log(draws))
+    return Validated(LossTerms(torch.cat(recon).mean(), torch.cat(kl).mean()), float(torch.cat(ll).mean()))
 
 
 class _Trainer:
@@ -201,13 +229,14 @@ class _Trainer:
         (_clone), without a state_dict() walk: this runs once or twice an epoch."""
         return _clone(self._live, into)
 
-    def validate(self, val: tuple[torch.Tensor, torch.Tensor | None]) -> LossTerms:
-        """The validation terms of the weights the parameters hold now, in eval mode; the same eps
-        every epoch (seed + 1)."""
+    def validate(self, val: tuple[torch.Tensor, torch.Tensor | None]) -> Validated:
+        """The validation figures of the weights the parameters hold now, in eval mode, at
+        validation_draws draws a row; the same draws every epoch (seed + 1)."""
         self.set_training(False)
-        terms = _mean_terms(self.model, val[0], val[1], self.cfg, self.cfg.seed + 1)
+        draws = validation_draws(self.cfg, val[0].shape[0])
+        scored = _validated(self.model, val[0], val[1], draws, self.cfg.seed + 1)
         self.set_training(True)
-        return terms
+        return scored
 
     def _restore_generator(self, saved: torch.Tensor) -> None:
         """The noise stream of the checkpoint; a CPU and a CUDA generator keep states of other sizes."""
@@ -288,7 +317,7 @@ def fit(
     """Maximize the ELBO of rows y (N, D, original units) with Adam; see TrainConfig.
 
     Two stages, each run by _run_stage from its start (or a checkpoint) through _loop's epochs:
-    the selection trains on y and chooses its weights by the validation ELBO (without y_val,
+    the selection trains on y and chooses its weights by the validation log-likelihood (IWAE) (without y_val,
     train.val_fraction of y is held out), patience counting once the KL warm-up is over; its
     plateaus open the noise head, lower the lr, then end it (_schedule). With train.refit the
     refit then trains on all rows (y, the validation rows and y_refit_extra), as _start_refit
@@ -458,9 +487,9 @@ def _stage_epochs(state: TrainState, cfg: TrainConfig) -> int:
 
 
 def _keep_selection_unless_refit_holds(state: TrainState) -> None:
-    """The refit keeps its best epoch by the ELBO of the validation rows, which it trains on, so a
+    """The refit keeps its best epoch by the validation log-likelihood of the rows it trains on too, so a
     noisy last epoch is not the result; if even that is below the selection's out-of-sample
-    validation ELBO, the refit went wrong (a spike, a collapse) and the selected weights stay."""
+    validation log-likelihood, the refit went wrong (a spike, a collapse) and the selected weights stay."""
     if state.best_val < state.selected_val:
         log.warning("the refit on all rows ended below the selected model on the validation rows "
                     "(%.4g < %.4g nats/row): keeping the selected weights", state.best_val, state.selected_val)
@@ -519,7 +548,8 @@ def _start_candidate(trainer: _Trainer, x: torch.Tensor, mask: torch.Tensor | No
     """The stage's start: the first candidate on validation, and its ELBO on the training rows,
     against which a collapsed epoch is told (_collapsed)."""
     trainer.set_training(False)
-    trainer.state.start_train_elbo = float(_mean_terms(trainer.model, x, mask, trainer.cfg, trainer.cfg.seed + 2).elbo)
+    start = _validated(trainer.model, x, mask, trainer.cfg.mc_samples, trainer.cfg.seed + 2)
+    trainer.state.start_train_elbo = float(start.terms.elbo)
     _track_best(trainer, val, warm=False)  # the start is no plateau
 
 
@@ -532,31 +562,32 @@ def _collapsed(train_elbo: float | None, start: float) -> bool:
 
 
 def _track_best(trainer: _Trainer, val: tuple[torch.Tensor, torch.Tensor | None], warm: bool,
-                train_elbo: float | None = None) -> tuple[LossTerms, bool]:
-    """Keep the weights with the best validation ELBO among epochs that did not collapse on their
-    training rows (with train.ema_steps, the averaged weights); count patience once the warm-up is
-    over, on the kept candidates' ELBO, or with train.patience_on live on the last step's weights'.
-    Returns the validation terms (the candidate's) and whether patience ran out (a plateau: what
-    follows is _schedule's to decide)."""
+                train_elbo: float | None = None) -> tuple[Validated, bool]:
+    """Keep the weights with the best validation log-likelihood (Validated: IWAE at
+    train.val_iw_samples draws a row) among epochs that did not collapse on their training rows
+    (with train.ema_steps, the averaged weights); count patience once the warm-up is over, on the
+    kept candidates' figure, or with train.patience_on live on the last step's weights'. Returns
+    the candidate's validation figures and whether patience ran out (a plateau: what follows is
+    _schedule's to decide)."""
     state, cfg = trainer.state, trainer.cfg
     collapsed = _collapsed(train_elbo, state.start_train_elbo)
     live_better: bool | None = None  # None: patience counts on the candidates
     if trainer.opt.ema is not None and cfg.patience_on == "live" and state.phase == "select":  # the refit never stops early
         # the schedule of a run without the average, to the epoch: a collapsed epoch is no improvement
-        live = float(trainer.validate(val).elbo)
+        live = trainer.validate(val).log_likelihood
         live_better = not collapsed and live > state.best_live_val
         if live_better:
             state.best_live_val = live
     with trainer.opt.averaged():  # train.ema_steps: the running average is what is validated and kept
         v = trainer.validate(val)
-        better = not collapsed and float(v.elbo) > state.best_val
+        better = not collapsed and v.log_likelihood > state.best_val
         if better:
             state.best_model = trainer.copy_weights(state.best_model)
     if collapsed:
         log.info("epoch %d: training ELBO %.4g nats/row collapsed below the start's %.4g; its weights are "
                  "not kept", state.epoch, train_elbo, state.start_train_elbo)
     if better:
-        state.best_val, state.best_epoch = float(v.elbo), state.epoch
+        state.best_val, state.best_epoch = v.log_likelihood, state.epoch
     if better if live_better is None else live_better:
         state.bad_epochs = 0
     elif warm:
@@ -604,7 +635,7 @@ def _finish_epoch(
     state.epoch += 1
     # the SUMMED terms' means; in float64, so that the ELBO is recon - kl of the reported floats
     train = LossTerms(**dict(zip(SUMMED, means.cpu().double(), strict=True)))
-    v: LossTerms | None = None
+    v: Validated | None = None
     plateau = False
     if val is None:  # nothing held out: the last epoch's weights (their average, train.ema_steps) are the result
         if state.phase == "select":
@@ -621,7 +652,8 @@ def _finish_epoch(
     stats = EpochStats(
         epoch=state.epoch, step=state.step, beta=beta, lr=lr,
         **split_values("train", train),
-        **split_values("val", v),
+        **split_values("val", None if v is None else v.terms),
+        val_log_likelihood=None if v is None else v.log_likelihood,
         seconds=seconds,
         phase=state.phase,
         total_epoch=len(state.history) + 1,

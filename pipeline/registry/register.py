@@ -41,10 +41,10 @@ from pipeline.registry.pyfunc import MODEL_CODE, embed_params, pip_requirements
 from pipeline.registry.versions import ARTIFACT_KEY, CHALLENGER
 from pipeline.stages.embed import embed_frame
 from vae.store import CHECKPOINT, HISTORY, MANIFEST, WEIGHTS
-from vae.terms import history_columns
+from vae.terms import VAL_LOG_LIKELIHOOD, history_columns
 
 SCHEDULES = ("lr", "beta")  # logged per epoch only when they change
-HISTORY_METRICS = (*history_columns(), *SCHEDULES)  # train_elbo, ..., val_kl, lr, beta
+HISTORY_METRICS = (*history_columns(), VAL_LOG_LIKELIHOOD, *SCHEDULES)  # train_elbo, ..., val_kl, val_log_likelihood, lr, beta
 HELD_OUT = "test_"  # MLflow metric names of the metrics JSON: which rows they were computed on
 HELD_OUT_COUNTS = ("n_rows", "iw_samples")  # logged as params test.n_rows, test.iw_samples
 REGISTRATION_TAG = "vaepipe.registration_key"  # run tag: registration_key of the model it logged

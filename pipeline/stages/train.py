@@ -69,7 +69,7 @@ class TrainSummary:
     epochs: int
     best_epoch: int
     stopped_early: bool
-    best_val_elbo: float | None
+    best_val_log_likelihood: float | None  # early stopping's figure: IWAE at train.val_iw_samples draws a row
     anomaly_threshold: float | None
     seconds: float
     refit_epochs: int = 0  # epochs of the refit on all rows (train.refit), after `epochs`
@@ -410,6 +410,7 @@ def check_enough_rows(path: Path, params: Params, val_table: bool = False) -> No
 
 def result_line(s: TrainSummary) -> str:
     """What a finished training run did, in one line."""
-    best = "" if s.best_val_elbo is None else f", best val ELBO {s.best_val_elbo:.3f} at epoch {s.best_epoch}"
+    best = ("" if s.best_val_log_likelihood is None
+            else f", best validation log-likelihood {s.best_val_log_likelihood:.3f} at epoch {s.best_epoch}")
     refit = f"; then {s.refit_epochs} epochs on all rows (train.refit)" if s.refit_epochs else ""
     return f"trained {s.directory}: {s.epochs} epochs{' (stopped early)' if s.stopped_early else ''}{best}{refit}"

@@ -72,7 +72,7 @@ def test_curves_count_on_through_the_refit_and_mark_the_chosen_epoch(registered)
     history = pd.read_csv(directory / "history.csv")
     fit = model.metadata["fit"]
     rows = history[history["phase"] == "refit"]
-    kept = rows.loc[rows["val_elbo"].idxmax(), "total_epoch"]  # the refit keeps its best epoch on the validation rows
+    kept = rows.loc[rows["val_log_likelihood"].idxmax(), "total_epoch"]  # the refit keeps its best epoch on the validation rows
     assert fit["chosen_epoch"] == kept and fit["selection_epochs"] == 30
     # model.noise_by_z: the selection opens the noise head halfway (30 // 2), the refit after the same epoch
     assert fit["noise_opened"] in ([15], [15, 30 + 15])

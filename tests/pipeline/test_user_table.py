@@ -233,7 +233,7 @@ def test_plots_show_labelled_curves_over_an_epoch_count_that_runs_on_through_the
     assert (history["phase"] == "refit").any() and history["epoch"].is_monotonic_increasing is False
     assert history["total_epoch"].tolist() == list(range(1, len(history) + 1))
     assert list(history.columns[1:]) == ["epoch", "step", "beta", "lr", "train_elbo", "train_recon", "train_kl",
-                                         "val_elbo", "val_recon", "val_kl", "phase"]
+                                         "val_elbo", "val_recon", "val_kl", "val_log_likelihood", "phase"]
     repo.dvc("plots", "show")
     assert (repo.path / "dvc_plots" / "index.html").exists()
     assert repo.sh("git", "check-ignore", "-q", "dvc_plots/index.html", ok=None).returncode == 0

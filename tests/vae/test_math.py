@@ -250,6 +250,40 @@ def test_sampled_kl_is_the_log_ratio_at_the_drawn_z_and_exact_at_the_exact_poste
     assert float((analytic.elbo.double() - exact).abs().max()) > 0.1  # the analytic-KL estimate is noisy there
 
 
+def test_the_validation_figure_is_iwae_and_reaches_the_closed_form_marginal():
+    """Early stopping's figure (vae.train._validated, train.val_iw_samples draws a row): the means
+    of the log weights are loss_terms' sampled-KL terms at the same draws; logmeanexp of them is
+    the IWAE bound, exact at the exact posterior for any K, and off it above the ELBO and rising
+    with K to the model's closed-form marginal log-likelihood."""
+    from vae.elbo import log_weights
+    from vae.train import _validated
+
+    g = _gen(17)
+    y = torch.randn(300, 2, generator=g) @ torch.randn(2, 5, generator=g) + 0.3 * torch.randn(300, 5, generator=g)
+    model = _model(y, hidden_dims=(), decoder_variance="shared", standardize=False)
+    vae.init_linear_gaussian(model, y)
+    x, mask = model.standardize(y)
+    exact = float(affine_vae_marginal(model).log_prob(y).mean())
+    with torch.no_grad():
+        recon, kl = log_weights(model, x, mask, 7, _gen(18))
+        terms = loss_terms(model, x, mask, 7, _gen(18), sampled_kl=True)
+    torch.testing.assert_close(recon.mean(0), terms.recon)
+    torch.testing.assert_close(kl.mean(0), terms.kl)
+    for k in (1, 25):  # q is the exact posterior: every log weight is log p(y)
+        at_start = _validated(model, x, mask, k, seed=0)
+        assert at_start.log_likelihood == pytest.approx(exact, abs=1e-3)
+        assert float(at_start.terms.elbo) == pytest.approx(exact, abs=1e-3)
+    with torch.no_grad():  # a wider, shifted q: no longer the posterior; the decoder (the model) is unchanged
+        model.encoder.net[0].bias[model.latent_dim:] += 1.0
+        model.encoder.net[0].bias[: model.latent_dim] += 0.3
+    figures = {k: _validated(model, x, mask, k, seed=0) for k in (1, 5, 25, 2000)}
+    assert figures[1].log_likelihood == pytest.approx(float(figures[1].terms.elbo), abs=1e-5)  # K = 1: the ELBO
+    assert float(figures[25].terms.elbo) < exact - 0.3  # the ELBO sees the gap ...
+    lls = [figures[k].log_likelihood for k in (1, 5, 25, 2000)]
+    assert lls == sorted(lls) and lls[0] < exact - 0.3  # ... the bound closes it with K
+    assert lls[-1] == pytest.approx(exact, abs=0.02)  # a bound in expectation: one estimate may pass it by noise
+
+
 def test_one_sample_path_equals_the_batched_path():
     """loss_terms draws a single sample as (B, K) for speed; it must be the (1, B, K) math."""
     y = _table()

@@ -53,7 +53,7 @@ def test_the_head_opens_when_the_first_stage_would_stop_and_the_refit_opens_it_a
     select = [h for h in result.history if h.phase == "select"]
     assert 0 < opened["select"] < len(select) < cfg.epochs  # the second stage stopped early too
     # the stage stopped as early stopping would have: patience epochs after its best
-    first_best = max(select[: opened["select"]], key=lambda h: h.val_elbo or float("-inf")).epoch
+    first_best = max(select[: opened["select"]], key=lambda h: h.val_log_likelihood or float("-inf")).epoch
     assert opened["select"] in (first_best + cfg.early_stopping_patience, cfg.epochs // 2)
     assert result.best_epoch > opened["select"]  # the second stage found better weights
     assert float(model.decoder.noise_gate) == 1.0

@@ -65,7 +65,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, phase, start, ema):
 def test_the_running_average_of_the_weights_is_what_is_validated_and_kept():
     """train.ema_steps: each epoch validates the averaged weights and keeps them when they are the best;
     without validation rows the last epoch's average is the result. The live weights train on."""
-    from vae.train import _mean_terms
+    from vae.train import _validated, validation_draws
 
     y = _rows()
     for val_fraction in (0.2, 0.0):
@@ -86,8 +86,10 @@ def test_the_running_average_of_the_weights_is_what_is_validated_and_kept():
         assert result.best_epoch >= 1
         assert torch.equal(kept, averages[result.best_epoch])  # the best epoch's average, not its live weights
         val = model.standardize(vae.train.held_out_rows(y, cfg))
-        elbo = float(_mean_terms(model.eval(), val[0], val[1], cfg, cfg.seed + 1).elbo)
-        assert elbo == pytest.approx(result.history[result.best_epoch - 1].val_elbo, rel=1e-6)  # what was validated
+        scored = _validated(model.eval(), val[0], val[1], validation_draws(cfg, val[0].shape[0]), cfg.seed + 1)
+        best = result.history[result.best_epoch - 1]  # what was validated
+        assert float(scored.terms.elbo) == pytest.approx(best.val_elbo, rel=1e-6)
+        assert scored.log_likelihood == pytest.approx(best.val_log_likelihood, rel=1e-6)
 
 
 def test_patience_on_the_live_weights_stops_where_training_without_an_average_stops():
@@ -130,7 +132,7 @@ def test_an_epoch_whose_training_elbo_collapsed_is_never_kept(monkeypatch):
 
     y, cfg = _rows(), _cfg(epochs=4, kl_warmup_steps=0)
     honest = vae.fit(_model(y), y, cfg)
-    vals = [h.val_elbo for h in honest.history]
+    vals = [h.val_log_likelihood for h in honest.history]
     assert honest.best_epoch == 4 and vals[3] == max(vals), vals  # without a collapse the last one wins
     run_epoch = _Trainer.run_epoch
 
@@ -142,7 +144,7 @@ def test_an_epoch_whose_training_elbo_collapsed_is_never_kept(monkeypatch):
 
     monkeypatch.setattr(_Trainer, "run_epoch", collapse_last)
     guarded = vae.fit(_model(y), y, cfg)
-    assert [h.val_elbo for h in guarded.history] == vals  # the same weights all along ...
+    assert [h.val_log_likelihood for h in guarded.history] == vals  # the same weights all along ...
     assert guarded.best_epoch in (0, 1 + vals.index(max(vals[:3])))  # ... but the collapsed epoch is not the result
     assert guarded.state.best_val < vals[3]
     assert guarded.state.start_train_elbo > guarded.history[0].train_elbo - 5  # the start's ELBO on its rows
@@ -175,7 +177,7 @@ def test_training_improves_the_elbo_and_follows_the_warmup_ramp():
     for h in hist:  # the beta of each epoch's last step
         assert h.beta == pytest.approx(vae.kl_weight(h.step - 1, 2.0, 12))
     assert hist[-1].beta == 2.0 and hist[0].beta < 1.0
-    assert hist[-1].val_elbo > hist[0].val_elbo
+    assert hist[-1].val_log_likelihood > hist[0].val_log_likelihood
     assert all(h.train_elbo == pytest.approx(h.train_recon - h.train_kl) for h in hist)
 
 
@@ -194,7 +196,7 @@ def test_early_stopping_restores_the_best_weights():
     assert result.stopped_early
     assert result.best_epoch < len(result.history) < cfg.epochs
     assert len(result.history) == result.best_epoch + cfg.early_stopping_patience
-    vals = [h.val_elbo for h in result.history]
+    vals = [h.val_log_likelihood for h in result.history]
     assert max(vals) == vals[result.best_epoch - 1]
     assert_same_weights(model.state_dict(), result.state.best_model)
 
@@ -210,10 +212,10 @@ def test_early_stopping_waits_for_the_end_of_warmup():
     warm_epoch = next(h.epoch for h in hist if h.step >= warmup)
     # patience counts only once beta is full: stopping comes at least patience - 1 epochs later
     assert len(hist) >= warm_epoch + cfg.early_stopping_patience - 1
-    # the best is the best validation ELBO of all (the start included), warm-up or not
-    vals = [h.val_elbo for h in hist]
+    # the best is the best validation figure of all (the start included), warm-up or not
+    vals = [h.val_log_likelihood for h in hist]
     assert result.state.best_val >= max(vals)
-    # the test has teeth: during warm-up the validation ELBO did fall for `patience` epochs
+    # the test has teeth: during warm-up the validation figure did fall for `patience` epochs
     vals = vals[:warm_epoch]
     assert any(max(vals[: i + 1]) > max(vals[i + 1 : i + 6]) for i in range(warm_epoch - 6))
 
@@ -372,7 +374,7 @@ def test_the_lr_falls_at_each_plateau_then_the_stage_ends():
     cfg = _cfg(epochs=400, lr=1e-2, batch_size=16, mc_samples=1, kl_warmup_steps=0, val_fraction=0.5,
                early_stopping_patience=5, init="random", lr_decays=2, lr_decay=0.3)
     result = vae.fit(model, y, cfg)
-    lrs, vals = [h.lr for h in result.history], [h.val_elbo for h in result.history]
+    lrs, vals = [h.lr for h in result.history], [h.val_log_likelihood for h in result.history]
     falls = [e for e in range(1, len(lrs)) if lrs[e] != lrs[e - 1]]  # epoch e ran last at the old lr
     assert result.state.decay_epochs == falls and len(falls) == 2
     assert lrs[-1] == pytest.approx(1e-2 * 0.3**2) and lrs[0] == 1e-2
@@ -480,3 +482,15 @@ def test_a_refit_from_the_selected_weights_that_does_not_beat_them_keeps_them(mo
     result = vae.fit(model, y, cfg)
     assert result.state.best_epoch == 0 and result.state.best_val == result.state.selected_val
     assert_same_weights(model.state_dict(), result.state.selected_model)
+
+
+def test_validation_draws_are_train_val_iw_samples_within_a_budget_of_row_draws():
+    """25 draws a row on a small table's validation rows, fewer where the rows are many (a pass
+    scores at most VALIDATION_DRAWS row-draws), never none; 1 is the mean log weight of one draw."""
+    from vae.train import VALIDATION_DRAWS, validation_draws
+
+    cfg = _cfg(val_iw_samples=25)
+    assert [validation_draws(cfg, n) for n in (14, 163, 164, 1000, VALIDATION_DRAWS, 50_000)] == [25, 25, 24, 4, 1, 1]
+    assert validation_draws(_cfg(val_iw_samples=1), 14) == 1
+    with pytest.raises(vae.ConfigError, match="train.val_iw_samples"):
+        _cfg(val_iw_samples=0)
