@@ -156,7 +156,7 @@ def _clone(tree: Any, into: Any = None) -> Any:
 
 
 VALIDATION_ROWS = 4096  # rows x draws scored at a time
-# rows x draws of one validation pass at most: train.val_iw_samples (25) on up to 163 validation rows,
+# rows x draws of one validation pass at most: train.val_iw_samples 25 on up to 163 validation rows,
 # 4 draws on 1,000 (train.val_max_rows), where 25 made randhie's epochs a third dearer for 0.04 nats/row
 VALIDATION_DRAWS = 4096
 

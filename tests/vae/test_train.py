@@ -170,7 +170,7 @@ def test_same_seed_same_numbers_and_the_seed_matters():
 
 def test_training_improves_the_elbo_and_follows_the_warmup_ramp():
     y = _rows()
-    cfg = _cfg(epochs=8, kl_warmup_steps=12, beta=2.0)
+    cfg = _cfg(epochs=8, kl_warmup_steps=12, beta=2.0, val_iw_samples=2)  # two draws, as mc_samples
     hist = vae.fit(_model(y), y, cfg).history
     assert [h.epoch for h in hist] == list(range(1, 9))
     assert [h.step for h in hist] == [4 * e for e in range(1, 9)]  # 240 training rows, batches of 64
