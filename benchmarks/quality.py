@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py [--tables wine,cells] [--no-nsf] [--out results.json]
     python benchmarks/quality.py --tables wine,diabetes --no-nsf --max-k 0 --train-seeds 0,1,2   # the seed spread
+    python benchmarks/quality.py --tables wine,boston --no-nsf --max-k 0 --seed 0,1,2   # a row per split
 
 For each table: a seeded 80/20 split; the default model (built-in params plus
 `--set`-style overrides) is trained with the pipeline's own train step on the 80 % and scored
@@ -294,6 +295,12 @@ def export_split(split: Split, folder: Path) -> None:
     (folder / "binary.json").write_text(json.dumps(split.binary))
 
 
+def split_folder(root: Path, table: str, seed: int, seeds: list[int]) -> Path:
+    """Where --export writes (and --from reads) a table's split: root/<table>, or root/<table>/<seed>
+    when several split seeds are asked for."""
+    return root / table if len(seeds) == 1 else root / table / str(seed)
+
+
 def load_split(folder: Path) -> Split:
     frames = {part: pd.read_parquet(folder / f"{part}.parquet") for part in _PARTS}
     return Split(**frames, binary=json.loads((folder / "binary.json").read_text()))
@@ -375,12 +382,14 @@ def _fmt(v: object) -> str:
     return f"{v:.2f}" if isinstance(v, float) and math.isfinite(v) else str(v)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tables", default=",".join(TABLES), help="comma-separated, from: " + ", ".join(TABLES)
                     + "; tables to tune defaults on (never the ones above): " + ", ".join(TUNING))
     ap.add_argument("--set", action="append", default=["train.num_threads=1"], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--seed", type=int, default=0, help="the split's, the mixture's and the flow's seed")
+    ap.add_argument("--seed", default="0", metavar="S[,S,...]", help="the split's, the mixture's and the flow's "
+                    "seed; several: a row per split (a setting chosen on one split can lose on the next: "
+                    "docs/benchmarks.md, the validation figure)")
     ap.add_argument("--train-seeds", metavar="S,S,...", help="train the VAE once per train.seed on the same split: "
                     "vae, epochs and train_seconds are their means, vae_range the spread of vae (max - min)")
     ap.add_argument("--max-k", type=int, default=10, help="largest mixture size tried (0: no mixture)")
@@ -393,14 +402,16 @@ def main() -> None:
     ap.add_argument("--raw", action="store_true", help="the tables as recorded, no dequantization: what a user "
                     "who feeds them as they are sees; densities on repeated values are not probabilities, so "
                     "these figures reward spikes on point masses (binary columns included, for the mixture and the flow)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     names = [n.strip() for n in args.tables.split(",")]
+    seeds = [int(v) for v in args.seed.split(",")]
     if args.export:
         for name in names:
-            export_split(split_table(name, args.seed, args.raw), args.export / name)
+            for seed in seeds:
+                export_split(split_table(name, seed, args.raw), split_folder(args.export, name, seed, seeds))
         print(f"wrote the splits of {', '.join(names)} to {args.export}")
         return
-    cols = ["table", "rows", "columns", "binary", "latent_dim", "diag_gauss", "ppca", "full_gauss", "gmm", "gmm_k",
+    cols = ["table", "split", "rows", "columns", "binary", "latent_dim", "diag_gauss", "ppca", "full_gauss", "gmm", "gmm_k",
             "nsf", "vae", "vae_stderr", "vae_range", "best_epoch", "epochs", "train_seconds", "gmm_seconds", "nsf_seconds"]
     train_seeds = None if not args.train_seeds else [int(v) for v in args.train_seeds.split(",")]
     threads = load_params(None, args.set).train.num_threads
@@ -411,10 +422,13 @@ def main() -> None:
     print("|" + "---|" * (len(cols) + len(gaps)))
     rows = []
     for name in names:
-        split = load_split(args.source / name) if args.source else split_table(name, args.seed, args.raw)
-        r = run_table(name, split, args.set, args.seed, args.max_k, args.nsf, train_seeds)
-        rows.append(r)
-        print("| " + " | ".join([_fmt(r[c]) for c in cols] + [f"{_gap(r, *g):+.2f}" for g in gaps]) + " |", flush=True)
+        for seed in seeds:
+            split = (load_split(split_folder(args.source, name, seed, seeds)) if args.source
+                     else split_table(name, seed, args.raw))
+            r = {"split": seed, **run_table(name, split, args.set, seed, args.max_k, args.nsf, train_seeds)}
+            rows.append(r)
+            print("| " + " | ".join([_fmt(r[c]) for c in cols] + [f"{_gap(r, *g):+.2f}" for g in gaps]) + " |",
+                  flush=True)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 
