@@ -139,7 +139,8 @@ class TrainConfig:
         "more to compare epochs; the rest trains); 0: no limit")
     # 25 against 1, three seeds on quality.py's split 0: +0.73 boston, +0.75 leaf, +0.99 cells, +0.41
     # quakes, 0 to +0.3 on eight more, -0.10 digits, for 1.2 to 1.7 times the seconds (longer training);
-    # but breast_cancer lower on five of six splits (-0.45 on the mean; -2.8 on the pipeline's split)
+    # but breast_cancer lower: -0.18 over quality.py's splits 0-4 x two seeds, -1.6 over four seeds on
+    # the pipeline's split of it (make run's; -2.8 on train.seed 0)
     val_iw_samples: int = setting(
         1, "draws of z per validation row, at most 4,096 / validation rows: early stopping compares the "
         "importance-weighted estimate of the rows' log-likelihood from them (IWAE, Burda et al. 2016), "

@@ -155,9 +155,9 @@ def _clone(tree: Any, into: Any = None) -> Any:
     return copy.deepcopy(tree)
 
 
-VALIDATION_ROWS = 4096  # rows x draws scored at a time
-# rows x draws of one validation pass at most: train.val_iw_samples 25 on up to 163 validation rows,
-# 4 draws on 1,000 (train.val_max_rows), where 25 made randhie's epochs a third dearer for 0.04 nats/row
+# rows x draws of one validation pass at most (train.val_iw_samples 25 on up to 163 validation rows, 4
+# draws on 1,000, where 25 made randhie's epochs a third dearer for 0.04 nats/row), and of each chunk
+# it scores at a time (one draw on more rows, train.val_max_rows 0)
 VALIDATION_DRAWS = 4096
 
 
@@ -184,7 +184,7 @@ def _validated(model: VAE, x: torch.Tensor, mask: torch.Tensor | None, draws: in
     are closest; the same draws every epoch."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     recon, kl, ll = [], [], []
-    rows = max(1, VALIDATION_ROWS // draws)
+    rows = max(1, VALIDATION_DRAWS // draws)
     for i in range(0, x.shape[0], rows):
         m = None if mask is None else mask[i : i + rows]
         r, k = log_weights(model, x[i : i + rows], m, draws, gen)  # (K, B) each
@@ -317,8 +317,8 @@ def fit(
     """Maximize the ELBO of rows y (N, D, original units) with Adam; see TrainConfig.
 
     Two stages, each run by _run_stage from its start (or a checkpoint) through _loop's epochs:
-    the selection trains on y and chooses its weights by the validation log-likelihood (IWAE) (without y_val,
-    train.val_fraction of y is held out), patience counting once the KL warm-up is over; its
+    the selection trains on y and chooses its weights by their validation figure (Validated; without
+    y_val, train.val_fraction of y is held out), patience counting once the KL warm-up is over; its
     plateaus open the noise head, lower the lr, then end it (_schedule). With train.refit the
     refit then trains on all rows (y, the validation rows and y_refit_extra), as _start_refit
     plans it (train.refit_start), and the model ends with its weights; else with the selection's.

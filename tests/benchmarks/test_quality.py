@@ -92,7 +92,7 @@ def test_train_seeds_train_one_vae_per_seed_on_the_same_split_and_report_their_s
 
 def test_the_mixture_fits_on_the_vaes_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """Its seconds stand beside the VAE's: left alone numpy's BLAS took every core (twice one
-    thread's time on the 2-vCPU machine), so each fit runs under the thread limit it is given, and
+    thread's time on the 2-vCPU machine), so run_table fits it under train.num_threads threads, and
     the figure (k, nats/row) is the closed form's where one component is right."""
     from sklearn.mixture import GaussianMixture
     from threadpoolctl import threadpool_info
@@ -109,6 +109,11 @@ def test_the_mixture_fits_on_the_vaes_thread_count(monkeypatch: pytest.MonkeyPat
     k, nats, _ = gmm_bic(train, test, max_k=3, seed=0, threads=1)
     assert len(seen) == 3 and all(s == {1} for s in seen)
     assert k == 1 and nats == pytest.approx(truth, abs=0.05)
+    seen.clear()  # through run_table, from the VAE's settings
+    split = Split(*(pd.DataFrame(a, columns=["a", "b"]) for a in (train, test, train, test)), 0)
+    sets = ["train.num_threads=1", "train.epochs=1", "model.hidden_dims=[8]", "evaluate.iw_samples=10"]
+    r = run_table("gauss", split, sets, seed=0, max_k=2, nsf=False)
+    assert len(seen) == 2 and all(s == {1} for s in seen) and r["gmm_k"] == 1
 
 
 def test_several_split_seeds_give_a_row_per_split_and_export_a_folder_per_split(tmp_path, capsys) -> None:

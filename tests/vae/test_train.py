@@ -64,12 +64,14 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, phase, start, ema):
 
 def test_the_running_average_of_the_weights_is_what_is_validated_and_kept():
     """train.ema_steps: each epoch validates the averaged weights and keeps them when they are the best;
-    without validation rows the last epoch's average is the result. The live weights train on."""
-    from vae.train import _validated, validation_draws
+    without validation rows the last epoch's average is the result. The live weights train on. The
+    validation figures are those of train.val_iw_samples draws a row (5 here): the ELBO's terms and,
+    above them, the importance-weighted log-likelihood early stopping compares."""
+    from vae.train import _validated
 
     y = _rows()
     for val_fraction in (0.2, 0.0):
-        cfg = _cfg(epochs=5, kl_warmup_steps=0, val_fraction=val_fraction, ema_steps=4)
+        cfg = _cfg(epochs=5, kl_warmup_steps=0, val_fraction=val_fraction, ema_steps=4, val_iw_samples=5)
         model, averages = _model(y), {}
 
         def keep_average(state: vae.TrainState, into: dict = averages) -> None:
@@ -86,10 +88,12 @@ def test_the_running_average_of_the_weights_is_what_is_validated_and_kept():
         assert result.best_epoch >= 1
         assert torch.equal(kept, averages[result.best_epoch])  # the best epoch's average, not its live weights
         val = model.standardize(vae.train.held_out_rows(y, cfg))
-        scored = _validated(model.eval(), val[0], val[1], validation_draws(cfg, val[0].shape[0]), cfg.seed + 1)
+        scored = _validated(model.eval(), val[0], val[1], 5, cfg.seed + 1)
         best = result.history[result.best_epoch - 1]  # what was validated
         assert float(scored.terms.elbo) == pytest.approx(best.val_elbo, rel=1e-6)
         assert scored.log_likelihood == pytest.approx(best.val_log_likelihood, rel=1e-6)
+        assert best.val_log_likelihood > best.val_elbo + 1e-5  # five draws: IWAE_5 above their mean log weight
+        assert result.state.best_val == best.val_log_likelihood  # the figure the epoch was kept by
 
 
 def test_patience_on_the_live_weights_stops_where_training_without_an_average_stops():
