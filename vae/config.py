@@ -122,7 +122,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = setting(800, "epochs to train at most; with model.noise_by_z the first stage takes at most half")
-    batch_size: int = setting(128, "rows a step (fast on the CPU; small enough for tables of a few hundred rows)")
+    batch_size: int = setting(128, "rows a step (fast on the CPU; small enough for tables of a few hundred rows); "
+                                     "an epoch's remainder under half a batch joins its last batch")
     lr: float = setting(1e-3, "Adam's learning rate after the warm-up, until the first plateau (then lr_decays)")
     mc_samples: int = setting(1, "draws of z per row in the ELBO (Kingma & Welling 2014 use 1)")
     beta: float = setting(1.0, "weight of the KL term (1: the ELBO; others trade reconstruction against KL)")

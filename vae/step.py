@@ -35,7 +35,7 @@ def resolve_cuda_graph(setting: CudaGraph, device: torch.device, world_size: int
 
     Never on the CPU; never with several processes (data parallel: the gradients' all-reduce runs
     between backward and Adam, and no graph here holds a collective). Everywhere else on CUDA a
-    replayed step is the eager step: the shorter last batch of an epoch runs eagerly, a rollback
+    replayed step is the eager step: an epoch's last batch of another size runs eagerly, a rollback
     captures again, masks and the KL weight are static inputs, the noise gate a buffer read in
     place. So auto is on there; true is the same (with a warning where it cannot be honoured).
     """
@@ -92,8 +92,8 @@ class StepRunner:
         self.model, self.opt, self.cfg, self.device, self.precision = model, opt, cfg, device, precision
         self.sums = torch.zeros(len(SUMMED) + 1, dtype=torch.float64, device=device)
         self.use_graph = device.type == "cuda" and graph
-        # torch.compile's wrapper; dynamo compiles it at the first full-size step (the shorter last
-        # batch of an epoch runs eagerly: one shape, one compilation). Its cache is loss_and_sums's,
+        # torch.compile's wrapper; dynamo compiles it at the first full-size step (an epoch's last
+        # batch, when not a full one, runs eagerly: one shape, one compilation). Its cache is loss_and_sums's,
         # so a second stage on the same model compiles nothing again.
         self.compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = (
             torch.compile(loss_and_sums, dynamic=False) if compiled else None)
@@ -115,7 +115,7 @@ class StepRunner:
     def step(self, x: torch.Tensor, mask: torch.Tensor | None, eps: torch.Tensor, beta: float) -> None:
         """x (B, D), mask (B, D) or None, eps (B, K) or (M, B, K) on the device; beta the KL weight.
         The lr is the optimizer's tensor: a change (warm-up, fall) needs no new graph."""
-        if not self.use_graph or x.shape[0] != self.cfg.batch_size:  # the last, shorter batch runs eagerly
+        if not self.use_graph or x.shape[0] != self.cfg.batch_size:  # an epoch's last batch of another size runs eagerly
             self._compute(x, mask, eps, beta, cache=True)
             return
         if self.graph is None:

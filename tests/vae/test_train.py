@@ -341,6 +341,24 @@ def test_an_epoch_reads_the_device_once(monkeypatch):
     assert reads == ["tolist"]
 
 
+@pytest.mark.parametrize(("rows", "sizes"), [(100, [100]), (142, [142]), (192, [64, 128]), (300, [128, 172])])
+def test_an_epochs_batches_cover_every_row_once_and_a_short_remainder_joins_a_batch(rows, sizes):
+    """batch_bounds at batch 128: a remainder under half a batch is no step of its own (142 rows: one
+    step, not 128 + 14); one of at least half a batch is (192: 128 + 64). The epoch then steps on
+    exactly those batches, and its mean terms are over every row."""
+    assert sorted(b - a for a, b in vae.train.batch_bounds(rows, 128)) == sizes
+    y = _rows(rows)
+    model = _model(y)
+    trainer = vae.train._Trainer(model.train(), _cfg(batch_size=128, val_fraction=0.0), torch.device("cpu"),
+                                 vae.TrainState())
+    seen: list[int] = []
+    step = trainer.runner.step
+    trainer.runner.step = lambda xb, *a: (seen.append(xb.shape[0]), step(xb, *a))[1]
+    x, mask = model.standardize(y)
+    out = trainer.run_epoch(x, mask)
+    assert out is not None and sorted(seen) == sizes and trainer.state.step == len(sizes)
+
+
 def test_bf16_resume_of_the_default_model_is_bit_identical(tmp_path):
     """The CPU twin of test_gpu's resume check, with every model default (the noise head opens at
     epochs // 2) and bf16 autocast: a run interrupted after epoch 2 and resumed is the run itself.
