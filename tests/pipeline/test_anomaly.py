@@ -202,10 +202,11 @@ def test_a_large_table_holds_out_capped_rows_and_refits_below_the_auto_limit(tmp
         return fitted, held
 
     monkeypatch.setattr(vae.train, "_split", split_spy)
-    # the refit runs the selection's chosen epochs: the last step's weights of 3 epochs beat the start
-    # (their average over train.ema_steps, nearer the start after 5 warm-up steps, may not)
+    # the refit runs the selection's chosen epochs, so one must beat the start: 3 epochs of 3 steps (batches
+    # of 64) at the full lr do; within the lr's warm-up, averaged over train.ema_steps, or as 3 steps of one
+    # 161-row batch they did not, and a refit of 0 epochs leaves no refit epoch to check
     params = load_params(None, [*SMALL, "train.refit=auto", "train.calibration_max_rows=10", "train.val_max_rows=7",
-                                "train.ema_steps=0"])
+                                "train.ema_steps=0", "train.lr_warmup_steps=0", "train.batch_size=64"])
     train_model(wine_csv, tmp_path / "model", params)
     (fit_rows, refit, extra), = calls
     assert fit_rows == 168 and refit is (limit > 178) and (extra is None) is (limit == 178)
