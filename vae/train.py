@@ -297,8 +297,9 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """An epoch's batches over n (permuted) rows, as (start, stop): batch_size rows each, the
     remainder its own last batch when it is at least half a batch, else the previous batch takes it
     (a batch of up to 1.5 batch_size rows). Adam moves the weights about as far on a step of a few
-    rows as on a full one, along a far noisier gradient: wine's refit (142 rows) took a step of 128
-    rows and one of 14 each epoch, a third of its steps. Every row is in exactly one batch."""
+    rows as on a full one, along a far noisier gradient: wine's refit (143 rows) took a step of 128
+    rows and one of 15 each epoch, half the refit's steps and a third of the run's. Every row is in
+    exactly one batch."""
     if n <= batch_size:
         return [(0, n)]
     stops = list(range(batch_size, n, batch_size)) + [n]
