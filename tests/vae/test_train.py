@@ -345,8 +345,8 @@ def test_an_epoch_reads_the_device_once(monkeypatch):
 def test_an_epochs_batches_cover_every_row_once_and_a_short_remainder_joins_a_batch(rows, sizes):
     """batch_bounds at batch 128: a remainder under half a batch is no step of its own (142 rows: one
     step, not 128 + 14); one of at least half a batch is (192: 128 + 64). The epoch then steps on
-    exactly those batches, and its mean terms are over every row."""
-    assert sorted(b - a for a, b in vae.train.batch_bounds(rows, 128)) == sizes
+    exactly those batches, whose sizes add up to the rows."""
+    assert sorted(b - a for a, b in vae.train.batch_bounds(rows, 128)) == sizes and sum(sizes) == rows
     y = _rows(rows)
     model = _model(y)
     trainer = vae.train._Trainer(model.train(), _cfg(batch_size=128, val_fraction=0.0), torch.device("cpu"),
