@@ -59,6 +59,7 @@ _ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
 # MLflow's text when its HTTP retries against a server ran out: "API request to URL failed with exception ..."
 _STORE_REFUSED = re.compile(r"API request to (?:endpoint )?(?P<url>\S+) failed with error code (?P<code>\d+)")
 _STORE_DOWN = re.compile(r"API request to (?P<url>\S+) failed with exception .*(Max retries exceeded|timed out)", re.DOTALL)
+_STORE_SLOW = re.compile(r"API request to (?P<url>\S+) failed with timeout exception")
 
 
 def os_errno(exc: OSError) -> int | None:
@@ -127,6 +128,13 @@ def user_error(exc: BaseException) -> PipelineError | None:
         return StoreUnreachable(
             f"the MLflow store {uri} answered HTTP {refused['code']} to {refused['url']}: "
             "check that MLFLOW_TRACKING_URI points at a running MLflow server"
+        )
+    slow = _STORE_SLOW.search(str(exc))
+    if slow is not None:  # a server that took the request and did not answer in time
+        timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+        return StoreUnreachable(
+            f"the MLflow store did not answer {slow['url']} within {timeout} s (MLFLOW_HTTP_REQUEST_TIMEOUT): "
+            "check the server, then rerun"
         )
     down = _STORE_DOWN.search(str(exc))
     if down is not None:

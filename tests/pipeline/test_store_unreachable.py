@@ -65,10 +65,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 class CutProxy:
     """127.0.0.1:port -> the server; after the request containing `marker` is answered upstream,
-    nothing more gets through: its answer is dropped, open connections closed, new ones refused."""
+    nothing more gets through: its answer is dropped, open connections closed, new ones refused.
+    With `stall`, answers to requests containing `marker` are dropped and the connection kept open
+    (a server that hangs); everything else gets through."""
 
-    def __init__(self, upstream: int, marker: bytes) -> None:
-        self.upstream, self.marker, self.cut = upstream, marker, threading.Event()
+    def __init__(self, upstream: int, marker: bytes, stall: bool = False) -> None:
+        self.upstream, self.marker, self.stall, self.cut = upstream, marker, stall, threading.Event()
         self.cut_at: float | None = None
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -95,10 +97,15 @@ class CutProxy:
             while data := src.recv(1 << 16):
                 if request and self.marker in data:
                     marked.set()
-                if not request and marked.is_set():  # the server answered: the version exists
-                    self._cut()
+                if not request and marked.is_set():
+                    if self.stall:  # the answer is held back: the client waits for its read timeout
+                        continue
+                    self._cut()  # the server answered: the version exists
                     return
                 dst.sendall(data)
+            # one side closed (the server ends an idle keep-alive connection after a few seconds):
+            # pass the close on, or the client reuses a pooled connection nobody answers any more
+            dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
@@ -141,4 +148,35 @@ def test_a_server_lost_mid_registration_gives_one_line_and_the_rerun_no_duplicat
     assert "version 1" in capsys.readouterr().out
     assert [v.version for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]  # no duplicate
     assert client.get_model_version_by_alias(NAME, "challenger").version == "1"
+    shutil.rmtree(tmp_path / "mlflow", ignore_errors=True)
+
+
+def test_a_server_that_hangs_mid_registration_gives_one_line_naming_the_timeout(
+        server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The server takes the request logging the model and never answers: after the read timeout
+    (and MLflow's retries) the command ends with exit 2 and one line that names the timeout, not an
+    internal error; no version is registered."""
+    clean_table(seed=2).to_parquet(tmp_path / "train.parquet", index=False)
+    model = tmp_path / "model"
+    name = f"{NAME}-hung"
+    args = [*ARGS, "--set", f"register.model_name={name}"]
+    assert main(["train", str(tmp_path / "train.parquet"), "--out", str(model), *args]) == 0
+    monkeypatch.chdir(tmp_path)
+    proxy = CutProxy(int(server.rsplit(":", 1)[1]), b"/logged-models", stall=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
+    capsys.readouterr()
+    started = time.monotonic()
+    code = main(["register", str(model), *args])
+    took, err = time.monotonic() - started, capsys.readouterr().err
+    assert code == 2, err
+    ours = [line for line in err.splitlines() if line.startswith("vaepipe")]
+    assert ours == [err.strip().splitlines()[-1]] and "Traceback" not in err, err
+    assert ours[0].startswith("vaepipe: error: the MLflow store did not answer "), ours
+    assert f"127.0.0.1:{proxy.port}" in ours[0] and "within 2 s" in ours[0] and "rerun" in ours[0], ours
+    assert took < 60, took
+    client = MlflowClient(tracking_uri=server, registry_uri=server)
+    assert client.search_model_versions(f"name = '{name}'") == []
     shutil.rmtree(tmp_path / "mlflow", ignore_errors=True)
