@@ -86,6 +86,11 @@ class ModelConfig:
         True, "full / lowrank (the diagonal kinds ignore it): per-column noise scales that depend on z, "
         "Sigma(z) = D(z) Sigma D(z) with D(z) = diag(exp(h(z))) from a decoder head, opened after the "
         "first stage, so the noise cannot take over what the latent should explain")
+    # vae.model.MarginalTransform; measured in docs/benchmarks.md (a per-column transform)
+    marginal_units: int = setting(
+        0, "real columns pass through a learned monotone map g_j(x) = x + sum_k a_jk tanh(b_jk (x - c_jk)) of "
+        "this many units before the Gaussian (its Jacobian is in the density, so nats/row stay in the "
+        "table's units): bounded, skewed or many-valued columns made Gaussian per column; 0: none")
     # auto: vae.table.choose_log_columns
     log_columns: Any = setting(
         "auto", "none | auto | [names]: real columns modelled as log y (strictly positive ones; the density "
@@ -113,6 +118,8 @@ class ModelConfig:
         object.__setattr__(self, "log_columns", logs)
         if self.noise_rank < 1:
             raise ConfigError(f"model.noise_rank is {self.noise_rank!r}; it must be >= 1")
+        if self.marginal_units < 0:
+            raise ConfigError(f"model.marginal_units is {self.marginal_units!r}; it must be >= 0")
         if self.decoder_variance == "fixed" and self.fixed_sigma < self.min_sigma:
             raise ConfigError(
                 f"model.fixed_sigma is {self.fixed_sigma!r}, below model.min_sigma {self.min_sigma!r}"

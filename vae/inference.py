@@ -56,8 +56,9 @@ class Workspace:
 
 def _plain_cpu_mlp(model: VAE) -> bool:
     """Whether _encode_into can run the encoder: float32 Linear layers and known activations, on the
-    CPU, and no categorical column (whose one-hot inputs model.encode builds)."""
-    if model.n_levels:
+    CPU, no categorical column (whose one-hot inputs model.encode builds) and no marginal map
+    (model.marginal_units: model.encode maps the cells first)."""
+    if model.n_levels or model.marginal is not None:
         return False
     layers = [*model.encoder.net, *([model.encoder.linear] if model.encoder.linear is not None else [])]
     linear = [m for m in layers if isinstance(m, nn.Linear)]

@@ -63,7 +63,10 @@ def linear_gaussian_fit(model: VAE, y: torch.Tensor) -> LinearGaussian | None:
     if idx.numel() == 0:
         return None
     y64 = model.cpu_transform(y.detach().to("cpu", torch.float64))
-    x = ((y64 - model.loc.double().cpu()) / model.scale.double().cpu())[:, idx]
+    x = (y64 - model.loc.double().cpu()) / model.scale.double().cpu()
+    if model.marginal is not None:  # the Gaussian of g(x) (model.marginal_units), as the model's
+        x = torch.where(model.gaussian.cpu(), model.marginal.map_cpu(x), x)
+    x = x[:, idx]
     x = torch.nan_to_num(x, nan=0.0)  # missing cells at the mean: an approximate start
     mean = x.mean(0)
     ns = dec.noise_scale.double().cpu()[idx]  # noise parameter units -> standardized scale

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from vae.config import ModelConfig
 from vae.draws import standard_normal, uniform
+from vae.marginal import MarginalTransform
 from vae.noise import NoiseCovariance, gaussian_cells
 from vae.table import TableSpec
 
@@ -214,6 +215,8 @@ class VAE(nn.Module):
             self.encoder = Encoder(n_in, config.hidden_dims, config.latent_dim, config.activation, config.linear_path)
             self.decoder = Decoder(d, config, noise_scale, gauss, unit, torch.where(gauss, resolution_floor(spec), 0.0),
                                    n_logits=n_levels)
+        # real columns through a learned monotone map first (model.marginal_units; vae.marginal)
+        self.marginal = MarginalTransform(d, config.marginal_units) if config.marginal_units and gauss.any() else None
         self.all_gaussian, self.all_bernoulli = bool(gauss.all()), bool(bern.all())
         self.any_gaussian, self.n_levels = bool(gauss.any()), n_levels
         self.register_buffer("loc", torch.tensor(spec.loc, dtype=torch.float32))
@@ -283,6 +286,8 @@ class VAE(nn.Module):
         return y
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None) -> Posterior:
+        if self.marginal is not None:  # the encoder sees the columns as the decoder's Gaussian does
+            x = torch.where(self.gaussian, self.marginal(x)[0], x)
         if self.n_levels:
             x = self._with_one_hot(x, mask)
         return self.encoder(x if mask is None else torch.cat([x, mask], dim=-1))
@@ -321,6 +326,10 @@ class VAE(nn.Module):
         With a full noise covariance the cells are the chain rule's factors log p(y_j | y_<j, z)
         over the Gaussian columns in table order: they still add up to log p(y|z).
         """
+        recorded, jacobian = x, None
+        if self.marginal is not None:  # the Gaussian is on g(x); g'(x) is the change of variables
+            g, log_dg = self.marginal(x)
+            x, jacobian = torch.where(self.gaussian, g, x), torch.where(self.gaussian, log_dg, 0.0)
         if not self.any_gaussian:  # Bernoulli (categorical cells replaced below)
             cell = x * out.loc - F.softplus(out.loc)
         elif out.scale_tril is not None:
@@ -333,8 +342,10 @@ class VAE(nn.Module):
         if self.n_levels:
             cats = self._categorical_cells(x, out)
             cell = cell.expand(*cats.shape[:-1], -1).index_copy(-1, self.cat_index, cats)
+        if jacobian is not None:
+            cell = cell + jacobian
         if self.any_log:  # change of variables y -> log y: -log y = -(x s + m) on those columns
-            cell = cell - torch.where(self.log_mask, x * self.scale + self.loc, 0.0)
+            cell = cell - torch.where(self.log_mask, recorded * self.scale + self.loc, 0.0)
         return cell if mask is None else cell * mask
 
     def _correlated_cells(self, x: torch.Tensor, out: DecoderOut, mask: torch.Tensor | None) -> torch.Tensor:
@@ -350,14 +361,20 @@ class VAE(nn.Module):
         return cell.index_copy(-1, idx, gauss.expand(*cell.shape[:-1], -1).contiguous())
 
     def mean_of(self, out: DecoderOut) -> torch.Tensor:
-        """E[y|z] in original units: the Gaussian mean, the Bernoulli probability, or the code of
-        the most probable level (a categorical column has no mean)."""
-        probs = torch.sigmoid(out.loc)
-        x = out.loc if self.all_gaussian else torch.where(self.gaussian, out.loc, probs)
+        """E[y|z] in original units: the Gaussian mean (with model.marginal_units the conditional
+        median, g's inverse of it), the Bernoulli probability, or the code of the most probable
+        level (a categorical column has no mean)."""
+        real = self._untransformed(out.loc)
+        x = real if self.all_gaussian else torch.where(self.gaussian, real, torch.sigmoid(out.loc))
         if self.n_levels:
             mode = self.categorical_log_probs(out).argmax(-1).to(x.dtype)
             x = x.index_copy(-1, self.cat_index, mode)
         return self.unstandardize(x)
+
+    def _untransformed(self, t: torch.Tensor) -> torch.Tensor:
+        """Gaussian-scale cells back through g's inverse (model.marginal_units); a monotone map
+        keeps medians, so the Gaussian mean maps to the column's conditional median."""
+        return t if self.marginal is None else torch.where(self.gaussian, self.marginal.inverse(t), t)
 
     def sample_from(self, out: DecoderOut, generator: torch.Generator | None) -> torch.Tensor:
         """A draw y ~ p(y|z) in original units (generator on any device: see vae.draws)."""
@@ -370,6 +387,7 @@ class VAE(nn.Module):
             if out.log_scale is not None:
                 corr = corr * out.log_scale.exp()
             gauss = out.loc.index_add(-1, idx, corr)
+        gauss = self._untransformed(gauss)
         if self.all_gaussian:
             return self.unstandardize(gauss)
         u = uniform(out.loc.shape, generator, out.loc.device)
