@@ -40,18 +40,26 @@ class MarginalTransform(nn.Module):
     @torch.no_grad()
     def map_cpu(self, x: torch.Tensor) -> torch.Tensor:
         """g(x) for float64 cells on the CPU, whatever the parameters' device (the closed-form start)."""
-        a, b, c = (p.detach().to("cpu", torch.float64) for p in (F.softplus(self.alpha), self.beta.exp(), self.centre))
-        return x + (a * torch.tanh(b * (x.unsqueeze(-1) - c))).sum(-1)
+        return _g(x, *self._units(torch.device("cpu")))
 
     @torch.no_grad()
     def inverse(self, t: torch.Tensor) -> torch.Tensor:
         """x with g(x) = t, (..., D): bisection in [t - S, t + S], S = sum_k a_k (g - x lies within)."""
-        reach = F.softplus(self.alpha).sum(-1)
-        lo, hi = (t - reach).double(), (t + reach).double()
+        a, b, c = self._units(t.device)
         target = t.double()
-        a, b, c = (p.double() for p in (F.softplus(self.alpha), self.beta.exp(), self.centre))
+        lo, hi = target - a.sum(-1), target + a.sum(-1)
         for _ in range(BISECTIONS):
             mid = 0.5 * (lo + hi)
-            below = mid + (a * torch.tanh(b * (mid.unsqueeze(-1) - c))).sum(-1) < target
+            below = _g(mid, a, b, c) < target
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         return (0.5 * (lo + hi)).to(t.dtype)
+
+    def _units(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """a, b and c, detached, in float64 on `device`."""
+        return tuple(p.detach().to(device, torch.float64)  # type: ignore[return-value]
+                     for p in (F.softplus(self.alpha), self.beta.exp(), self.centre))
+
+
+def _g(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """g(x) = x + sum_k a_k tanh(b_k (x - c_k)) column-wise, (..., D), for units a, b, c (D, K)."""
+    return x + (a * torch.tanh(b * (x.unsqueeze(-1) - c))).sum(-1)
